@@ -1,0 +1,41 @@
+"""Install megatron_qad: distributed quantization-aware distillation of Megatron models to NVFP4."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def read_version() -> str:
+    for line in (ROOT / "megatron_qad" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise RuntimeError("megatron_qad/__init__.py defines no __version__")
+
+
+setup(
+    name="megatron-qad",
+    version=read_version(),
+    description="Quantization-Aware Distillation (QAD) of Megatron-LM models to NVFP4",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_qad", "megatron_qad.*"]),
+    package_data={"megatron_qad": ["py.typed"]},
+    license="Apache-2.0",
+    python_requires=">=3.12",
+    install_requires=[
+        "torch>=2.11",
+        "megatron-core>=0.19.2,<0.20",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["megatron-qad = megatron_qad.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
