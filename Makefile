@@ -20,8 +20,10 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/megatron-qad inspect configs/tiny_cpu.yaml
 
+# The CPU suite hides any GPU: megatron.core's CPU shims (megatron_qad/cpu_support.py) only install
+# in a process that sees no CUDA device.
 test: $(STAMP)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS) tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS) tests
 
 # On a machine with a CUDA GPU: the GPU-marked tests (Triton kernels against the torch reference).
 test-gpu: $(STAMP)

@@ -1,0 +1,90 @@
+"""``megatron-qad`` command line. Subcommands: ``inspect CONFIG [key=value ...]``.
+
+``inspect`` runs as one process (the CPU when no GPU is visible) or under torchrun, where every rank
+builds its shard and rank 0 prints its own.
+
+Exit codes: 0 success, 2 bad command line or invalid recipe (the message says which key and how to
+fix it, without a traceback).
+"""
+
+import argparse
+import logging
+import sys
+import textwrap
+import time
+import warnings
+
+from .config import ConfigError, QADConfig, load_config, to_dict
+
+# Notices megatron.core and torch print on every CPU-only start; they say nothing about the run.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|absl\.logging).* not installed")
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
+logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # "GPTModel IS DEPRECATED"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-qad",
+        description="Quantization-aware distillation of Megatron models to NVFP4.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect", help="build the recipe's model and print its NVFP4 weight-quantization report",
+        description="Build the recipe's model (one process; CPU without a GPU) and print, for every "
+                    "weight, the relative NVFP4 and Four Over Six quantization error.")
+    inspect.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
+    inspect.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="recipe overrides, e.g. model.hidden_size=256")
+    return parser
+
+
+def format_config(config: QADConfig, width: int = 100) -> str:
+    """One wrapped ``section: key=value ...`` paragraph per recipe section."""
+    lines = []
+    for section, values in to_dict(config).items():
+        text = " ".join(f"{key}={value}" for key, value in values.items())
+        lines.append(textwrap.fill(text, width=width, initial_indent=f"  {section}: ",
+                                   subsequent_indent=" " * (len(section) + 4)))
+    return "\n".join(lines)
+
+
+def run_inspect(config_path: str, overrides: list[str]) -> None:
+    """Load the recipe, build its model in this process, and print the config and the weight report."""
+    config = load_config(config_path, overrides)  # before importing megatron.core: bad recipes fail fast
+    from . import models, parallel
+    from .eval.weight_report import format_table, weight_report
+
+    context = parallel.initialize(config.parallel, seed=config.model.seed)
+    try:
+        start = time.perf_counter()
+        model = models.build_gpt_model(config.model, config.parallel, context.device)
+        built_s = time.perf_counter() - start
+        report = weight_report(model)
+        if context.rank == 0:
+            print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
+            print(format_config(config))
+            print(f"model: {type(model).__name__}, {report.totals.total_params:,} parameters on rank 0 "
+                  f"of {context.world_size}, device {context.device} ({context.backend}), "
+                  f"built in {built_s:.2f} s")
+            print()
+            print(format_table(report.rows))
+    finally:
+        parallel.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: sys.argv[1:]); return the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed the usage and the error
+        return int(exit_.code or 0)
+    try:
+        if args.command == "inspect":
+            run_inspect(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"megatron-qad: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Quality reports on models: per-weight quantization error, and later KL / CE / agreement vs the teacher."""

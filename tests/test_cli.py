@@ -1,0 +1,65 @@
+"""``megatron-qad inspect``: the report on stdout, exit code 2 and a one-line message for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_qad.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+
+
+def test_inspect_prints_config_and_table(capsys):
+    assert main(["inspect", TINY]) == 0
+    out = capsys.readouterr().out
+    assert "model: num_layers=4 hidden_size=128" in out
+    assert "model: GPTModel, 2,428,032 parameters" in out
+    assert "rel MSE nvfp4" in out and "rel MSE 4/6" in out
+    assert "decoder.layers.3.mlp.experts.local_experts.3.linear_fc2.weight" in out
+    assert out.rstrip().splitlines()[-1].startswith("NVFP4 under a transformer policy:")
+
+
+def test_overrides_change_the_model(capsys):
+    assert main(["inspect", TINY, "model.num_layers=1", "model.num_moe_experts=2"]) == 0
+    out = capsys.readouterr().out
+    assert "(overrides: model.num_layers=1 model.num_moe_experts=2)" in out
+    assert "decoder.layers.0.mlp.experts.local_experts.1" in out
+    assert "decoder.layers.1." not in out and "local_experts.2" not in out
+
+
+def test_bad_key_exits_2_with_the_message_and_no_traceback(capsys):
+    assert main(["inspect", TINY, "model.hiden_size=64"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("megatron-qad: error: unknown key 'model.hiden_size'; "
+                                    "did you mean 'model.hidden_size'?")
+    assert captured.out == ""
+
+
+def test_bad_recipe_file_and_unbuildable_setting_exit_2(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(Path(TINY).read_text().replace("hidden_size: 128", "hidden_size: 100"))
+    assert main(["inspect", str(recipe)]) == 2
+    assert "'model.hidden_size' (100)" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["inspect", TINY, "model.moe_grouped_gemm=true"]) == 2
+    assert "Set model.moe_grouped_gemm=false" in capsys.readouterr().err
+
+
+def test_unknown_subcommand_exits_2(capsys):
+    assert main(["train-everything"]) == 2
+    assert "invalid choice: 'train-everything'" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_console_module_exit_codes():
+    """The installed entry point calls main(); ``python -m megatron_qad.cli`` exercises the same path."""
+    ok = subprocess.run([sys.executable, "-m", "megatron_qad.cli", "inspect", TINY, "model.num_layers=1"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "NVFP4 under a transformer policy" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "megatron_qad.cli", "inspect", TINY, "parallel.foo=1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "unknown key 'parallel.foo'" in bad.stderr

@@ -1,0 +1,141 @@
+"""The recipe loader: strict keys and types, typed overrides, and size checks that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_qad.config import ConfigError, ModelConfig, ParallelConfig, QADConfig, load_config
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+
+MODEL = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+             vocab_size=256, seq_length=32)
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def recipe(tmp_path, parallel=None, **model) -> Path:
+    return write(tmp_path, {"model": {**MODEL, **model}, "parallel": parallel or {}})
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+def test_tiny_recipe_loads_with_types_and_defaults():
+    config = load_config(TINY)
+    assert isinstance(config, QADConfig)
+    assert isinstance(config.model, ModelConfig) and isinstance(config.parallel, ParallelConfig)
+    assert config.model.num_moe_experts > 0 and config.model.moe_shared_expert_intermediate_size > 0
+    assert config.parallel == ParallelConfig()
+
+
+def test_missing_or_empty_parallel_section_takes_defaults(tmp_path):
+    config = load_config(write(tmp_path, {"model": MODEL}))
+    assert config.parallel == ParallelConfig()
+    assert load_config(write(tmp_path, {"model": MODEL, "parallel": None})).parallel == ParallelConfig()
+    assert config.model.moe_ffn_hidden_size is None and config.model.expert_ffn_hidden_size == 128
+
+
+def test_overrides_are_parsed_with_the_field_type():
+    config = load_config(TINY, ["model.hidden_size=256", "model.init_method_std=1e-3",
+                                "model.moe_grouped_gemm=true", "model.moe_ffn_hidden_size=null",
+                                "model.params_dtype=float32", "parallel.sequence_parallel=false"])
+    assert config.model.hidden_size == 256 and type(config.model.hidden_size) is int
+    assert config.model.init_method_std == 1e-3 and type(config.model.init_method_std) is float
+    assert config.model.moe_grouped_gemm is True
+    assert config.model.moe_ffn_hidden_size is None
+    assert config.model.params_dtype == "float32"
+    assert config.parallel.sequence_parallel is False
+
+
+def test_yaml_int_is_accepted_for_float(tmp_path):
+    assert load_config(recipe(tmp_path, init_method_std=1)).model.init_method_std == 1.0
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.hiden_size=128"], "unknown key 'model.hiden_size'; did you mean 'model.hidden_size'?"),
+    (["paralel.tensor_model_parallel_size=2"], "unknown key 'paralel'; did you mean 'parallel'?"),
+    (["model.zzz=1"], "unknown key 'model.zzz'; valid keys in 'model': activation, add_bias_linear"),
+    (["model.hidden_size=big"], "'model.hidden_size' must be an integer, got 'big'"),
+    (["model.hidden_size=12.5"], "'model.hidden_size' must be an integer, got '12.5'"),
+    (["model.moe_grouped_gemm=maybe"], "'model.moe_grouped_gemm' must be true or false"),
+    (["model.normalization=BatchNorm"], "'model.normalization' must be one of 'RMSNorm', 'LayerNorm'"),
+    (["model.hidden_size"], "must look like section.key=value"),
+    (["model=1"], "'model' is a section"),
+])
+def test_bad_overrides_name_the_key(overrides, expected):
+    assert expected in error_of(TINY, overrides)
+
+
+def test_unknown_yaml_key_at_any_level_suggests_the_fix(tmp_path):
+    assert "unknown key 'model.num_layer'; did you mean 'model.num_layers'?" in error_of(
+        write(tmp_path, {"model": {**MODEL, "num_layer": 2}}))
+    assert "unknown key 'modle'; did you mean 'model'?" in error_of(
+        write(tmp_path, {"model": MODEL, "modle": {}}))
+    message = error_of(write(tmp_path, {"model": MODEL, "parallel": {"tensor_parallel_size": 2}}))
+    assert "unknown key 'parallel.tensor_parallel_size'; did you mean " \
+           "'parallel.tensor_model_parallel_size'?" in message
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("hidden_size", "64", "'model.hidden_size' must be an integer, got '64' (str)"),
+    ("hidden_size", 64.0, "'model.hidden_size' must be an integer, got 64.0 (float)"),
+    ("num_layers", True, "'model.num_layers' must be an integer, got True (bool)"),
+    ("moe_grouped_gemm", 1, "'model.moe_grouped_gemm' must be true or false, got 1 (int)"),
+    ("params_dtype", "fp8", "'model.params_dtype' must be one of 'bfloat16', 'float32', got 'fp8'"),
+])
+def test_wrong_yaml_types_name_the_key(tmp_path, field, value, expected):
+    assert expected in error_of(recipe(tmp_path, **{field: value}))
+
+
+def test_missing_key_missing_file_and_bad_sections(tmp_path):
+    model = dict(MODEL)
+    del model["vocab_size"]
+    assert "missing key 'model.vocab_size' (an integer); add it to the 'model' section" in error_of(
+        write(tmp_path, {"model": model}))
+    assert "missing key 'model.num_layers'" in error_of(write(tmp_path, {"parallel": {}}))
+    message = error_of(tmp_path / "nope.yaml")
+    assert "config file" in message and "nope.yaml' not found" in message
+    assert "'model' must be a mapping" in error_of(write(tmp_path, {"model": [1, 2]}))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    assert "cannot parse" in error_of(bad_yaml)
+
+
+@pytest.mark.parametrize("model, parallel, expected", [
+    (dict(hidden_size=96, num_attention_heads=5), {},
+     "'model.hidden_size' (96) must be a multiple of 'model.num_attention_heads' (5)"),
+    (dict(num_attention_heads=4, num_query_groups=3), {},
+     "'model.num_attention_heads' (4) must be a multiple of 'model.num_query_groups' (3)"),
+    (dict(num_query_groups=1), {"tensor_model_parallel_size": 2},
+     "'parallel.tensor_model_parallel_size' (2) must divide 'model.num_query_groups' (1)"),
+    (dict(num_attention_heads=2, num_query_groups=2, hidden_size=64), {"tensor_model_parallel_size": 4},
+     "'parallel.tensor_model_parallel_size' (4) must divide 'model.num_attention_heads' (2)"),
+    (dict(ffn_hidden_size=200), {},
+     "'model.ffn_hidden_size' (200) is a GEMM reduction (K) dimension and must be a multiple of 16"),
+    (dict(hidden_size=72, num_attention_heads=4), {}, "'model.hidden_size' (72) is a GEMM reduction"),
+    (dict(ffn_hidden_size=48), {"tensor_model_parallel_size": 2},
+     "'model.ffn_hidden_size' (48) split over 'parallel.tensor_model_parallel_size' (2) gives K = 24"),
+    (dict(num_moe_experts=4, moe_ffn_hidden_size=40), {},
+     "'model.moe_ffn_hidden_size' (40) is a GEMM reduction (K) dimension"),
+    (dict(num_moe_experts=4, moe_router_topk=5), {}, "'model.moe_router_topk' (5) must be <="),
+    (dict(num_moe_experts=4), {"expert_model_parallel_size": 3},
+     "'parallel.expert_model_parallel_size' (3) must divide 'model.num_moe_experts' (4)"),
+    (dict(), {"expert_model_parallel_size": 2}, "the model is dense"),
+    (dict(num_moe_experts=4), {"tensor_model_parallel_size": 2, "sequence_parallel": False},
+     "'parallel.sequence_parallel: true'"),
+    (dict(num_layers=3), {"pipeline_model_parallel_size": 2},
+     "'parallel.pipeline_model_parallel_size' (2) must divide 'model.num_layers' (3)"),
+    (dict(seq_length=33), {"tensor_model_parallel_size": 2}, "must divide 'model.seq_length' (33)"),
+    (dict(num_layers=0), {}, "'model.num_layers' must be >= 1, got 0"),
+])
+def test_inconsistent_sizes_name_the_keys(tmp_path, model, parallel, expected):
+    assert expected in error_of(recipe(tmp_path, parallel=parallel, **model))
