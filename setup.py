@@ -28,6 +28,7 @@ setup(
         "torch>=2.11",
         "megatron-core>=0.19.2,<0.20",
         "pyyaml>=6.0",
+        "psutil",  # megatron.core's dist_checkpointing writer needs it but does not declare it
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -28,9 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Quantization-aware distillation of Megatron models to NVFP4.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = commands.add_parser(
-        "inspect", help="build the recipe's model and print its NVFP4 weight-quantization report",
-        description="Build the recipe's model (one process; CPU without a GPU) and print, for every "
-                    "weight, the relative NVFP4 and Four Over Six quantization error.")
+        "inspect", help="build the recipe's student and print its quantization report",
+        description="Build the recipe's model (one process; CPU without a GPU), quantize it with the "
+                    "recipe's policy, and print for every linear layer its kind, weight and input "
+                    "format, and the relative NVFP4 and Four Over Six error of its weight.")
     inspect.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
     inspect.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                          help="recipe overrides, e.g. model.hidden_size=256")
@@ -50,23 +51,22 @@ def format_config(config: QADConfig, width: int = 100) -> str:
 def run_inspect(config_path: str, overrides: list[str]) -> None:
     """Load the recipe, build its model in this process, and print the config and the weight report."""
     config = load_config(config_path, overrides)  # before importing megatron.core: bad recipes fail fast
-    from . import models, parallel
-    from .eval.weight_report import format_table, weight_report
+    from . import models, parallel, quantize
 
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
         start = time.perf_counter()
-        model = models.build_gpt_model(config.model, config.parallel, context.device)
+        model = models.build_model(config.model, config.parallel, context.device)
         built_s = time.perf_counter() - start
-        report = weight_report(model)
+        report = quantize.apply(model, config.quantization.to_policy())
         if context.rank == 0:
             print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
             print(format_config(config))
-            print(f"model: {type(model).__name__}, {report.totals.total_params:,} parameters on rank 0 "
+            print(f"model: {type(model).__name__}, {report.total_params:,} parameters on rank 0 "
                   f"of {context.world_size}, device {context.device} ({context.backend}), "
                   f"built in {built_s:.2f} s")
             print()
-            print(format_table(report.rows))
+            print(report.format_table())
     finally:
         parallel.destroy()
 

@@ -33,20 +33,39 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key path and how to fix it."""
 
 
+HYBRID_LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+"""Layer symbols of ``model.hybrid_layer_pattern`` (megatron.core's ``hybrid_layer_allocation.Symbols``)."""
+HYBRID_PIPE = "|"
+"""Pipeline-stage separator in ``model.hybrid_layer_pattern``."""
+_UNSUPPORTED_HYBRID_SYMBOLS = {"G": "gated delta net", "D": "DeepSeek sparse attention",
+                               "+": "multi-latent attention", "/": "multi-token prediction"}
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of a Megatron GPT model (dense or mixture-of-experts).
+    """Architecture of a Megatron GPT model (dense or mixture-of-experts) or hybrid Mamba model.
 
     Sizes are element counts; ``seq_length`` is in tokens. ``num_moe_experts = 0`` builds dense
     MLPs; otherwise every layer's MLP is a MoE layer with ``num_moe_experts`` experts of width
     ``moe_ffn_hidden_size`` (None: same as ``ffn_hidden_size``), top-``moe_router_topk`` routing,
     and a shared expert of width ``moe_shared_expert_intermediate_size`` (0: none).
     ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP), which
-    the local spec cannot build (build_gpt_model raises ConfigError); false gives a SequentialMLP
+    the local spec cannot build (the builders raise ConfigError); false gives a SequentialMLP
     of per-expert linear layers. The ``alltoall`` dispatcher needs a GPU.
     ``activation``: "swiglu" is a gated SiLU MLP (fc1 has 2 x ffn outputs). ``params_dtype`` is
     the dtype of the parameters; ``seed`` fixes their initialisation (normal, std
     ``init_method_std``).
+
+    ``hybrid_layer_pattern`` empty builds a GPT model (every layer attention + MLP). Otherwise it
+    builds a hybrid model (megatron.core ``HybridModel``, e.g. Nemotron-H / Nemotron 3 Nano) with one
+    layer per symbol, in order: ``M`` Mamba2 mixer, ``*`` self-attention (GQA), ``-`` dense MLP of
+    width ``ffn_hidden_size``, ``E`` MoE layer (the MoE settings above; MoE only there); each layer
+    is one residual block (norm + mixer or MLP). ``|`` may split the pattern into one segment per
+    pipeline stage; without it, stages get equal shares. The Mamba2 mixers have ``mamba_num_heads``
+    heads (None: ``2 * hidden_size / mamba_head_dim``, megatron's expand factor 2) of width
+    ``mamba_head_dim``, SSM state size ``mamba_state_dim`` and ``mamba_num_groups`` B/C groups; their
+    inner width ``mamba_num_heads * mamba_head_dim`` is the K dimension of ``out_proj``. Nemotron
+    models use ``position_embedding_type: none`` and ``activation: squared_relu``.
     """
 
     num_layers: int
@@ -64,18 +83,45 @@ class ModelConfig:
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     activation: Literal["swiglu", "gelu", "squared_relu"] = "swiglu"
-    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     rotary_base: int = 10000
     add_bias_linear: bool = False
     share_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     seed: int = 1234
+    hybrid_layer_pattern: str = ""
+    mamba_state_dim: int = 128
+    mamba_head_dim: int = 64
+    mamba_num_groups: int = 8
+    mamba_num_heads: int | None = None
 
     @property
     def is_moe(self) -> bool:
-        """True when the MLPs are mixture-of-experts layers."""
+        """True when the model has mixture-of-experts layers."""
         return self.num_moe_experts > 0
+
+    @property
+    def is_hybrid(self) -> bool:
+        """True when ``hybrid_layer_pattern`` asks for a hybrid (Mamba) model."""
+        return bool(self.hybrid_layer_pattern)
+
+    @property
+    def hybrid_layer_symbols(self) -> str:
+        """The layer symbols of ``hybrid_layer_pattern``, pipeline separators removed."""
+        return self.hybrid_layer_pattern.replace(HYBRID_PIPE, "")
+
+    @property
+    def mamba_heads(self) -> int:
+        """Number of Mamba2 heads (``mamba_num_heads``, or megatron's default for None)."""
+        if self.mamba_num_heads is not None:
+            return self.mamba_num_heads
+        return 2 * self.hidden_size // self.mamba_head_dim
+
+    @property
+    def mamba_inner_size(self) -> int:
+        """Inner width of a Mamba2 mixer: heads x head dim (the K dimension of ``out_proj``)."""
+        return self.mamba_heads * self.mamba_head_dim
 
     @property
     def expert_ffn_hidden_size(self) -> int:
@@ -99,11 +145,37 @@ class ParallelConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """How the student is quantized (see ``megatron_qad.quantize.policy``).
+
+    ``policy``: the built-in to start from ("transformer", "hybrid", or null for rules only);
+    ``format``: the built-in's NVFP4 format ("nvfp4" or "nvfp4_4over6"; null: nvfp4); ``rules``: a list of
+    ``{kinds: [...], modules: [globs], weight: FORMAT, input: FORMAT, feeds_attention: bool}``
+    applied after the built-in's, later ones winning; ``kv_cache``: "fp8" or "bf16";
+    ``input_amax``: "static" (calibrated, saved in checkpoints) or "dynamic" (every call).
+    """
+
+    policy: Literal["transformer", "hybrid"] | None = "transformer"
+    format: Literal["nvfp4", "nvfp4_4over6"] | None = None
+    rules: list = field(default_factory=list)
+    kv_cache: Literal["fp8", "bf16"] = "fp8"
+    input_amax: Literal["static", "dynamic"] = "static"
+
+    def to_policy(self):
+        """The ``megatron_qad.quantize.Policy`` these settings describe (PolicyError if invalid)."""
+        from .quantize.policy import policy_from_dict
+
+        return policy_from_dict({key: value for key, value in dataclasses.asdict(self).items()
+                                 if value is not None})
+
+
+@dataclass
 class QADConfig:
     """A whole run: one field per recipe section."""
 
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> QADConfig:
@@ -317,9 +389,68 @@ def validate(config: QADConfig) -> None:
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"'model.num_attention_heads' ({m.num_attention_heads}) must be a multiple of "
              f"'model.num_query_groups' ({m.num_query_groups}); change one of them")
+    _validate_hybrid(m, p)
     _validate_moe(m, p)
     _validate_parallel(m, p)
     _validate_nvfp4_k_dims(m, p)
+    _validate_quantization(config.quantization)
+
+
+def _validate_quantization(q: QuantizationConfig) -> None:
+    from .quantize.policy import PolicyError
+
+    _require(isinstance(q.rules, list) and all(isinstance(rule, dict) for rule in q.rules),
+             "'quantization.rules' must be a list of mappings such as {kinds: [moe_expert], weight: bf16}")
+    try:
+        q.to_policy()
+    except (PolicyError, TypeError) as err:
+        raise ConfigError(f"'quantization': {err}") from None
+
+
+def _validate_hybrid(m: ModelConfig, p: ParallelConfig) -> None:
+    if not m.is_hybrid:
+        return
+    pattern = m.hybrid_layer_pattern
+    for symbol in dict.fromkeys(pattern):
+        if symbol in HYBRID_LAYER_SYMBOLS or symbol == HYBRID_PIPE:
+            continue
+        what = _UNSUPPORTED_HYBRID_SYMBOLS.get(symbol)
+        known = f" is megatron's symbol for {what}, which megatron_qad does not build" if what else \
+            " is not a layer symbol"
+        raise ConfigError(f"'model.hybrid_layer_pattern' ({pattern!r}): {symbol!r}{known}; use "
+                          f"M (Mamba), * (attention), - (MLP), E (MoE) and | (pipeline stage boundary)")
+    layers = m.hybrid_layer_symbols
+    _require(len(layers) == m.num_layers,
+             f"'model.hybrid_layer_pattern' ({pattern!r}) has {len(layers)} layers but 'model.num_layers' "
+             f"is {m.num_layers}; make them equal")
+    if HYBRID_PIPE in pattern:
+        segments = pattern.split(HYBRID_PIPE)
+        _require(len(segments) == p.pipeline_model_parallel_size and all(segments),
+                 f"'model.hybrid_layer_pattern' ({pattern!r}) has {len(segments)} '|'-separated stages "
+                 f"(each needs a layer) but 'parallel.pipeline_model_parallel_size' is "
+                 f"{p.pipeline_model_parallel_size}; use one segment per pipeline stage, or no '|'")
+    _require("E" not in layers or m.is_moe,
+             f"'model.hybrid_layer_pattern' ({pattern!r}) has MoE layers (E) but 'model.num_moe_experts' "
+             f"is 0; set the number of experts")
+    _require("E" in layers or not m.is_moe,
+             f"'model.num_moe_experts' is {m.num_moe_experts} but 'model.hybrid_layer_pattern' "
+             f"({pattern!r}) has no MoE layer (E); add one or set 'model.num_moe_experts' to 0")
+    if "M" not in layers:
+        return
+    _check_at_least("model", m, ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups"))
+    if m.mamba_num_heads is None:
+        _require((2 * m.hidden_size) % m.mamba_head_dim == 0,
+                 f"'model.mamba_head_dim' ({m.mamba_head_dim}) must divide 2 x 'model.hidden_size' "
+                 f"({2 * m.hidden_size}) when 'model.mamba_num_heads' is null; set 'model.mamba_num_heads'")
+    else:
+        _check_at_least("model", m, ("mamba_num_heads",))
+    heads, groups, tp = m.mamba_heads, m.mamba_num_groups, p.tensor_model_parallel_size
+    _require(heads % groups == 0,
+             f"the Mamba head count ({heads}, 'model.mamba_num_heads') must be a multiple of "
+             f"'model.mamba_num_groups' ({groups})")
+    _require(heads % tp == 0 and groups % tp == 0,
+             f"'parallel.tensor_model_parallel_size' ({tp}) must divide the Mamba head count ({heads}, "
+             f"'model.mamba_num_heads') and 'model.mamba_num_groups' ({groups})")
 
 
 def _validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
@@ -361,9 +492,10 @@ def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     _require(m.seq_length % (2 * cp) == 0 or cp == 1,
              f"'model.seq_length' ({m.seq_length}) must be a multiple of 2 x "
              f"'parallel.context_parallel_size' ({2 * cp}) for load-balanced causal attention")
-    _require(m.num_layers % p.pipeline_model_parallel_size == 0,
-             f"'parallel.pipeline_model_parallel_size' ({p.pipeline_model_parallel_size}) must divide "
-             f"'model.num_layers' ({m.num_layers})")
+    if HYBRID_PIPE not in m.hybrid_layer_pattern:  # explicit stage boundaries may be uneven
+        _require(m.num_layers % p.pipeline_model_parallel_size == 0,
+                 f"'parallel.pipeline_model_parallel_size' ({p.pipeline_model_parallel_size}) must "
+                 f"divide 'model.num_layers' ({m.num_layers})")
 
 
 def _validate_nvfp4_k_dims(m: ModelConfig, p: ParallelConfig) -> None:
@@ -374,6 +506,9 @@ def _validate_nvfp4_k_dims(m: ModelConfig, p: ParallelConfig) -> None:
         k_dims.append(("moe_ffn_hidden_size", m.expert_ffn_hidden_size))
         if m.moe_shared_expert_intermediate_size:
             k_dims.append(("moe_shared_expert_intermediate_size", m.moe_shared_expert_intermediate_size))
+    if m.is_hybrid and "M" in m.hybrid_layer_symbols:
+        name = "mamba_num_heads' x 'model.mamba_head_dim"
+        k_dims.append((name, m.mamba_inner_size))
     for name, k in k_dims:
         _require(k % NVFP4_BLOCK_SIZE == 0,
                  f"'model.{name}' ({k}) is a GEMM reduction (K) dimension and must be a multiple of "

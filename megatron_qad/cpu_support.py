@@ -1,4 +1,5 @@
-"""The two shims megatron.core 0.19.2 needs to build, run and train a GPTModel on a CPU-only machine.
+"""The shims megatron.core 0.19.2 needs on a CPU-only machine: two to build, run and train a GPTModel,
+and one more to build (not run) the Mamba layers of a hybrid model.
 
 Everything else that would touch CUDA is avoided by configuration, in :mod:`megatron_qad.models`:
 ``use_cpu_initialization=True`` (weights are drawn on the CPU and scattered to TP shards), the local
@@ -14,6 +15,13 @@ properties, Triton's stream lookup) and break it. A CPU run on a GPU machine hid
 the process first (``CUDA_VISIBLE_DEVICES=``). Where CUDA is unavailable every patched call would
 otherwise raise "Found no NVIDIA driver", so no code path that works without the shims changes.
 
+Hybrid (Mamba) models: ``ssm.mamba_mixer.MambaMixer`` needs mamba_ssm and einops to be built, and
+mamba_ssm's Triton kernels plus causal_conv1d's CUDA kernel to run; neither kernel works on a CPU,
+and megatron.core has no torch fallback for the chunked SSD scan of a training or prefill forward.
+:func:`apply` therefore makes the Mixer *buildable* (parameters allocated and initialised exactly as
+megatron.core does) and makes its forward fail with a message that says so; see
+:func:`_allow_mamba_mixer_build`.
+
 Not covered: activation recomputation (``tensor_parallel.random.CheckpointFunction`` saves and
 restores the CUDA RNG state through ``_get_cuda_rng_state``) and the alltoall / flex dispatchers.
 """
@@ -21,6 +29,7 @@ restores the CUDA RNG state through ``_get_cuda_rng_state``) and the alltoall / 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import random as megatron_random
 
 
@@ -84,6 +93,105 @@ class CpuRNGStatesTracker(megatron_random.CudaRNGStatesTracker):
             torch.set_rng_state(outer_state)
 
 
+class GatedRMSNorm(torch.nn.Module):
+    """Torch version of mamba_ssm's gated, grouped RMSNorm (``ops.triton.layernorm_gated.RMSNorm``).
+
+    ``MambaMixer`` normalises the SSM output with ``ExtendedRMSNorm``, a subclass of mamba_ssm's
+    Triton ``RMSNorm``; without mamba_ssm, ``ssm.mamba_mixer`` binds that base class to a
+    ``MagicMock``, so the "norm" would be a mock and its weight no parameter at all. This module
+    has the same constructor, the same single parameter ``weight`` [hidden_size] (ones, no bias),
+    the same tensor-parallel checkpoint sharding (dim 0), and computes what mamba_ssm's reference
+    ``rms_norm_ref`` does, in fp32: with gate ``z`` and ``norm_before_gate=False`` (the only setting
+    ``MambaMixer`` accepts), ``out = rmsnorm_g(x * silu(z)) * weight``, where ``rmsnorm_g``
+    normalises each group of ``group_size`` channels by its own root mean square.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = hidden_size if group_size is None else group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.float())
+        groups = x.unflatten(-1, (-1, self.group_size))
+        groups = groups * torch.rsqrt(groups.square().mean(dim=-1, keepdim=True) + self.eps)
+        out = groups.flatten(-2) * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            out = out * F.silu(z.float())
+        return out.to(dtype)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Shard ``weight`` along dim 0 over the TP group, as ``ssm.mamba_mixer.ExtendedRMSNorm`` does."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                     make_sharded_tensors_for_checkpoint)
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        # MambaMixer sets tp_group after construction.
+        tp_group = getattr(self, "tp_group", None)
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {"weight": 0}, sharded_offsets, tp_group=tp_group,
+                                                   dp_cp_group=metadata["dp_cp_group"])
+
+
+def _mamba_forward_unavailable(name: str):
+    """A stand-in for ``name``, a function only MambaMixer's forward calls, saying why it cannot run."""
+
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError(
+            f"'{name}' is not available on this CPU: megatron.core's MambaMixer runs the Mamba2 SSD "
+            f"scan through mamba_ssm's Triton kernels (mamba_split_conv1d_scan_combined, "
+            f"mamba_chunk_scan_combined) and causal_conv1d's CUDA convolution; megatron-core 0.19.2 "
+            f"has no torch fallback for them, so the Mamba layers of a hybrid model cannot run forward "
+            f"on the CPU. Run on a CUDA GPU with mamba-ssm and causal-conv1d installed")
+
+    unavailable.__name__ = name
+    return unavailable
+
+
+def _allow_mamba_mixer_build() -> None:
+    """Let ``ssm.mamba_mixer.MambaMixer`` be built on the CPU without mamba_ssm (a no-op with it).
+
+    ``MambaMixer.__init__`` raises ImportError unless the module-level flags ``HAVE_MAMBA_SSM`` and
+    ``HAVE_EINOPS`` are true, although construction uses neither mamba_ssm (except the gated norm
+    class) nor einops. Here, where mamba_ssm is missing:
+      * ``HAVE_MAMBA_SSM`` is set, so construction proceeds; its other parameters (conv1d, dt_bias,
+        A_log, D) are plain torch tensors allocated on ``torch.cuda.current_device()`` (the CPU, by
+        the shim above) under the tracker's RNG fork;
+      * ``ExtendedRMSNorm`` becomes :class:`GatedRMSNorm`, a real module with the same parameter;
+      * ``mamba_split_conv1d_scan_combined`` (the training forward, ``use_mamba_mem_eff_path``)
+        and ``mamba_chunk_scan_combined`` (the other path), which mamba_ssm's absence leaves as
+        None and the forward would call as ``None(...)``, raise NotImplementedError saying why;
+      * without einops (which megatron-core lists only in its ``dev`` extra, and which mamba-ssm
+        brings along on GPU machines), the ``HAVE_EINOPS`` flags of ``ssm.mamba_mixer`` and
+        ``ssm.mamba_context_parallel`` (``MambaContextParallel.__init__`` checks it too) are set,
+        and their ``rearrange`` / ``repeat``, used only in forward (the Mixer's first statement),
+        raise the same NotImplementedError.
+    """
+    from megatron.core.ssm import mamba_context_parallel, mamba_mixer
+
+    if mamba_mixer.HAVE_MAMBA_SSM and mamba_mixer.mamba_split_conv1d_scan_combined is not None:
+        return  # a real mamba_ssm, or the shims are already in place
+    mamba_mixer.HAVE_MAMBA_SSM = True
+    mamba_mixer.ExtendedRMSNorm = GatedRMSNorm
+    for name in ("mamba_split_conv1d_scan_combined", "mamba_chunk_scan_combined"):
+        setattr(mamba_mixer, name, _mamba_forward_unavailable(name))
+    for module, names in ((mamba_mixer, ("rearrange", "repeat")), (mamba_context_parallel, ("repeat",))):
+        if not module.HAVE_EINOPS:
+            module.HAVE_EINOPS = True
+            for name in names:
+                setattr(module, name, _mamba_forward_unavailable(f"einops.{name}"))
+
+
 def apply() -> None:
     """Install the shims (idempotent); RuntimeError if this process can see a CUDA device."""
     if torch.cuda.is_available():
@@ -94,3 +202,4 @@ def apply() -> None:
     # initialize_rng_tracker() instantiates the class bound to this module-level name, so every
     # tracker megatron.core creates from now on (including after force_reset) keeps CPU states.
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    _allow_mamba_mixer_build()

@@ -1,4 +1,5 @@
-"""Build megatron.core GPT models (dense or MoE) from a :class:`~megatron_qad.config.ModelConfig`.
+"""Build megatron.core GPT models (dense or MoE) and hybrid Mamba models from a
+:class:`~megatron_qad.config.ModelConfig`, and describe their decoder layers.
 
 Models use megatron.core's local layer spec (no Transformer Engine), with two adjustments that are
 plain spec choices: norms that accept sequence parallelism (:func:`sequence_parallel_torch_norm`)
@@ -7,20 +8,51 @@ and, on the CPU, weights drawn on the CPU and scattered to tensor-parallel shard
 same seed, TP=1 and TP=2 builds compute the same logits. Expert parallelism is not layout-free at
 initialisation: every EP rank draws its local experts from the same stream, so an EP=2 build
 repeats experts 0-1 where EP=1 has 0-3; load weights to compare layouts.
+
+Hybrid models (``model.hybrid_layer_pattern``, :func:`build_hybrid_model`) are megatron.core
+``HybridModel`` instances built from a local spec of megatron.core's own layer classes (megatron.core
+ships only a Transformer Engine spec for them), see :func:`hybrid_stack_spec`. Their Mamba mixers
+are not layout-free at initialisation either: ``conv1d``, ``dt_bias`` and ``A_log`` are drawn per
+tensor-parallel rank from the TP-rank RNG stream, and ``in_proj`` packs [z | x | B | C | dt] rows
+that TP splits per component (as megatron.core's ``sharded_state_dict`` does for checkpoints)
+while the CPU initialisation scatters the drawn matrix in contiguous row blocks. On the CPU they
+build (with the shims of :mod:`megatron_qad.cpu_support`) but their Mamba layers' forward needs a
+GPU with mamba-ssm and causal-conv1d.
+
+:func:`decoder_layers` / :func:`layer_types` say, from the built modules, what each decoder layer
+of a model is and where its attention, Mamba mixer and MLP / MoE modules are.
 """
 
 import dataclasses
+import importlib.util
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import squared_relu
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                      get_gpt_layer_local_submodules,
+                                                      get_mlp_module_spec_for_backend)
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
+from megatron.core.transformer.transformer_layer import (MoETransformerLayer, TransformerLayer,
+                                                         TransformerLayerSubmodules)
 
-from .config import ConfigError, ModelConfig, ParallelConfig
+from .config import HYBRID_PIPE, ConfigError, ModelConfig, ParallelConfig
 
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "squared_relu": (squared_relu, False)}
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -58,6 +90,15 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             moe_grouped_gemm=model_cfg.moe_grouped_gemm,
             moe_token_dispatcher_type=model_cfg.moe_token_dispatcher_type,
         )
+    hybrid = {}
+    if model_cfg.is_hybrid:
+        hybrid = dict(
+            is_hybrid_model=True,  # one residual block per layer: output-layer init scaled for it
+            mamba_state_dim=model_cfg.mamba_state_dim,
+            mamba_head_dim=model_cfg.mamba_head_dim,
+            mamba_num_groups=model_cfg.mamba_num_groups,
+            mamba_num_heads=model_cfg.mamba_num_heads,
+        )
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -83,6 +124,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         # No CUDA graphs; the empty list only avoids megatron.core's warning about its own default "full".
         cuda_graph_modules=[],
         **moe,
+        **hybrid,
     )
 
 
@@ -98,6 +140,15 @@ def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
             "'model.moe_token_dispatcher_type: alltoall' creates a CUDA stream "
             "(MoEAlltoAllTokenDispatcher.__init__) and cannot run on the CPU; "
             "set model.moe_token_dispatcher_type=allgather")
+    if model_cfg.is_hybrid and "M" in model_cfg.hybrid_layer_symbols and device.type == "cuda":
+        packages = {"mamba-ssm": "mamba_ssm", "causal-conv1d": "causal_conv1d"}
+        missing = [package for package, module in packages.items()
+                   if importlib.util.find_spec(module) is None]
+        if missing:
+            raise ImportError(
+                f"the Mamba layers of 'model.hybrid_layer_pattern' run mamba_ssm's Triton SSD scan and "
+                f"causal_conv1d's CUDA convolution on the GPU; install {' and '.join(missing)} "
+                f"(pip install 'megatron-core[ssm]')")
 
 
 def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig) -> TransformerBlockSubmodules:
@@ -115,6 +166,149 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig) -> Transfo
                                       layer_norm=sequence_parallel_torch_norm)
 
 
+class LocalNormHybridStack(HybridStack):
+    """megatron.core's ``HybridStack`` with a torch final norm instead of Transformer Engine's.
+
+    ``HybridStack.__init__`` builds its final norm as ``TENorm`` whatever the spec says, which
+    raises ImportError without Transformer Engine. This stack is built without it
+    (``post_layer_norm=False``) and then gets :func:`sequence_parallel_torch_norm` under the same
+    name, ``final_norm``, which ``HybridStack.forward`` applies when ``post_layer_norm`` is set.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: HybridStackSubmodules, *args,
+                 post_layer_norm: bool = True, **kwargs):
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = sequence_parallel_torch_norm(config, config.hidden_size,
+                                                           eps=config.layernorm_epsilon)
+
+
+def hybrid_stack_spec(model_cfg: ModelConfig) -> ModuleSpec:
+    """Local (non Transformer Engine) spec of a hybrid stack: one layer spec per pattern symbol.
+
+    It mirrors megatron.core's ``hybrid_layer_specs.hybrid_stack_spec`` with megatron.core's own
+    modules in place of TE's, as ``get_gpt_layer_local_spec`` does for GPT layers: each
+    TE layer-norm-fused linear becomes a separate norm (:func:`sequence_parallel_torch_norm`) and a
+    ``ColumnParallelLinear``; attention is ``SelfAttention`` with local ``DotProductAttention``.
+
+    * ``M``: ``MambaLayer`` (norm + ``MambaMixer`` with ``in_proj`` ColumnParallelLinear and
+      ``out_proj`` RowParallelLinear);
+    * ``*``: ``TransformerLayer`` with only ``input_layernorm`` + ``self_attention``;
+    * ``-``: ``MLPLayer`` with only ``pre_mlp_layernorm`` + dense ``MLP``;
+    * ``E``: ``MoETransformerLayer`` with only ``pre_mlp_layernorm`` + ``MoELayer`` (SequentialMLP
+      experts, optional shared expert).
+    ``sharded_state_dict_keys_map`` gives the separate norms their TE-fused names in distributed
+    checkpoints (``norm.weight`` of a Mamba layer is ``mixer.in_proj.layer_norm_weight``), as the
+    local GPT spec does, so the checkpoint keys are those of the TE spec.
+    """
+    backend = LocalSpecProvider()
+    gpt_layer = get_gpt_layer_local_submodules(normalization=model_cfg.normalization)
+    mamba_layer = ModuleSpec(
+        module=MambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=sequence_parallel_torch_norm,
+            mixer=ModuleSpec(module=MambaMixer,
+                             submodules=MambaMixerSubmodules(in_proj=backend.column_parallel_linear(),
+                                                             out_proj=backend.row_parallel_linear())),
+            mamba_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
+        ),
+    )
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=sequence_parallel_torch_norm,
+            self_attention=gpt_layer.self_attention,
+            self_attn_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=sequence_parallel_torch_norm,
+            mlp=get_mlp_module_spec_for_backend(backend),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+    submodules = HybridStackSubmodules(mamba_layer=mamba_layer, attention_layer=attention_layer,
+                                       mlp_layer=mlp_layer)
+    if model_cfg.is_moe:
+        submodules.moe_layer = ModuleSpec(
+            module=MoETransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                pre_mlp_layernorm=sequence_parallel_torch_norm,
+                mlp=get_mlp_module_spec_for_backend(backend, num_experts=model_cfg.num_moe_experts,
+                                                    moe_grouped_gemm=model_cfg.moe_grouped_gemm),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    return ModuleSpec(module=LocalNormHybridStack, submodules=submodules)
+
+
+def hybrid_pattern_with_stages(model_cfg: ModelConfig, pipeline_model_parallel_size: int) -> str:
+    """``model_cfg.hybrid_layer_pattern`` with one ``|``-separated segment per pipeline stage.
+
+    A pattern with ``|`` is returned as it is; otherwise the layers are split into equal shares
+    (HybridModel would do the same split, with a deprecation warning for the missing ``|``).
+    """
+    pattern = model_cfg.hybrid_layer_pattern
+    if HYBRID_PIPE in pattern or pipeline_model_parallel_size == 1:
+        return pattern
+    share = len(pattern) // pipeline_model_parallel_size
+    return HYBRID_PIPE.join(pattern[i:i + share] for i in range(0, len(pattern), share))
+
+
+def _seed_everything(model_cfg: ModelConfig) -> None:
+    torch.manual_seed(model_cfg.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(model_cfg.seed)
+
+
+def build_hybrid_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+                       device: torch.device | str = "cpu") -> HybridModel:
+    """Build this rank's part of the hybrid model of ``model_cfg.hybrid_layer_pattern``.
+
+    Same contract as :func:`build_gpt_model` (seeded from ``model_cfg.seed``, parameters of
+    ``model_cfg.params_dtype`` on ``device``, vocab-parallel logits [b, s, V / TP] from
+    ``model(input_ids, position_ids, attention_mask)``). On the CPU the model builds but its
+    Mamba layers raise NotImplementedError in forward (see :mod:`megatron_qad.cpu_support`); on a
+    GPU they need mamba-ssm and causal-conv1d (ImportError here otherwise).
+    """
+    device = torch.device(device)
+    if not model_cfg.is_hybrid:
+        raise ConfigError("'model.hybrid_layer_pattern' is empty: this is a GPT model; "
+                          "use build_model or build_gpt_model")
+    _check_buildable(model_cfg, device)
+    config = transformer_config(model_cfg, parallel_cfg, device)
+    _seed_everything(model_cfg)
+    model = HybridModel(
+        config=config,
+        hybrid_stack_spec=hybrid_stack_spec(model_cfg),
+        vocab_size=model_cfg.vocab_size,
+        max_sequence_length=model_cfg.seq_length,
+        hybrid_layer_pattern=hybrid_pattern_with_stages(model_cfg, parallel_cfg.pipeline_model_parallel_size),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
+        position_embedding_type=model_cfg.position_embedding_type,
+        rotary_base=model_cfg.rotary_base,
+    )
+    return model.to(device)
+
+
+def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+                device: torch.device | str = "cpu") -> GPTModel | HybridModel:
+    """This rank's part of the model of ``model_cfg``: a hybrid model when
+    ``model_cfg.hybrid_layer_pattern`` is set (:func:`build_hybrid_model`), else a GPT model
+    (:func:`build_gpt_model`)."""
+    if model_cfg.is_hybrid:
+        return build_hybrid_model(model_cfg, parallel_cfg, device)
+    return build_gpt_model(model_cfg, parallel_cfg, device)
+
+
 def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
                     device: torch.device | str = "cpu") -> GPTModel:
     """Build this rank's part of the GPT model, initialised from ``model_cfg.seed``, on ``device``.
@@ -126,10 +320,12 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
     :func:`causal_attention_mask` as the mask.
     """
     device = torch.device(device)
+    if model_cfg.is_hybrid:
+        raise ConfigError(f"'model.hybrid_layer_pattern' is {model_cfg.hybrid_layer_pattern!r}: this "
+                          f"is a hybrid model; use build_model or build_hybrid_model")
     _check_buildable(model_cfg, device)
     config = transformer_config(model_cfg, parallel_cfg, device)
-    torch.manual_seed(model_cfg.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(model_cfg.seed)
+    _seed_everything(model_cfg)
     model = GPTModel(
         config=config,
         transformer_layer_spec=gpt_block_spec(config, model_cfg),
@@ -152,3 +348,120 @@ def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -
     """
     mask = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).triu(diagonal=1)
     return mask[None, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# What each decoder layer of a built model is.
+
+LayerType = Literal["mamba", "attention", "mlp", "moe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderLayer:
+    """One decoder layer of a built model, described from its modules.
+
+    ``name`` is the layer's module name (``"decoder.layers.3"``, with any wrapper's prefix such as
+    ``"module."``), ``index`` its 0-based position among all decoder layers of the whole model
+    (megatron's ``layer_number - 1``: pipeline stages after the first start past 0), ``type`` what
+    mixes its tokens or, for a layer without a mixer, its MLP kind:
+
+    ============  ==========================================  ===========================  ==========
+    ``type``      layer                                       ``mixer``                    ``mlp``
+    ============  ==========================================  ===========================  ==========
+    "mamba"       ``MambaLayer`` (hybrid ``M``)               ``<name>.mixer`` MambaMixer  None
+    "attention"   ``TransformerLayer`` with self-attention:   ``<name>.self_attention``    None, or
+                  hybrid ``*`` (no MLP) or a GPT layer        (an ``Attention``)           ``<name>.mlp``
+                  (attention + MLP or MoE)                                                 for GPT
+    "mlp"         ``MLPLayer`` (hybrid ``-``)                 None                         ``<name>.mlp``
+    "moe"         ``MoETransformerLayer`` (hybrid ``E``)      None                         ``<name>.mlp``
+    ============  ==========================================  ===========================  ==========
+
+    ``mlp_type`` is "mlp" (a dense ``MLP``) or "moe" (a ``MoELayer``: ``router``,
+    ``experts.local_experts.<i>``, optional ``shared_experts``) for the module at ``mlp``, None
+    when there is none. So a GPT-MoE layer is ``type="attention", mlp_type="moe"``: its MoE
+    modules are under ``mlp`` just as in a hybrid ``E`` layer, and a policy keeping attention in
+    BF16 keeps ``mixer`` (not the whole layer) for such layers.
+    """
+
+    name: str
+    index: int
+    type: LayerType
+    mixer: str | None
+    mlp: str | None
+    mlp_type: Literal["mlp", "moe"] | None
+
+
+def _mlp_type(module: torch.nn.Module) -> Literal["mlp", "moe"] | None:
+    if isinstance(module, MoELayer):
+        return "moe"
+    if isinstance(module, MLP):
+        return "mlp"
+    return None  # IdentityOp: the layer has no MLP
+
+
+def _describe_layer(name: str, layer: torch.nn.Module) -> DecoderLayer:
+    index = layer.layer_number - 1
+    if isinstance(layer, MambaLayer):
+        if not isinstance(layer.mixer, MambaMixer):
+            raise TypeError(f"{name}: a MambaLayer whose mixer is a {type(layer.mixer).__name__}, "
+                            f"not a MambaMixer")
+        return DecoderLayer(name, index, "mamba", f"{name}.mixer", None, None)
+    if not isinstance(layer, TransformerLayer):
+        raise TypeError(f"{name}: unknown decoder layer class {type(layer).__name__}")
+    mlp_type = _mlp_type(layer.mlp)
+    mlp = f"{name}.mlp" if mlp_type else None
+    if isinstance(layer.self_attention, Attention):
+        return DecoderLayer(name, index, "attention", f"{name}.self_attention", mlp, mlp_type)
+    if type(layer.self_attention).__name__ != "IdentityOp":
+        raise TypeError(f"{name}: unknown token mixer {type(layer.self_attention).__name__} "
+                        f"(e.g. a gated delta net), not an attention or Mamba layer")
+    if mlp_type is None:
+        raise TypeError(f"{name}: a TransformerLayer with neither attention nor an MLP / MoE")
+    return DecoderLayer(name, index, mlp_type, None, mlp, mlp_type)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[DecoderLayer]:
+    """Every decoder layer of this rank's part of ``model`` (GPT or hybrid), in order.
+
+    Found by module class, not from a config: each ``TransformerBlock`` (GPT) or ``HybridStack``
+    (hybrid) inside ``model`` (also under wrappers such as DDP) contributes its ``layers``.
+    Raises TypeError for a layer that is none of the four types of :class:`DecoderLayer`.
+    """
+    layers = []
+    for block_name, block in model.named_modules():
+        if isinstance(block, TransformerBlock | HybridStack):
+            prefix = f"{block_name}.layers" if block_name else "layers"
+            layers += [_describe_layer(f"{prefix}.{i}", layer) for i, layer in enumerate(block.layers)]
+    return layers
+
+
+def layer_types(model: torch.nn.Module) -> list[tuple[str, LayerType]]:
+    """``(module name, type)`` of every decoder layer of this rank's part of ``model``, in order.
+
+    ``type`` is "mamba", "attention", "mlp" or "moe" (see :class:`DecoderLayer`; a GPT layer, which
+    holds attention and an MLP or MoE, is "attention"; :func:`decoder_layers` also names its MLP).
+    """
+    return [(layer.name, layer.type) for layer in decoder_layers(model)]
+
+
+def all_layer_types(model: torch.nn.Module) -> list[LayerType]:
+    """The types of all decoder layers of the whole model, by :attr:`DecoderLayer.index`.
+
+    Under pipeline parallelism each rank builds only its stage's layers, but what a layer feeds
+    (e.g. whether the Mamba layer at the end of a stage precedes an attention layer at the start of
+    the next) depends on the others: the stages' layer types are all-gathered over the pipeline
+    group, so every rank of that group must call this. Without pipeline parallelism no
+    communication happens.
+    """
+    local = [(layer.index, layer.type) for layer in decoder_layers(model)]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        stages = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(stages, local, group=group)
+        local = [entry for stage in stages for entry in stage]
+    local.sort()
+    indices = [index for index, _ in local]
+    if indices != list(range(len(indices))):
+        raise RuntimeError(f"decoder layer indices {indices} are not 0..{len(indices) - 1}; "
+                           f"virtual pipeline stages are not supported")
+    return [layer_type for _, layer_type in local]

@@ -1,1 +1,0 @@
-"""Quality reports on models: per-weight quantization error, and later KL / CE / agreement vs the teacher."""

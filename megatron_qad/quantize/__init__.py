@@ -1,0 +1,15 @@
+"""Hooks that turn a megatron.core model into an NVFP4 student (and back), with their policies.
+
+    from megatron_qad import quantize
+    report = quantize.apply(model, "transformer")   # or "hybrid", or a quantize.Policy
+    quantize.calibrate(model, batches)
+    print(report.format_table())
+"""
+
+from .apply import apply, calibrate, plan, remove
+from .policy import Policy, PolicyError, Rule, hybrid, policy_from_dict, transformer
+from .quantizer import TensorQuantizer
+from .report import QuantReport
+
+__all__ = ["apply", "calibrate", "plan", "remove", "Policy", "PolicyError", "Rule", "hybrid",
+           "policy_from_dict", "transformer", "TensorQuantizer", "QuantReport"]

@@ -1,0 +1,144 @@
+"""Turn a megatron.core model into an NVFP4 student in place, undo it, and calibrate its scales.
+
+    report = quantize.apply(model, "hybrid")       # or a Policy; returns a QuantReport
+    quantize.calibrate(model, batches)             # static input / KV amax (max over batches)
+    quantize.remove(model)                         # back to the BF16 model
+"""
+
+import fnmatch
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..numerics.formats import BLOCK_SIZE
+from . import layers
+from .kinds import LinearModule, core_attention_modules, find_unsupported, linear_modules
+from .policy import BUILTIN_POLICIES, QUANTIZABLE_KINDS, Policy, PolicyError
+from .quantizer import TensorQuantizer
+from .report import QuantReport, build_report
+
+
+def _as_policy(policy: Policy | str) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    if policy not in BUILTIN_POLICIES:
+        raise PolicyError(f"unknown policy {policy!r}; built-ins are {sorted(BUILTIN_POLICIES)}")
+    return BUILTIN_POLICIES[policy]()
+
+
+def _rule_matches(rule, linear: LinearModule) -> bool:
+    return ((not rule.kinds or linear.kind in rule.kinds)
+            and (not rule.modules or any(fnmatch.fnmatchcase(linear.name, glob) for glob in rule.modules))
+            and (not rule.feeds_attention or linear.feeds_attention))
+
+
+def plan(model: torch.nn.Module, policy: Policy) -> list[tuple[LinearModule, str, str]]:
+    """(linear module, weight format, input format) for every linear layer; validates everything
+    that can be checked before a weight is touched."""
+    unsupported = find_unsupported(model)
+    if unsupported:
+        raise PolicyError(
+            "Transformer Engine layers are not hooked yet: " + ", ".join(unsupported[:4])
+            + (" ..." if len(unsupported) > 4 else "") + ". Build the model with megatron.core's local "
+            "spec (ColumnParallelLinear / RowParallelLinear, SequentialMLP experts)")
+    linears = linear_modules(model)
+    for index, rule in enumerate(policy.rules):
+        for glob in rule.modules:
+            if not any(fnmatch.fnmatchcase(linear.name, glob) for linear in linears):
+                examples = ", ".join(linear.name for linear in linears[:3])
+                raise PolicyError(f"quantization rule {index}: modules pattern {glob!r} matches no linear "
+                                  f"layer of the model; names look like {examples}")
+    formats = []
+    for linear in linears:
+        weight_format = input_format = "bf16"
+        if linear.kind in QUANTIZABLE_KINDS:
+            for rule in policy.rules:
+                if _rule_matches(rule, linear):
+                    weight_format, input_format = rule.weight, rule.input_format
+        formats.append((linear, weight_format, input_format))
+    for linear, weight_format, input_format in formats:
+        if weight_format == input_format == "bf16":
+            continue
+        k = linear.module.weight.shape[-1]
+        if k % BLOCK_SIZE:
+            raise PolicyError(f"{linear.name}: its weight {tuple(linear.module.weight.shape)} has K = {k} "
+                              f"(per tensor-parallel rank), not a multiple of {BLOCK_SIZE}, so NVFP4 blocks "
+                              f"do not fit; keep it in BF16 with a rule {{modules: [{linear.name!r}], "
+                              f"weight: bf16}} or change the model's sizes")
+        if getattr(linear.module, "gradient_accumulation_fusion", False):
+            raise PolicyError(f"{linear.name}: gradient_accumulation_fusion writes weight gradients into "
+                              f"weight.main_grad past the straight-through estimator of the NVFP4 weight; "
+                              f"build the student with gradient_accumulation_fusion=False")
+    return formats
+
+
+def apply(model: torch.nn.Module, policy: Policy | str = "transformer") -> QuantReport:
+    """Quantize ``model`` in place as ``policy`` says (a Policy or a built-in's name).
+
+    Linear layers get NVFP4 fake quant of weight and input (or stay BF16); with ``kv_cache: fp8``
+    core attention gets FP8 fake quant of K and V. Every check runs before any module changes.
+    Static input / KV amaxes start uncalibrated: run :func:`calibrate` or load a checkpoint.
+    """
+    policy = _as_policy(policy)
+    if any(layers.is_quantized_linear(m) or layers.has_kv_quantization(m) for m in model.modules()):
+        raise PolicyError("the model is already quantized; call megatron_qad.quantize.remove(model) first")
+    formats = plan(model, policy)
+    for linear, weight_format, input_format in formats:
+        if weight_format != "bf16" or input_format != "bf16":
+            layers.quantize_linear(linear.module, linear.name, weight_format, input_format, policy.input_amax)
+    if policy.kv_cache == "fp8":
+        for name, core_attention in core_attention_modules(model):
+            layers.quantize_kv(core_attention, name, policy.input_amax)
+    return build_report(model, formats, policy)
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Undo :func:`apply`: original classes, no quantizers, no hooks."""
+    for module in model.modules():
+        if layers.is_quantized_linear(module):
+            layers.unquantize_linear(module)
+        if layers.has_kv_quantization(module):
+            layers.unquantize_kv(module)
+
+
+def _default_forward(model: torch.nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable,
+              forward: Callable[[torch.nn.Module, object], object] = _default_forward) -> int:
+    """Set every static amax to the max |x| seen over ``batches`` (max calibration); return the count.
+
+    The forward passes run in eval mode without gradients and without fake quant (the activations
+    are the BF16 model's). Afterwards each amax is MAX-reduced over its layer's tensor- and
+    data-parallel groups, so every rank of the job must call this with its share of the batches.
+    ``forward(model, batch)`` runs one batch (default: ``model(**batch)``, ``model(*batch)`` or
+    ``model(batch)``); under pipeline parallelism pass one that drives the schedule.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    if not quantizers:
+        return 0
+    for quantizer in quantizers:
+        quantizer.start_calibration()
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+                count += 1
+    finally:
+        model.train(was_training)
+        for quantizer in quantizers:
+            quantizer.calibrating = False
+    if count == 0:
+        raise ValueError("calibrate() got no batches; pass at least one")
+    for quantizer in quantizers:
+        if quantizer.amax_mode == "static":
+            quantizer.finish_calibration()
+    return count

@@ -1,0 +1,104 @@
+"""What each module of a megatron.core model is, for quantization policies and reports.
+
+Kinds of linear layers (the modules a policy can put in NVFP4, ``policy.QUANTIZABLE_KINDS``):
+``attention`` (QKV and output
+projections), ``mlp`` (dense MLP), ``moe_expert`` (routed experts), ``shared_expert``,
+``mamba_mixer`` (Mamba in/out projections). Never quantized: ``router``, ``embedding``,
+``output_layer`` (and norms). A module's kind comes from the outermost enclosing module whose
+type names one, so an expert's own MLP counts as ``moe_expert``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+from megatron.core.transformer.moe.router import Router
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+
+from ..models import all_layer_types, decoder_layers
+
+LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
+"""Linear layers the hooks swap (the local spec). Transformer Engine layers are refused with a
+clear error until their hooks exist (see :func:`find_unsupported`)."""
+
+_KIND_OF_ANCESTOR = (
+    (LanguageModelEmbedding, "embedding"),
+    (Router, "router"),
+    (SharedExpertMLP, "shared_expert"),
+    ((SequentialMLP, TEGroupedMLP), "moe_expert"),
+    (Attention, "attention"),
+    (MambaMixer, "mamba_mixer"),
+    (MLP, "mlp"),
+)
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """A linear layer of the model: its name, module, kind, and whether it is a Mamba mixer that
+    is the nearest Mamba layer before an attention layer."""
+
+    name: str
+    module: torch.nn.Module
+    kind: str
+    feeds_attention: bool = False
+
+
+def _kind(name: str, modules: dict[str, torch.nn.Module]) -> str:
+    parts = name.split(".")
+    for depth in range(len(parts) + 1):
+        ancestor = modules[".".join(parts[:depth])]
+        for types, kind in _KIND_OF_ANCESTOR:
+            if isinstance(ancestor, types):
+                return kind
+    return "other"
+
+
+def _layers_feeding_attention(model: torch.nn.Module) -> list[str]:
+    """Names of the decoder layers that are the nearest Mamba layer before an attention layer.
+
+    Uses the layer types of the whole model, so under pipeline parallelism a Mamba layer at the end
+    of one stage counts for an attention layer at the start of the next (a collective call over
+    the pipeline group).
+    """
+    feeding, last_mamba = set(), None
+    for index, layer_type in enumerate(all_layer_types(model)):
+        if layer_type == "attention" and last_mamba is not None:
+            feeding.add(last_mamba)
+            last_mamba = None
+        if layer_type == "mamba":
+            last_mamba = index
+    return [layer.name for layer in decoder_layers(model) if layer.index in feeding]
+
+
+def linear_modules(model: torch.nn.Module) -> list[LinearModule]:
+    """Every Megatron linear layer of ``model`` with its kind, in module order."""
+    modules = dict(model.named_modules())
+    output_layers = {id(m.output_layer) for m in modules.values()
+                     if isinstance(getattr(m, "output_layer", None), torch.nn.Module)}
+    feeding = tuple(name + "." for name in _layers_feeding_attention(model))
+    linears = []
+    for name, module in modules.items():
+        if isinstance(module, LINEAR_TYPES):
+            kind = "output_layer" if id(module) in output_layers else _kind(name, modules)
+            linears.append(LinearModule(name, module, kind, kind == "mamba_mixer" and name.startswith(feeding)))
+    return linears
+
+
+def core_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules K and V enter in attention layers (``core_attention``), in module order."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, DotProductAttention)]
+
+
+def find_unsupported(model: torch.nn.Module) -> list[str]:
+    """Names of Transformer Engine linear / grouped-expert modules, which the hooks do not cover yet."""
+    return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+            if isinstance(module, TEGroupedMLP)
+            or (type(module).__module__.startswith("megatron.core.extensions.transformer_engine")
+                and "Linear" in type(module).__name__)]

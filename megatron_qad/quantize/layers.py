@@ -1,0 +1,121 @@
+"""The hooks: NVFP4 fake quant inside Megatron linear layers, FP8 fake quant of K and V.
+
+Linear layers: the module's class is swapped for a subclass that fake-quantizes the input and the
+weight where both enter the GEMM, ``_forward_impl(input, weight, ...)``, the one seam that
+ColumnParallelLinear and RowParallelLinear share. The input there is this rank's part (a sequence
+shard under sequence parallelism, a K shard in RowParallelLinear); NVFP4 blocks run along K, so
+with a tensor-parallel MAX-reduced amax every rank quantizes its part exactly as the unsplit tensor
+would be. Parameters, their names and megatron.core's own forward stay as they are, so the model
+trains, saves and loads like the original; the quantizers add ``input_quantizer.amax`` buffers.
+
+K / V: core attention's class is swapped the same way; the subclass passes FP8 E4M3 fake quant
+of ``key`` and ``value`` (per-tensor amax each) to the original forward.
+"""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from .quantizer import TensorQuantizer
+
+
+class QuantizedLinear:
+    """Mixin put in front of a Megatron linear class (see :func:`quantize_linear`)."""
+
+    input_quantizer: TensorQuantizer | None
+    weight_quantizer: TensorQuantizer | None
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if self.input_quantizer is not None:
+            input = self.input_quantizer(input)
+        if self.weight_quantizer is not None:
+            weight = self.weight_quantizer(weight)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
+_QUANTIZED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _quantized_class(cls: type, mixin: type) -> type:
+    """The subclass of ``cls`` with ``mixin`` in front (made once per pair, so isinstance and
+    pickling see one class); ``original_class`` leads back to ``cls``."""
+    if (cls, mixin) not in _QUANTIZED_CLASSES:
+        _QUANTIZED_CLASSES[cls, mixin] = type(f"Quantized{cls.__name__}", (mixin, cls),
+                                              {"__module__": __name__, "original_class": cls})
+    return _QUANTIZED_CLASSES[cls, mixin]
+
+
+def data_parallel_group(is_expert: bool):
+    """The group that holds replicas of a (expert) layer, or None outside megatron.core's parallel state."""
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if is_expert:
+        return parallel_state.get_expert_data_parallel_group()
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, input_format: str,
+                    input_amax: str) -> None:
+    """Make ``module`` (Column/RowParallelLinear) fake-quantize its weight and input in place.
+
+    Formats: "nvfp4", "nvfp4_4over6" or "bf16" (not quantized). input_amax: "static" or "dynamic".
+    """
+    tp_group = getattr(module, "tp_group", None)
+    dp_group = data_parallel_group(getattr(module, "is_expert", False))
+    module.__class__ = _quantized_class(type(module), QuantizedLinear)
+    module.weight_quantizer = (None if weight_format == "bf16" else
+                               TensorQuantizer(weight_format, "dynamic", (tp_group,), owner=f"{name}.weight"))
+    module.input_quantizer = (None if input_format == "bf16" else
+                              TensorQuantizer(input_format, input_amax, (tp_group, dp_group), owner=f"{name}.input"))
+
+
+def is_quantized_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, QuantizedLinear)
+
+
+def unquantize_linear(module: torch.nn.Module) -> None:
+    """Undo :func:`quantize_linear`: the original class, no quantizers."""
+    module.__class__ = module.original_class
+    del module.weight_quantizer
+    del module.input_quantizer
+
+
+class QuantizedCoreAttention:
+    """Mixin put in front of a core-attention class: FP8 fake quant of K and V, and their static
+    amaxes in megatron.core's sharded state dict (core attention's own returns only its softmax
+    offset, so dist checkpoints would drop them)."""
+
+    key_quantizer: TensorQuantizer
+    value_quantizer: TensorQuantizer
+
+    def forward(self, query, key, value, *args, **kwargs):
+        return super().forward(query, self.key_quantizer(key), self.value_quantizer(value), *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        amaxes = {f"{name}.amax": getattr(self, name).amax for name in ("key_quantizer", "value_quantizer")
+                  if hasattr(getattr(self, name), "amax")}
+        # Not in any axis map: replicated over tensor-parallel ranks, which hold the same reduced amax.
+        sharded.update(make_sharded_tensors_for_checkpoint(amaxes, prefix, {}, sharded_offsets))
+        return sharded
+
+
+def quantize_kv(core_attention: torch.nn.Module, name: str, amax_mode: str) -> None:
+    """Fake-quantize K and V entering ``core_attention`` to FP8 E4M3 (per-tensor amax each)."""
+    tp_group = (parallel_state.get_tensor_model_parallel_group()
+                if parallel_state.model_parallel_is_initialized() else None)
+    groups = (tp_group, data_parallel_group(is_expert=False))  # heads are split over TP ranks
+    core_attention.__class__ = _quantized_class(type(core_attention), QuantizedCoreAttention)
+    core_attention.key_quantizer = TensorQuantizer("fp8", amax_mode, groups, owner=f"{name}.key")
+    core_attention.value_quantizer = TensorQuantizer("fp8", amax_mode, groups, owner=f"{name}.value")
+
+
+def has_kv_quantization(module: torch.nn.Module) -> bool:
+    return isinstance(module, QuantizedCoreAttention)
+
+
+def unquantize_kv(core_attention: torch.nn.Module) -> None:
+    """Undo :func:`quantize_kv`."""
+    core_attention.__class__ = core_attention.original_class
+    del core_attention.key_quantizer
+    del core_attention.value_quantizer

@@ -1,0 +1,105 @@
+"""TensorQuantizer: fake-quantizes one tensor role of one layer (its weight, its input, or K / V).
+
+A quantizer owns the amax its scale comes from:
+  * ``dynamic``: max |x| of each call, MAX-reduced over ``group`` (the tensor-parallel group of the
+    layer, so that a tensor split over ranks is scaled as the whole tensor would be);
+  * ``static``: the ``amax`` buffer, set by calibration (max over batches, MAX-reduced over the
+    tensor- and data-parallel groups) and saved in checkpoints.
+Weights are always dynamic: they change at every optimizer step. The numerics are in
+:mod:`megatron_qad.numerics`; this module only chooses the amax.
+"""
+
+import torch
+import torch.distributed as dist
+
+from ..numerics import fp8, nvfp4
+
+TENSOR_FORMATS = ("nvfp4", "nvfp4_4over6", "fp8")
+
+
+class TensorQuantizer(torch.nn.Module):
+    """Fake quantization of one tensor to ``fmt`` (``nvfp4``, ``nvfp4_4over6`` or ``fp8``).
+
+    amax_mode: "dynamic" or "static" (see the module doc). groups: process groups to MAX-reduce the
+    amax over; the first is used at every dynamic call (tensor parallel), all of them at the end of
+    calibration (tensor then data parallel). Static quantizers have an ``amax`` buffer (fp32 0-d,
+    NaN until calibrated or loaded); a checkpoint without it (a BF16 checkpoint) leaves it as is.
+    """
+
+    def __init__(self, fmt: str, amax_mode: str, groups: tuple = (), owner: str = ""):
+        super().__init__()
+        if fmt not in TENSOR_FORMATS:
+            raise ValueError(f"TensorQuantizer format must be one of {TENSOR_FORMATS}, got {fmt!r}")
+        if amax_mode not in ("dynamic", "static"):
+            raise ValueError(f"amax_mode must be 'dynamic' or 'static', got {amax_mode!r}")
+        self.fmt = fmt
+        self.amax_mode = amax_mode
+        self.groups = tuple(group for group in groups if group is not None)
+        self.owner = owner
+        self.calibrating = False
+        self.amax_ready = False  # static: set by calibration or by loading a checkpoint that has it
+        if amax_mode == "static":
+            self.register_buffer("amax", torch.tensor(float("nan")))
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, amax={self.amax_mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            if self.amax_mode == "static":
+                self._observe(x)
+            return x
+        return self._fake_quantize(x, self._call_amax(x))
+
+    def _fake_quantize(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "fp8":
+            return fp8.fake_quantize_e4m3(x, amax)
+        return nvfp4.fake_quantize(x, amax, four_over_six=self.fmt == "nvfp4_4over6", check_finite=False)
+
+    def _call_amax(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amax_mode == "static":
+            if not self.amax_ready:
+                raise RuntimeError(
+                    f"{self.owner}: the static {self.fmt} amax is not calibrated; run "
+                    f"megatron_qad.quantize.calibrate(model, batches) first, load a checkpoint that "
+                    f"has it, or use quantization.input_amax: dynamic")
+            return self.amax
+        with torch.no_grad():
+            amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
+            return self._reduce_max(amax, self.groups[:1])
+
+    def _observe(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            local = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
+            self.amax.copy_(torch.fmax(self.amax, local))  # fmax: the NaN start value loses
+
+    def start_calibration(self) -> None:
+        """Pass inputs through unquantized; a static quantizer also forgets its amax and records
+        max |x| of the coming forward passes."""
+        self.calibrating = True
+        if self.amax_mode == "static":
+            self.amax.fill_(float("nan"))
+            self.amax_ready = False
+
+    def finish_calibration(self) -> None:
+        """Stop watching; MAX-reduce the observed amax over all groups (every rank must call this)."""
+        self.calibrating = False
+        observed = torch.nan_to_num(self.amax, nan=0.0)  # a rank whose layer saw no tokens
+        self.amax.copy_(self._reduce_max(observed, self.groups))
+        self.amax_ready = True
+
+    @staticmethod
+    def _reduce_max(amax: torch.Tensor, groups) -> torch.Tensor:
+        for group in groups:
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        return amax
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint written before quantization (BF16) has no amax: keep ours, report nothing missing.
+        if prefix + "amax" not in state_dict:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self.amax_ready = not bool(torch.isnan(self.amax))  # a checkpoint saved before calibration
