@@ -26,7 +26,7 @@ from megatron_qad.config import ParallelConfig
 
 def _child(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     out = Path(out_dir)
     try:
         result = fn(*args)
@@ -43,6 +43,21 @@ def _failures(out: Path, world_size: int) -> list[str]:
             for rank in range(world_size) if (out / f"error{rank}.txt").exists()]
 
 
+@contextlib.contextmanager
+def _gpu_hidden_from_children():
+    """CUDA_VISIBLE_DEVICES= (empty) in the environment that spawned children start with: they
+    may touch CUDA while importing, before any code of theirs runs, so setting it there is too late."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0) -> list:
     """Run ``fn(*args)`` on ranks 0..world_size-1 (separate processes); return their results by rank.
 
@@ -57,8 +72,9 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0) -> lis
         port = free_port()
         processes = [context.Process(target=_child, args=(fn, rank, world_size, port, out_dir, args),
                                      daemon=True) for rank in range(world_size)]
-        for process in processes:
-            process.start()
+        with _gpu_hidden_from_children():
+            for process in processes:
+                process.start()
         deadline = time.monotonic() + timeout_s
         try:
             while any(p.is_alive() for p in processes):
