@@ -1,6 +1,5 @@
 """Real megatron.core GPT models on the CPU: build, forward/backward, TP=2 and EP=2 on gloo."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from distributed_helpers import run_distributed, single_process
+from model_helpers import global_expert_name, load_with_experts_renumbered
 from megatron_qad import parallel
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.models import build_gpt_model, causal_attention_mask
@@ -111,12 +111,6 @@ def test_settings_the_cpu_or_the_local_spec_cannot_build_are_config_errors(cpu_p
         build_gpt_model(config.model, config.parallel, cpu_process.device)
 
 
-def _expert_key_from_global(key: str, ep_rank: int, local_experts: int) -> str:
-    """The TP=1 / EP=1 state-dict key of this rank's ``local_experts.{i}`` entry."""
-    return re.sub(r"local_experts\.(\d+)\.",
-                  lambda match: f"local_experts.{ep_rank * local_experts + int(match.group(1))}.", key)
-
-
 def _run_layout(overrides: list[str], state_dict_path: str | None) -> dict:
     """In a child process: build the fp32 tiny model at the layout of ``overrides``, optionally load
     the TP=1 weights (experts renumbered for this EP rank), run forward + backward."""
@@ -129,14 +123,12 @@ def _run_layout(overrides: list[str], state_dict_path: str | None) -> dict:
         local_experts = len(model.decoder.layers[0].mlp.experts.local_experts)
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         if state_dict_path:
-            full = torch.load(state_dict_path)
-            model.load_state_dict({key: full[_expert_key_from_global(key, ep_rank, local_experts)]
-                                   for key in model.state_dict()})
+            load_with_experts_renumbered(model, torch.load(state_dict_path))
         logits = forward_backward(model, config.model)
         params = dict(model.named_parameters())
         return {
             "logits": logits,
-            "grads": {_expert_key_from_global(name, ep_rank, local_experts): params[name].grad
+            "grads": {global_expert_name(name, ep_rank, local_experts): params[name].grad
                       for name in COMPARED_GRADS if name in params},
             "grads_finite": all(p.grad is not None and bool(torch.isfinite(p.grad).all())
                                 for p in model.parameters()),

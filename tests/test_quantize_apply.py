@@ -14,9 +14,10 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from distributed_helpers import single_process
+from model_helpers import make_batches
 from megatron_qad import quantize
 from megatron_qad.config import load_config
-from megatron_qad.models import build_gpt_model, causal_attention_mask
+from megatron_qad.models import build_gpt_model
 from megatron_qad.numerics import fp8, nvfp4
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -33,15 +34,6 @@ def config():
 def cpu_process(config):
     with single_process(config.parallel, seed=config.model.seed) as context:
         yield context
-
-
-def make_batches(model_cfg, count: int = 2, seed: int = 0):
-    """``count`` batches of (tokens [2, s], positions [2, s], causal mask [1, 1, s, s])."""
-    generator = torch.Generator().manual_seed(seed)
-    positions = torch.arange(model_cfg.seq_length).expand(2, -1)
-    mask = causal_attention_mask(model_cfg.seq_length)
-    return [(torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length), generator=generator),
-             positions, mask) for _ in range(count)]
 
 
 def linear_names(model) -> list[str]:

@@ -26,9 +26,10 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from distributed_helpers import run_distributed, single_process
+from model_helpers import make_batches
 from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
-from megatron_qad.models import build_gpt_model, causal_attention_mask
+from megatron_qad.models import build_gpt_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
@@ -36,14 +37,6 @@ FP32 = SMALL + ["model.params_dtype=float32"]
 TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 OTHER_SEED = 4321
 KV_AMAX = ("core_attention.key_quantizer.amax", "core_attention.value_quantizer.amax")
-
-
-def make_batches(model_cfg, count: int = 2, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    positions = torch.arange(model_cfg.seq_length).expand(2, -1)
-    mask = causal_attention_mask(model_cfg.seq_length)
-    return [(torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length), generator=generator),
-             positions, mask) for _ in range(count)]
 
 
 def build(overrides, seed: int | None = None, policy=None):

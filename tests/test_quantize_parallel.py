@@ -5,7 +5,6 @@ weight exactly as TP=1 does, because the per-tensor amax is MAX-reduced over the
 group; EP=2 must give every expert the scale of its own weight, as EP=1 does.
 """
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from distributed_helpers import run_distributed, single_process
+from model_helpers import global_expert_name, load_with_experts_renumbered
 from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
 from megatron_qad.models import build_gpt_model, causal_attention_mask
@@ -45,17 +45,11 @@ def calibration_batches(model_cfg, count: int = 2):
              positions, mask) for _ in range(count)]
 
 
-def _global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
-    """The EP=1 name of this rank's ``local_experts.{i}`` (as in test_models_cpu.py)."""
-    return re.sub(r"local_experts\.(\d+)\.",
-                  lambda match: f"local_experts.{ep_rank * local_experts + int(match.group(1))}.", name)
-
-
 def _quantize_and_measure(model, model_cfg, ep_rank: int, local_experts: int) -> dict:
     """Apply the transformer policy; return fake-quantized weights (by EP=1 name) with their
     sharding, the raw weights, the calibrated amaxes and the full-vocabulary logits."""
     def rename(name):
-        return _global_expert_name(name, ep_rank, local_experts)
+        return global_expert_name(name, ep_rank, local_experts)
 
     quantize.apply(model, "transformer")
     fq_weights, weights, layout = {}, {}, {}
@@ -98,9 +92,7 @@ def _run_quantized_layout(overrides: list[str], state_dict_path: str | None) -> 
         local_experts = len(model.decoder.layers[0].mlp.experts.local_experts)
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         if state_dict_path:
-            full = torch.load(state_dict_path)
-            model.load_state_dict({key: full[_global_expert_name(key, ep_rank, local_experts)]
-                                   for key in model.state_dict()})
+            load_with_experts_renumbered(model, torch.load(state_dict_path))
         result = _quantize_and_measure(model, config.model, ep_rank, local_experts)
         result.update(tp_rank=parallel_state.get_tensor_model_parallel_rank(), ep_rank=ep_rank,
                       local_experts=local_experts)
