@@ -64,9 +64,9 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
     dp_group = data_parallel_group(getattr(module, "is_expert", False))
     module.__class__ = _quantized_class(type(module), QuantizedLinear)
     module.weight_quantizer = (None if weight_format == "bf16" else
-                               TensorQuantizer(weight_format, "dynamic", (tp_group,), owner=f"{name}.weight"))
+                               TensorQuantizer(weight_format, "dynamic", tp_group, owner=f"{name}.weight"))
     module.input_quantizer = (None if input_format == "bf16" else
-                              TensorQuantizer(input_format, input_amax, (tp_group, dp_group), owner=f"{name}.input"))
+                              TensorQuantizer(input_format, input_amax, tp_group, dp_group, owner=f"{name}.input"))
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
@@ -104,10 +104,10 @@ def quantize_kv(core_attention: torch.nn.Module, name: str, amax_mode: str) -> N
     """Fake-quantize K and V entering ``core_attention`` to FP8 E4M3 (per-tensor amax each)."""
     tp_group = (parallel_state.get_tensor_model_parallel_group()
                 if parallel_state.model_parallel_is_initialized() else None)
-    groups = (tp_group, data_parallel_group(is_expert=False))  # heads are split over TP ranks
+    dp_group = data_parallel_group(is_expert=False)  # heads are split over TP ranks
     core_attention.__class__ = _quantized_class(type(core_attention), QuantizedCoreAttention)
-    core_attention.key_quantizer = TensorQuantizer("fp8", amax_mode, groups, owner=f"{name}.key")
-    core_attention.value_quantizer = TensorQuantizer("fp8", amax_mode, groups, owner=f"{name}.value")
+    core_attention.key_quantizer = TensorQuantizer("fp8", amax_mode, tp_group, dp_group, owner=f"{name}.key")
+    core_attention.value_quantizer = TensorQuantizer("fp8", amax_mode, tp_group, dp_group, owner=f"{name}.value")
 
 
 def has_kv_quantization(module: torch.nn.Module) -> bool:

@@ -20,13 +20,14 @@ TENSOR_FORMATS = ("nvfp4", "nvfp4_4over6", "fp8")
 class TensorQuantizer(torch.nn.Module):
     """Fake quantization of one tensor to ``fmt`` (``nvfp4``, ``nvfp4_4over6`` or ``fp8``).
 
-    amax_mode: "dynamic" or "static" (see the module doc). groups: process groups to MAX-reduce the
-    amax over; the first is used at every dynamic call (tensor parallel), all of them at the end of
-    calibration (tensor then data parallel). Static quantizers have an ``amax`` buffer (fp32 0-d,
-    NaN until calibrated or loaded); a checkpoint without it (a BF16 checkpoint) leaves it as is.
+    amax_mode: "dynamic" or "static" (see the module doc). tp_group: the layer's tensor-parallel
+    group, over which every amax is MAX-reduced (None: no reduction); dp_group: the group of its
+    data-parallel replicas, over which calibrated amaxes are reduced too. owner: a name for error
+    messages. Static quantizers have an ``amax`` buffer (fp32 0-d, NaN until calibrated or loaded);
+    a checkpoint without it (a BF16 checkpoint) leaves it as is.
     """
 
-    def __init__(self, fmt: str, amax_mode: str, groups: tuple = (), owner: str = ""):
+    def __init__(self, fmt: str, amax_mode: str, tp_group=None, dp_group=None, owner: str = ""):
         super().__init__()
         if fmt not in TENSOR_FORMATS:
             raise ValueError(f"TensorQuantizer format must be one of {TENSOR_FORMATS}, got {fmt!r}")
@@ -34,7 +35,8 @@ class TensorQuantizer(torch.nn.Module):
             raise ValueError(f"amax_mode must be 'dynamic' or 'static', got {amax_mode!r}")
         self.fmt = fmt
         self.amax_mode = amax_mode
-        self.groups = tuple(group for group in groups if group is not None)
+        self.tp_group = tp_group
+        self.dp_group = dp_group
         self.owner = owner
         self.calibrating = False
         self.amax_ready = False  # static: set by calibration or by loading a checkpoint that has it
@@ -49,14 +51,15 @@ class TensorQuantizer(torch.nn.Module):
             if self.amax_mode == "static":
                 self._observe(x)
             return x
-        return self._fake_quantize(x, self._call_amax(x))
+        return self._fake_quantize(x, self.current_amax(x))
 
     def _fake_quantize(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         if self.fmt == "fp8":
             return fp8.fake_quantize_e4m3(x, amax)
         return nvfp4.fake_quantize(x, amax, four_over_six=self.fmt == "nvfp4_4over6", check_finite=False)
 
-    def _call_amax(self, x: torch.Tensor) -> torch.Tensor:
+    def current_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 0-d amax this quantizer scales ``x`` with (a collective when dynamic under TP)."""
         if self.amax_mode == "static":
             if not self.amax_ready:
                 raise RuntimeError(
@@ -66,7 +69,7 @@ class TensorQuantizer(torch.nn.Module):
             return self.amax
         with torch.no_grad():
             amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
-            return self._reduce_max(amax, self.groups[:1])
+            return self._reduce_max(amax, (self.tp_group,))
 
     def _observe(self, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -85,13 +88,13 @@ class TensorQuantizer(torch.nn.Module):
         """Stop watching; MAX-reduce the observed amax over all groups (every rank must call this)."""
         self.calibrating = False
         observed = torch.nan_to_num(self.amax, nan=0.0)  # a rank whose layer saw no tokens
-        self.amax.copy_(self._reduce_max(observed, self.groups))
+        self.amax.copy_(self._reduce_max(observed, (self.tp_group, self.dp_group)))
         self.amax_ready = True
 
     @staticmethod
     def _reduce_max(amax: torch.Tensor, groups) -> torch.Tensor:
         for group in groups:
-            if dist.get_world_size(group) > 1:
+            if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         return amax
 

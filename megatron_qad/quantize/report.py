@@ -96,7 +96,7 @@ def build_report(model: torch.nn.Module, formats, policy) -> QuantReport:
         weight = linear.module.weight
         errors = (None, None)
         if weight_format in QUANTIZED_FORMATS:
-            amax = linear.module.weight_quantizer._call_amax(weight)
+            amax = linear.module.weight_quantizer.current_amax(weight)
             errors = (_relative_mse(weight, amax, False), _relative_mse(weight, amax, True))
         rows.append(LayerRow(linear.name, linear.kind, weight_format, input_format, weight.numel(), *errors))
     kv_modules = sum(1 for module in model.modules() if layers.has_kv_quantization(module))
