@@ -1,0 +1,279 @@
+"""Losses on vocab-sharded logits: KL divergence, cross entropy and argmax, never gathering the vocabulary.
+
+Logits follow megatron.core's layout: this tensor-parallel rank holds the contiguous vocabulary shard
+``[rank * V/TP, (rank + 1) * V/TP)`` in the last dimension, ``[s, b, V/TP]`` in a GPTModel (any
+leading dimensions are accepted). Softmax statistics are reduced over the TP group the way
+``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` does it: all-reduce MAX of the
+per-token maxima, then all-reduce SUM of the partial sums of exponentials (and of any other per-token
+partial sum), so each rank only ever holds ``[tokens, V/TP]``.
+
+Arithmetic is fp32 (fp64 when the logits are fp64), whatever the logits' dtype, and so are the
+per-token results. Tokens are processed in chunks of ``chunk_tokens``: the fp32 working set is a
+few ``chunk x V/TP`` buffers whatever the batch. The autograd functions save their inputs in their own dtype (a
+reference, not a copy: the caller's graph keeps the student logits alive anyway) plus two fp32
+scalars per token (log partition functions), and the backward recomputes the softmax chunk by
+chunk; it needs no collective.
+
+Each function takes ``tp_group``: None means megatron.core's tensor-model-parallel group when its
+parallel state is initialised, else a single rank (no torch.distributed needed).
+"""
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_TOKENS = 4096
+
+
+def resolve_tp_group(tp_group):
+    """The group to reduce over: ``tp_group`` itself, megatron.core's TP group, or None (one rank)."""
+    if tp_group is not None:
+        return tp_group
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("torch.distributed runs several processes but megatron.core's model-parallel "
+                           "groups are not initialised: pass tp_group explicitly (or call "
+                           "megatron_qad.parallel.initialize first)")
+    return None
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if _group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def check_chunk_tokens(chunk_tokens: int) -> int:
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not temperature > 0.0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return temperature
+
+
+def _check_logits(name: str, logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary (last) dimension, got shape "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be floating point (fp32 or bf16), got {logits.dtype}")
+
+
+def check_token_shape(name: str, tensor: torch.Tensor, logits: torch.Tensor) -> None:
+    """Raise ValueError unless ``tensor`` has the logits' token dimensions ``logits.shape[:-1]``."""
+    if tuple(tensor.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but the logits have shape {tuple(logits.shape)}: "
+            f"{name} must have the logits' token dimensions {tuple(logits.shape[:-1])} (megatron.core "
+            f"logits are [s, b, V/TP] while its batches hold [b, s]: transpose {name} first)")
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 logits (for finite-difference checks)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _chunks(num_tokens: int, chunk_tokens: int):
+    for start in range(0, num_tokens, chunk_tokens):
+        yield start, min(start + chunk_tokens, num_tokens)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per token, on vocab shards; grads to z_s only."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, group, chunk_tokens):
+        vocab_local = student.shape[-1]
+        student_2d = student.reshape(-1, vocab_local)
+        teacher_2d = teacher.reshape(-1, vocab_local)
+        num_tokens = student_2d.shape[0]
+        dtype = _compute_dtype(student)
+        kl = torch.empty(num_tokens, dtype=dtype, device=student.device)
+        log_z = torch.empty(num_tokens, 2, dtype=dtype, device=student.device)  # (student, teacher)
+        for start, end in _chunks(num_tokens, chunk_tokens):
+            # One MAX and one SUM all-reduce per chunk serve both models.
+            x_s = student_2d[start:end].to(dtype) / temperature
+            x_t = teacher_2d[start:end].to(dtype) / temperature
+            maximum = torch.stack([x_s.amax(dim=-1), x_t.amax(dim=-1)], dim=-1)
+            _all_reduce(maximum, dist.ReduceOp.MAX, group)
+            exp_t = torch.exp(x_t - maximum[:, 1:2])
+            sums = torch.stack([
+                torch.exp(x_s - maximum[:, 0:1]).sum(dim=-1),
+                exp_t.sum(dim=-1),
+                (exp_t * (x_t - x_s)).sum(dim=-1),  # sum_v exp(x_t - m_t) (x_t - x_s), not yet normalised
+            ], dim=-1)
+            del x_s, x_t, exp_t
+            _all_reduce(sums, dist.ReduceOp.SUM, group)
+            chunk_log_z = maximum + torch.log(sums[:, :2])
+            log_z[start:end] = chunk_log_z
+            # KL = sum_v p_t (x_t - x_s) - log Z_t + log Z_s
+            kl[start:end] = sums[:, 2] / sums[:, 1] + chunk_log_z[:, 0] - chunk_log_z[:, 1]
+        kl.mul_(temperature * temperature)
+        ctx.save_for_backward(student, teacher, log_z)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        return kl.view(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        student, teacher, log_z = ctx.saved_tensors
+        temperature, chunk_tokens = ctx.temperature, ctx.chunk_tokens
+        vocab_local = student.shape[-1]
+        student_2d = student.reshape(-1, vocab_local)
+        teacher_2d = teacher.reshape(-1, vocab_local)
+        dtype = log_z.dtype
+        grad_2d = grad_kl.reshape(-1).to(dtype)
+        grad_student = torch.empty(student_2d.shape, dtype=student.dtype, device=student.device)
+        for start, end in _chunks(student_2d.shape[0], chunk_tokens):
+            p_s = torch.exp(student_2d[start:end].to(dtype) / temperature - log_z[start:end, 0:1])
+            p_t = torch.exp(teacher_2d[start:end].to(dtype) / temperature - log_z[start:end, 1:2])
+            p_s.sub_(p_t).mul_(grad_2d[start:end].unsqueeze(-1) * temperature)
+            grad_student[start:end] = p_s
+        return grad_student.view(student.shape), None, None, None, None
+
+
+def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      loss_mask: torch.Tensor | None = None, temperature: float = 1.0, tp_group=None,
+                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Per-token KL(p_teacher || p_student) on vocab-sharded logits: fp32, shape ``logits.shape[:-1]``.
+
+    student_logits, teacher_logits: this rank's vocabulary shard ``[..., V/TP]``, fp32 or bf16, the
+    same shape (both models must pad the vocabulary alike). With ``x = z / T`` and ``p = softmax(x)``
+    over the full vocabulary, the value is ``T^2 * sum_v p_t (log p_t - log p_s)`` (the usual
+    distillation scaling, which keeps gradient magnitudes roughly independent of T).
+
+    Gradient (exact, computed locally from the saved logits): ``d KL/d x_s = p_s - p_t``, and
+    ``d x_s/d z_s = 1/T``, so ``d (T^2 KL)/d z_s = T (softmax(z_s/T) - softmax(z_t/T))``, times the
+    incoming per-token gradient; returned in the student logits' dtype. The teacher logits get no
+    gradient (the teacher is frozen).
+
+    loss_mask: optional, shape ``logits.shape[:-1]``; tokens where it is zero/False get KL 0 (and no
+    gradient). temperature: > 0. tp_group: see the module
+    docstring. chunk_tokens: tokens per chunk; the fp32 working set is a few ``chunk_tokens x V/TP``
+    buffers, the saved state the two input tensors plus 8 bytes per token.
+    Collectives per chunk: one MAX and one SUM all-reduce for both models together.
+    """
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits have shape {tuple(student_logits.shape)} but teacher logits have shape "
+            f"{tuple(teacher_logits.shape)}: they must match (a different last dimension usually means "
+            f"the two models pad the vocabulary differently, e.g. make_vocab_size_divisible_by)")
+    temperature = check_temperature(temperature)
+    chunk_tokens = check_chunk_tokens(chunk_tokens)
+    if loss_mask is not None:
+        check_token_shape("loss_mask", loss_mask, student_logits)
+    group = resolve_tp_group(tp_group)
+    kl = _VocabParallelKL.apply(student_logits, teacher_logits.detach(), temperature, group, chunk_tokens)
+    if loss_mask is not None:
+        kl = torch.where(loss_mask.to(device=kl.device) != 0, kl, kl.new_zeros(()))
+    return kl
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """-log softmax(z)[label] per token on vocab shards, chunked, with a recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, chunk_tokens):
+        vocab_local = logits.shape[-1]
+        logits_2d = logits.reshape(-1, vocab_local)
+        vocab_start = _group_rank(group) * vocab_local
+        local_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.long) - vocab_start
+        on_shard = (local_labels >= 0) & (local_labels < vocab_local)
+        local_labels = torch.where(on_shard, local_labels, torch.zeros_like(local_labels))
+        num_tokens = logits_2d.shape[0]
+        dtype = _compute_dtype(logits)
+        loss = torch.empty(num_tokens, dtype=dtype, device=logits.device)
+        log_z = torch.empty(num_tokens, dtype=dtype, device=logits.device)
+        for start, end in _chunks(num_tokens, chunk_tokens):
+            x = logits_2d[start:end].to(dtype)
+            maximum = _all_reduce(x.amax(dim=-1), dist.ReduceOp.MAX, group)
+            target = x.gather(-1, local_labels[start:end].unsqueeze(-1)).squeeze(-1)
+            target = torch.where(on_shard[start:end], target, target.new_zeros(()))
+            sums = torch.stack([torch.exp(x - maximum.unsqueeze(-1)).sum(dim=-1), target], dim=-1)
+            del x
+            _all_reduce(sums, dist.ReduceOp.SUM, group)
+            log_z[start:end] = maximum + torch.log(sums[:, 0])
+            loss[start:end] = log_z[start:end] - sums[:, 1]
+        ctx.save_for_backward(logits, local_labels, on_shard, log_z)
+        ctx.chunk_tokens = chunk_tokens
+        return loss.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, local_labels, on_shard, log_z = ctx.saved_tensors
+        vocab_local = logits.shape[-1]
+        logits_2d = logits.reshape(-1, vocab_local)
+        dtype = log_z.dtype
+        grad_2d = grad_loss.reshape(-1).to(dtype)
+        grad_logits = torch.empty(logits_2d.shape, dtype=logits.dtype, device=logits.device)
+        for start, end in _chunks(logits_2d.shape[0], ctx.chunk_tokens):
+            softmax = torch.exp(logits_2d[start:end].to(dtype) - log_z[start:end].unsqueeze(-1))
+            softmax.scatter_add_(-1, local_labels[start:end].unsqueeze(-1),
+                                 -on_shard[start:end].to(dtype).unsqueeze(-1))
+            softmax.mul_(grad_2d[start:end].unsqueeze(-1))
+            grad_logits[start:end] = softmax
+        return grad_logits.view(logits.shape), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=None,
+                                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Per-token cross entropy ``-log softmax(logits)[label]`` on vocab-sharded logits, fp32.
+
+    Same values and gradient as ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy``
+    (without label smoothing), but chunked like :func:`vocab_parallel_kl`, and it never writes into
+    its input (megatron.core's subtracts the max in place from fp32 logits, which would corrupt
+    logits that the KL also reads). labels: global vocabulary ids, shape ``logits.shape[:-1]``;
+    masking is the caller's (ids outside the vocabulary give the loss ``log Z``).
+    Gradient: ``softmax(logits) - onehot(label)`` restricted to this shard.
+    """
+    _check_logits("logits", logits)
+    check_token_shape("labels", labels, logits)
+    chunk_tokens = check_chunk_tokens(chunk_tokens)
+    return _VocabParallelCrossEntropy.apply(logits, labels, resolve_tp_group(tp_group), chunk_tokens)
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(*logits: torch.Tensor, tp_group=None) -> list[torch.Tensor]:
+    """Global argmax over the vocabulary of each vocab-sharded logits tensor (int64, ``shape[:-1]``).
+
+    The tensors must have the same shape (e.g. the student's and the teacher's logits).
+
+    Ties resolve to the smallest vocabulary id, as ``torch.argmax`` does on the full vocabulary.
+    Collectives: one MAX (of the local maxima) and one MIN (of the candidate ids) for all tensors.
+    """
+    group = resolve_tp_group(tp_group)
+    for index, tensor in enumerate(logits):
+        _check_logits(f"logits[{index}]", tensor)
+        if tensor.shape != logits[0].shape:
+            raise ValueError(f"logits[{index}] has shape {tuple(tensor.shape)} but logits[0] has shape "
+                             f"{tuple(logits[0].shape)}: they must match")
+    vocab_local = logits[0].shape[-1]
+    vocab_start = _group_rank(group) * vocab_local
+    flat = [tensor.reshape(-1, tensor.shape[-1]) for tensor in logits]
+    local_index = torch.stack([tensor.argmax(dim=-1) for tensor in flat])
+    local_max = torch.stack([tensor.gather(-1, idx.unsqueeze(-1)).squeeze(-1).double()
+                             for tensor, idx in zip(flat, local_index)])
+    global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
+    no_candidate = torch.iinfo(torch.long).max
+    candidate = torch.where(local_max == global_max, local_index + vocab_start,
+                            torch.full_like(local_index, no_candidate))
+    _all_reduce(candidate, dist.ReduceOp.MIN, group)
+    return [ids.view(tensor.shape[:-1]) for ids, tensor in zip(candidate, logits)]
