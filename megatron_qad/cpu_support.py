@@ -1,12 +1,18 @@
 """The shims megatron.core 0.19.2 needs on a CPU-only machine: two to build, run and train a GPTModel,
-and one more to build (not run) the Mamba layers of a hybrid model.
+one more to build (not run) the Mamba layers of a hybrid model, and one to drive a model through
+megatron.core's pipeline schedules (:func:`_cpu_schedule_token_counter`).
 
 Everything else that would touch CUDA is avoided by configuration, in :mod:`megatron_qad.models`:
 ``use_cpu_initialization=True`` (weights are drawn on the CPU and scattered to TP shards), the local
 (non Transformer Engine) layer spec, the ``allgather`` MoE token dispatcher
 (``MoEAlltoAllTokenDispatcher.__init__`` creates a ``torch.cuda.Stream``), an explicit causal
 attention mask (``transformer.utils.get_default_causal_mask``, used when the mask is None, builds it
-with ``device="cuda"``), and a norm that accepts sequence parallelism.
+with ``device="cuda"``), and a norm that accepts sequence parallelism. Pipeline-parallel p2p on the
+CPU is kept off ``torch.cuda.synchronize()`` by configuration too, in
+:func:`megatron_qad.distill.pipeline.prepare_pipeline_config`: ``p2p_communication._communicate``
+synchronizes when ``batch_p2p_comm and batch_p2p_sync`` (both megatron.core defaults) and
+``_communicate_shapes`` when ``variable_seq_lengths``; on the CPU ``batch_p2p_sync=False`` and
+``variable_seq_lengths=False`` are set (gloo's ``batch_isend_irecv`` needs no device sync).
 
 :func:`apply` installs the shims for the life of the process; :mod:`megatron_qad.parallel` calls
 it when the process runs on the CPU. It refuses to run where CUDA is available: there the patched
@@ -27,6 +33,7 @@ restores the CUDA RNG state through ``_get_cuda_rng_state``) and the alltoall / 
 """
 
 import contextlib
+import types
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +199,38 @@ def _allow_mamba_mixer_build() -> None:
                 setattr(module, name, _mamba_forward_unavailable(f"einops.{name}"))
 
 
+class _SchedulesTorch(types.ModuleType):
+    """``torch`` as seen by ``pipeline_parallel.schedules``: the real module, except ``zeros``
+    (see :func:`_cpu_schedule_token_counter`)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _cpu_schedule_token_counter() -> None:
+    """Let megatron.core's pipeline schedules allocate their token counter on the CPU.
+
+    Every schedule of ``pipeline_parallel/schedules.py`` (``forward_backward_no_pipelining``,
+    ``forward_backward_pipelining_with_interleaving``, ``..._without_interleaving``) starts with
+    ``total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")``, the count of loss tokens
+    that ``calculate_per_token_loss`` hands to ``finalize_model_grads``; a hard-coded device, not
+    ``torch.cuda.current_device()``, so even a PP=1 schedule fails on the CPU with "Found no NVIDIA
+    driver". The module's global ``torch`` is replaced by a proxy whose ``zeros`` maps a "cuda"
+    device to the CPU and which forwards every other attribute to torch; nothing else of the module
+    changes (it makes no other CUDA allocation on the paths our runs take).
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    if not isinstance(schedules.torch, _SchedulesTorch):
+        schedules.torch = _SchedulesTorch("torch")
+
+
 def apply() -> None:
     """Install the shims (idempotent); RuntimeError if this process can see a CUDA device."""
     if torch.cuda.is_available():
@@ -203,3 +242,4 @@ def apply() -> None:
     # tracker megatron.core creates from now on (including after force_reset) keeps CPU states.
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     _allow_mamba_mixer_build()
+    _cpu_schedule_token_counter()

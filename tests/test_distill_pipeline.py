@@ -1,0 +1,272 @@
+"""Teacher + student through megatron.core's pipeline schedules (gloo, fp32 tiny GPT-MoE).
+
+The student is the teacher's weights quantized with the "transformer" policy and dynamic input /
+KV amaxes (``input_amax="dynamic"``, so no calibration pass is needed and every layout sees the
+same scales), which makes the KL non-zero. References are computed in one process without any
+schedule: teacher forward, student forward, a full-vocabulary KL written here, backward of the
+KL summed over the non-masked tokens (what the schedule back-propagates with
+``calculate_per_token_loss``).
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_helpers import run_distributed, single_process
+from megatron_qad import parallel, quantize
+from megatron_qad.config import load_config
+from megatron_qad.distill import (DistillationLoss, LayoutMismatchError, TeacherStudentStage,
+                                  distillation_step, sum_reports)
+from megatron_qad.models import build_gpt_model, causal_attention_mask
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+SMALL = ["model.params_dtype=float32", "model.num_layers=2", "model.seq_length=32"]
+MICRO_BATCHES, MICRO_BATCH_SIZE = 4, 2
+# Same weights, same data, same fp32 kernels: the schedule and the pipeline split change no
+# arithmetic of the models. The reference KL is computed in fp64 from the fp32 logits; the loss
+# computes it in fp32, where each token's KL (~5e-4 here) is a p-weighted sum of differences of
+# log-probabilities of size ~7, so fp32 rounding (~5e-7 per token) leaves ~1e-3 relative error per
+# token and ~3e-5 on the sum over the 200-odd tokens (measured 2.7e-5).
+KL_RTOL = 1e-4
+GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-7
+
+
+def _cfg(*extra):
+    return load_config(TINY, [*SMALL, *extra])
+
+
+def _micro_batches(model_cfg, count=MICRO_BATCHES, b=MICRO_BATCH_SIZE, seed=0):
+    """``count`` dicts: tokens / labels int64 [b, s], loss_mask float [b, s] with ~20 % zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    s = model_cfg.seq_length
+    return [dict(tokens=torch.randint(0, model_cfg.vocab_size, (b, s), generator=generator),
+                 labels=torch.randint(0, model_cfg.vocab_size, (b, s), generator=generator),
+                 loss_mask=(torch.rand(b, s, generator=generator) > 0.2).float())
+            for _ in range(count)]
+
+
+def _dynamic_policy():
+    return dataclasses.replace(quantize.transformer(), input_amax="dynamic")
+
+
+def _student_of(teacher_state: dict, cfg, quantized: bool = True, rename=lambda name: name):
+    """A student stage: the teacher's weights (keys mapped by ``rename``), NVFP4 when ``quantized``."""
+    student = build_gpt_model(cfg.model, cfg.parallel)
+    student.load_state_dict({key: teacher_state[rename(key)] for key in student.state_dict()})
+    if quantized:
+        quantize.apply(student, _dynamic_policy())
+    return student
+
+
+def _plain_kl_and_grads(student, teacher, micro_batches):
+    """Reference without schedule: summed full-vocabulary KL(teacher || student) and student grads."""
+    total = 0.0
+    for batch in micro_batches:
+        tokens = batch["tokens"]
+        s = tokens.shape[1]
+        positions = torch.arange(s).expand_as(tokens)
+        with torch.no_grad():
+            teacher_logp = F.log_softmax(teacher(tokens, positions, causal_attention_mask(s)).double(), -1)
+        student_logp = F.log_softmax(student(tokens, positions, causal_attention_mask(s)).double(), -1)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        kl_sum = (kl * batch["loss_mask"]).sum()
+        kl_sum.backward()
+        total += kl_sum.item()
+    grads = {name: param.grad.clone() for name, param in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    return total, grads
+
+
+def _assert_grads_close(got: dict, ref: dict):
+    assert set(got) == set(ref)
+    for name, grad in got.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, ref[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_pp1_schedule_matches_plain_kl_and_grads():
+    cfg = _cfg()
+    batches = _micro_batches(cfg.model)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = _student_of(teacher.state_dict(), cfg)
+        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+        stage = TeacherStudentStage(student, teacher)
+        reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
+                                    cfg.model.seq_length, DistillationLoss("kl"))
+        grads = {name: param.grad for name, param in student.named_parameters()}
+    assert len(reports) == MICRO_BATCHES
+    totals = sum_reports(reports)
+    assert ref_kl > 1e-3
+    assert totals["kl"][0].item() == pytest.approx(ref_kl, rel=KL_RTOL)
+    assert totals["kl"][1].item() == sum(batch["loss_mask"].sum().item() for batch in batches)
+    _assert_grads_close(grads, ref_grads)
+    assert all(param.grad is None for param in teacher.parameters())
+
+
+def test_unquantized_copy_has_zero_kl_and_zero_grads():
+    cfg = _cfg()
+    batches = _micro_batches(cfg.model, count=2)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = _student_of(teacher.state_dict(), cfg, quantized=False)
+        reports = distillation_step(TeacherStudentStage(student, teacher), iter(batches), 2,
+                                    MICRO_BATCH_SIZE, cfg.model.seq_length, DistillationLoss("kl"))
+        grads = [param.grad for param in student.parameters()]
+    assert abs(sum_reports(reports)["kl"][0].item()) < 1e-7
+    assert all(grad is not None and grad.abs().max().item() < 1e-7 for grad in grads)
+
+
+def test_teacher_frozen_through_an_optimizer_step():
+    cfg = _cfg()
+    batches = _micro_batches(cfg.model, count=2)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = _student_of(teacher.state_dict(), cfg)
+        stage = TeacherStudentStage(student, teacher)
+        teacher_before = {name: param.clone() for name, param in teacher.named_parameters()}
+        student_before = {name: param.detach().clone() for name, param in student.named_parameters()}
+        teacher_ids = {id(param) for param in teacher.parameters()}
+        assert not teacher_ids & {id(param) for param in stage.parameters()}
+        assert all(key.startswith("student.") for key in stage.state_dict())
+        assert all(not param.requires_grad for param in teacher.parameters())
+        stage.train()
+        assert student.training and not teacher.training
+        optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
+        distillation_step(stage, iter(batches), 2, MICRO_BATCH_SIZE, cfg.model.seq_length,
+                          DistillationLoss("kl"))
+        optimizer.step()
+    assert all(param.grad is None for param in teacher.parameters())
+    for name, param in teacher.named_parameters():
+        assert torch.equal(param, teacher_before[name]), name
+    changed = [name for name, param in student.named_parameters()
+               if not torch.equal(param.detach(), student_before[name])]
+    assert len(changed) == len(student_before)
+
+
+def test_layout_mismatch_is_refused():
+    cfg, deeper = _cfg(), _cfg("model.num_layers=4", "model.hidden_size=64")
+    with single_process(cfg.parallel):
+        student = build_gpt_model(cfg.model, cfg.parallel)
+        teacher = build_gpt_model(deeper.model, deeper.parallel)
+        with pytest.raises(LayoutMismatchError, match=r"layers: student \(0, 1\), teacher \(0, 1, 2, 3\)"):
+            TeacherStudentStage(student, teacher)
+        with pytest.raises(LayoutMismatchError, match="hidden_size: student 128, teacher 64"):
+            TeacherStudentStage(student, teacher)
+
+
+def test_wrong_micro_batch_shape_is_refused():
+    cfg = _cfg()
+    batches = _micro_batches(cfg.model, count=1, b=3)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        stage = TeacherStudentStage(_student_of(teacher.state_dict(), cfg, quantized=False), teacher)
+        with pytest.raises(ValueError, match=r"\[micro_batch_size, seq_length\] = \[2, 32\], got \[3, 32\]"):
+            distillation_step(stage, iter(batches), 1, MICRO_BATCH_SIZE, cfg.model.seq_length,
+                              DistillationLoss("kl"))
+
+
+def _global_name(name: str, offset: int) -> str:
+    return re.sub(r"decoder\.layers\.(\d+)\.",
+                  lambda match: f"decoder.layers.{int(match.group(1)) + offset}.", name)
+
+
+def _pp2_rank(teacher_state: dict, batches: list):
+    cfg = _cfg("parallel.pipeline_model_parallel_size=2")
+    parallel.initialize(cfg.parallel, backend="gloo")
+    try:
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        offset = teacher.decoder.layers[0].layer_number - 1
+
+        def rename(name):
+            return _global_name(name, offset)
+
+        teacher.load_state_dict({key: teacher_state[rename(key)] for key in teacher.state_dict()})
+        student = _student_of(teacher_state, cfg, rename=rename)
+        stage = TeacherStudentStage(student, teacher)
+        reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
+                                    cfg.model.seq_length, DistillationLoss("kl"))
+        grads = {rename(name): param.grad for name, param in student.named_parameters()}
+        teacher_grads = sum(param.grad is not None for param in teacher.parameters())
+        return dict(reports=reports, grads=grads, teacher_grads=teacher_grads,
+                    post_process=stage.post_process)
+    finally:
+        parallel.destroy()
+
+
+def test_pp2_1f1b_matches_single_process():
+    cfg = _cfg()
+    batches = _micro_batches(cfg.model)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        teacher_state = {key: value.clone() if torch.is_tensor(value) else value
+                         for key, value in teacher.state_dict().items()}
+        student = _student_of(teacher_state, cfg)
+        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+    first, last = run_distributed(_pp2_rank, 2, teacher_state, batches, timeout_s=300)
+    assert not first["post_process"] and last["post_process"]
+    assert first["reports"] == [] and len(last["reports"]) == MICRO_BATCHES
+    assert first["teacher_grads"] == last["teacher_grads"] == 0
+    assert not set(first["grads"]) & set(last["grads"])
+    assert sum_reports(last["reports"])["kl"][0].item() == pytest.approx(ref_kl, rel=KL_RTOL)
+    _assert_grads_close({**first["grads"], **last["grads"]}, ref_grads)
+
+
+# EP=2: an unquantized student (the teacher plus fixed noise), because dynamic NVFP4 amaxes are
+# taken over the tokens a rank holds, which EP=2 (= DP=2 here) splits. Expert grads are compared
+# directly, dense grads summed over the two ranks (what the data-parallel all-reduce does); the
+# summation order of fp32 reductions differs from one process (prototype measured 7e-7 relative).
+EP_RTOL, EP_ATOL = 1e-4, 1e-6
+
+
+def _ep2_rank(teacher_state: dict, student_state: dict, batches: list):
+    from megatron.core import parallel_state
+    from model_helpers import global_expert_name, load_with_experts_renumbered
+
+    cfg = _cfg("parallel.expert_model_parallel_size=2")
+    parallel.initialize(cfg.parallel, backend="gloo")
+    try:
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = build_gpt_model(cfg.model, cfg.parallel)
+        load_with_experts_renumbered(teacher, teacher_state)
+        ep_rank, local_experts = load_with_experts_renumbered(student, student_state)
+        rank = parallel_state.get_data_parallel_rank()
+        mine = [{key: value[rank:rank + 1] for key, value in batch.items()} for batch in batches]
+        reports = distillation_step(TeacherStudentStage(student, teacher), iter(mine), MICRO_BATCHES, 1,
+                                    cfg.model.seq_length, DistillationLoss("kl"))
+        return dict(reports=reports, grads={global_expert_name(name, ep_rank, local_experts): param.grad
+                                            for name, param in student.named_parameters()})
+    finally:
+        parallel.destroy()
+
+
+def test_ep2_matches_single_process():
+    cfg = _cfg()
+    batches = _micro_batches(cfg.model)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = build_gpt_model(cfg.model, cfg.parallel)
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            student.load_state_dict(teacher.state_dict())
+            for param in student.parameters():
+                param.add_(0.02 * torch.randn(param.shape, generator=generator))
+        teacher_state, student_state = ({key: value.clone() if torch.is_tensor(value) else value
+                                         for key, value in model.state_dict().items()}
+                                        for model in (teacher, student))
+        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+    results = run_distributed(_ep2_rank, 2, teacher_state, student_state, batches, timeout_s=300)
+    kl = sum(sum_reports(result["reports"])["kl"][0].item() for result in results)
+    assert ref_kl > 1e-3
+    assert kl == pytest.approx(ref_kl, rel=KL_RTOL)
+    grads = {}
+    for result in results:
+        for name, grad in result["grads"].items():
+            grads[name] = grads[name] + grad if name in grads else grad
+    assert set(grads) == set(ref_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=EP_RTOL, atol=EP_ATOL, msg=name)
