@@ -198,7 +198,9 @@ def _pp2_rank(teacher_state: dict, batches: list):
         parallel.destroy()
 
 
-def test_pp2_1f1b_matches_single_process():
+@pytest.fixture(scope="module")
+def tp1_reference():
+    """Teacher state, micro-batches, KL and student grads of the quantized student in one process."""
     cfg = _cfg()
     batches = _micro_batches(cfg.model)
     with single_process(cfg.parallel):
@@ -207,6 +209,11 @@ def test_pp2_1f1b_matches_single_process():
                          for key, value in teacher.state_dict().items()}
         student = _student_of(teacher_state, cfg)
         ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+    return teacher_state, batches, ref_kl, ref_grads
+
+
+def test_pp2_1f1b_matches_single_process(tp1_reference):
+    teacher_state, batches, ref_kl, ref_grads = tp1_reference
     first, last = run_distributed(_pp2_rank, 2, teacher_state, batches, timeout_s=300)
     assert not first["post_process"] and last["post_process"]
     assert first["reports"] == [] and len(last["reports"]) == MICRO_BATCHES
@@ -370,20 +377,6 @@ def _gather_tp_grads(tp_ranks: list) -> dict:
                 torch.testing.assert_close(shard, shards[0], rtol=TP_GRAD_RTOL, atol=TP_GRAD_ATOL, msg=name)
             grads[name] = shards[0]
     return grads
-
-
-@pytest.fixture(scope="module")
-def tp1_reference():
-    """Teacher state, micro-batches, KL and student grads of the quantized student in one process."""
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model)
-    with single_process(cfg.parallel):
-        teacher = build_gpt_model(cfg.model, cfg.parallel)
-        teacher_state = {key: value.clone() if torch.is_tensor(value) else value
-                         for key, value in teacher.state_dict().items()}
-        student = _student_of(teacher_state, cfg)
-        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
-    return teacher_state, batches, ref_kl, ref_grads
 
 
 def _assert_tp_grads_close(got: dict, ref: dict) -> None:
