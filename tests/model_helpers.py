@@ -23,11 +23,24 @@ def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
                   lambda match: f"local_experts.{ep_rank * local_experts + int(match.group(1))}.", name)
 
 
-def load_with_experts_renumbered(model, full_state_dict: dict) -> tuple[int, int]:
-    """Load an EP=1 state dict into this rank's (possibly expert-parallel) model; return
-    (expert-parallel rank, local experts per layer)."""
-    local_experts = len(model.decoder.layers[0].mlp.experts.local_experts)
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
+def expert_layout(model) -> tuple[int, int]:
+    """(expert-parallel rank, local experts per MoE layer) of this rank's model."""
+    return (parallel_state.get_expert_model_parallel_rank(),
+            len(model.decoder.layers[0].mlp.experts.local_experts))
+
+
+def load_with_experts_renumbered(model, full_state_dict: dict) -> None:
+    """Load an EP=1 state dict into this rank's (possibly expert-parallel) model."""
+    ep_rank, local_experts = expert_layout(model)
     model.load_state_dict({key: full_state_dict[global_expert_name(key, ep_rank, local_experts)]
                            for key in model.state_dict()})
-    return ep_rank, local_experts
+
+
+def assert_trains_in_bf16(model, model_cfg) -> None:
+    """bf16 forward on a fixed batch gives finite logits [b, s, V]; backward reaches every parameter."""
+    logits = model(*make_batches(model_cfg, count=1)[0])
+    assert logits.shape == (2, model_cfg.seq_length, model_cfg.vocab_size)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name

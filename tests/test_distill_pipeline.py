@@ -170,9 +170,11 @@ def test_wrong_micro_batch_shape_is_refused():
                               DistillationLoss("kl"))
 
 
-def _global_name(name: str, offset: int) -> str:
-    return re.sub(r"decoder\.layers\.(\d+)\.",
-                  lambda match: f"decoder.layers.{int(match.group(1)) + offset}.", name)
+def _global_namer(stage):
+    """Maps this pipeline stage's parameter names to the one-stage model's (global layer numbers)."""
+    offset = stage.decoder.layers[0].layer_number - 1
+    return lambda name: re.sub(r"decoder\.layers\.(\d+)\.",
+                               lambda match: f"decoder.layers.{int(match.group(1)) + offset}.", name)
 
 
 def _pp2_rank(teacher_state: dict, batches: list):
@@ -180,10 +182,7 @@ def _pp2_rank(teacher_state: dict, batches: list):
     parallel.initialize(cfg.parallel, backend="gloo")
     try:
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        offset = teacher.decoder.layers[0].layer_number - 1
-
-        def rename(name):
-            return _global_name(name, offset)
+        rename = _global_namer(teacher)
 
         teacher.load_state_dict({key: teacher_state[rename(key)] for key in teacher.state_dict()})
         student = _student_of(teacher_state, cfg, rename=rename)
@@ -232,7 +231,7 @@ EP_RTOL, EP_ATOL = 1e-4, 1e-6
 
 def _ep2_rank(teacher_state: dict, student_state: dict, batches: list):
     from megatron.core import parallel_state
-    from model_helpers import global_expert_name, load_with_experts_renumbered
+    from model_helpers import expert_layout, global_expert_name, load_with_experts_renumbered
 
     cfg = _cfg("parallel.expert_model_parallel_size=2")
     parallel.initialize(cfg.parallel, backend="gloo")
@@ -240,7 +239,8 @@ def _ep2_rank(teacher_state: dict, student_state: dict, batches: list):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
         student = build_gpt_model(cfg.model, cfg.parallel)
         load_with_experts_renumbered(teacher, teacher_state)
-        ep_rank, local_experts = load_with_experts_renumbered(student, student_state)
+        load_with_experts_renumbered(student, student_state)
+        ep_rank, local_experts = expert_layout(student)
         rank = parallel_state.get_data_parallel_rank()
         mine = [{key: value[rank:rank + 1] for key, value in batch.items()} for batch in batches]
         reports = distillation_step(TeacherStudentStage(student, teacher), iter(mine), MICRO_BATCHES, 1,
@@ -329,10 +329,7 @@ def _tp_rank(overrides: list, teacher_state: dict, batches: list):
     parallel.initialize(cfg.parallel, backend="gloo")
     try:
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        offset = teacher.decoder.layers[0].layer_number - 1
-
-        def rename(name):
-            return _global_name(name, offset)
+        rename = _global_namer(teacher)
 
         student = build_gpt_model(cfg.model, cfg.parallel)
         _load_tp_sharded(teacher, teacher_state, rename)

@@ -20,11 +20,12 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from distributed_helpers import run_distributed, single_process
+from model_helpers import assert_trains_in_bf16, make_batches
 from megatron_qad import parallel
 from megatron_qad.config import HYBRID_LAYER_SYMBOLS, ConfigError, load_config
 from megatron_qad.cpu_support import GatedRMSNorm
 from megatron_qad.models import (all_layer_types, build_gpt_model, build_hybrid_model, build_model,
-                                 causal_attention_mask, decoder_layers, layer_types)
+                                 decoder_layers, layer_types)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_HYBRID = CONFIGS / "tiny_hybrid_cpu.yaml"
@@ -35,13 +36,6 @@ NO_MAMBA = ["model.hybrid_layer_pattern=*E-*", "model.num_layers=4"]
 
 def expected_layer_types(pattern: str) -> list[tuple[str, str]]:
     return [(f"decoder.layers.{i}", HYBRID_LAYER_SYMBOLS[symbol]) for i, symbol in enumerate(pattern)]
-
-
-def batch(model_cfg, batch_size: int = 2):
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (batch_size, model_cfg.seq_length), generator=generator)
-    positions = torch.arange(model_cfg.seq_length).expand(batch_size, -1)
-    return tokens, positions, causal_attention_mask(model_cfg.seq_length, tokens.device)
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +141,14 @@ def test_layer_types_come_from_modules_under_wrappers(tiny_hybrid):
 def test_mamba_forward_on_cpu_says_it_needs_the_gpu_kernels(tiny_hybrid):
     config, model = tiny_hybrid
     with pytest.raises(NotImplementedError, match="no torch fallback.*mamba-ssm and causal-conv1d"):
-        model(*batch(config.model))
+        model(*make_batches(config.model, count=1)[0])
 
 
 def test_hybrid_attention_mlp_and_moe_layers_train_on_cpu(cpu_process):
     config = load_config(TINY_HYBRID, NO_MAMBA)
     model = build_model(config.model, config.parallel, cpu_process.device)
     assert layer_types(model) == expected_layer_types("*E-*")
-    logits = model(*batch(config.model))
-    assert logits.shape == (2, config.model.seq_length, config.model.vocab_size)
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    logits.float().square().mean().backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert_trains_in_bf16(model, config.model)
 
 
 def test_checkpoint_keys_of_separate_norms_match_the_fused_te_layout(tiny_hybrid):
@@ -277,7 +266,7 @@ def test_tiny_hybrid_forward_backward_on_gpu():
     context = parallel.initialize(config.parallel, seed=config.model.seed)  # NCCL, rank 0 of 1
     try:
         model = build_model(config.model, config.parallel, context.device)
-        tokens, positions, mask = (t.to(context.device) for t in batch(config.model))
+        tokens, positions, mask = (t.to(context.device) for t in make_batches(config.model, count=1)[0])
         logits = model(tokens, positions, mask)
         assert logits.shape == (2, config.model.seq_length, config.model.vocab_size)
         assert torch.isfinite(logits).all()

@@ -9,10 +9,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from distributed_helpers import run_distributed, single_process
-from model_helpers import global_expert_name, load_with_experts_renumbered
+from model_helpers import (assert_trains_in_bf16, expert_layout, global_expert_name,
+                           load_with_experts_renumbered, make_batches)
 from megatron_qad import parallel
 from megatron_qad.config import ConfigError, load_config
-from megatron_qad.models import build_gpt_model, causal_attention_mask
+from megatron_qad.models import build_gpt_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 FP32 = ["model.params_dtype=float32"]
@@ -21,17 +22,9 @@ COMPARED_GRADS = (LAYER0 + "self_attention.linear_qkv.weight", LAYER0 + "self_at
                   LAYER0 + "mlp.experts.local_experts.1.linear_fc2.weight")
 
 
-def batch(model_cfg, batch_size: int = 2):
-    """Fixed tokens [b, s], positions [b, s] and the causal mask [1, 1, s, s]."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (batch_size, model_cfg.seq_length), generator=generator)
-    positions = torch.arange(model_cfg.seq_length).expand(batch_size, -1)
-    return tokens, positions, causal_attention_mask(model_cfg.seq_length)
-
-
 def forward_backward(model, model_cfg):
     """Full-vocabulary logits [b, s, V] (gathered over TP) and the grads of the loss mean(logits^2)."""
-    logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(*batch(model_cfg)))
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(*make_batches(model_cfg, count=1)[0]))
     logits.float().square().mean().backward()
     return logits.detach()
 
@@ -81,13 +74,7 @@ def test_tiny_moe_model_builds_with_the_configured_shapes(cpu_process):
 
 def test_bf16_forward_backward_on_cpu(cpu_process):
     config = load_config(TINY)
-    model = build_gpt_model(config.model, config.parallel, cpu_process.device)
-    logits = model(*batch(config.model))
-    assert logits.shape == (2, config.model.seq_length, config.model.vocab_size)
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    logits.float().square().mean().backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert_trains_in_bf16(build_gpt_model(config.model, config.parallel, cpu_process.device), config.model)
 
 
 def test_initialisation_is_a_function_of_the_seed(cpu_process):
@@ -120,8 +107,7 @@ def _run_layout(overrides: list[str], state_dict_path: str | None) -> dict:
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
         model = build_gpt_model(config.model, config.parallel, context.device)
-        local_experts = len(model.decoder.layers[0].mlp.experts.local_experts)
-        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        ep_rank, local_experts = expert_layout(model)
         if state_dict_path:
             load_with_experts_renumbered(model, torch.load(state_dict_path))
         logits = forward_backward(model, config.model)

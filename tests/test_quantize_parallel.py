@@ -12,10 +12,10 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from distributed_helpers import run_distributed, single_process
-from model_helpers import global_expert_name, load_with_experts_renumbered
+from model_helpers import expert_layout, global_expert_name, load_with_experts_renumbered, make_batches
 from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
-from megatron_qad.models import build_gpt_model, causal_attention_mask
+from megatron_qad.models import build_gpt_model
 from megatron_qad.numerics import nvfp4
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -36,15 +36,6 @@ LOGITS_RTOL, LOGITS_ATOL = 1e-5, 1e-5
 AMAX_RTOL = 1e-5
 
 
-def calibration_batches(model_cfg, count: int = 2):
-    """``count`` fixed batches of (tokens [2, s], positions [2, s], causal mask [1, 1, s, s])."""
-    generator = torch.Generator().manual_seed(0)
-    positions = torch.arange(model_cfg.seq_length).expand(2, -1)
-    mask = causal_attention_mask(model_cfg.seq_length)
-    return [(torch.randint(0, model_cfg.vocab_size, (2, model_cfg.seq_length), generator=generator),
-             positions, mask) for _ in range(count)]
-
-
 def _quantize_and_measure(model, model_cfg, ep_rank: int, local_experts: int) -> dict:
     """Apply the transformer policy; return fake-quantized weights (by EP=1 name) with their
     sharding, the raw weights, the calibrated amaxes and the full-vocabulary logits."""
@@ -59,7 +50,7 @@ def _quantize_and_measure(model, model_cfg, ep_rank: int, local_experts: int) ->
                 fq_weights[rename(name)] = module.weight_quantizer(module.weight).clone()
                 weights[rename(name)] = module.weight.detach().clone()
                 layout[rename(name)] = (module.weight.partition_dim, module.weight.partition_stride)
-    batches = calibration_batches(model_cfg)
+    batches = make_batches(model_cfg)
     quantize.calibrate(model, batches)
     amaxes = {rename(key[:-len(".amax")]): value.clone()
               for key, value in model.state_dict().items() if key.endswith(".amax")}
@@ -89,8 +80,7 @@ def _run_quantized_layout(overrides: list[str], state_dict_path: str | None) -> 
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
         model = build_gpt_model(config.model, config.parallel, context.device)
-        local_experts = len(model.decoder.layers[0].mlp.experts.local_experts)
-        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        ep_rank, local_experts = expert_layout(model)
         if state_dict_path:
             load_with_experts_renumbered(model, torch.load(state_dict_path))
         result = _quantize_and_measure(model, config.model, ep_rank, local_experts)

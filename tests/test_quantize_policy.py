@@ -371,7 +371,7 @@ def test_hybrid_policy_keeps_attention_and_the_mamba_layer_feeding_it_in_bf16(cp
 
 
 def _hybrid_formats_pp2():
-    context = parallel.initialize(load_config(HYBRID, ["parallel.pipeline_model_parallel_size=2"]).parallel)
+    parallel.initialize(load_config(HYBRID, ["parallel.pipeline_model_parallel_size=2"]).parallel)
     try:
         return _hybrid_formats(["parallel.pipeline_model_parallel_size=2"])
     finally:
