@@ -134,11 +134,13 @@ class ParallelConfig:
     """Process layout. World size = TP x PP x CP x data-parallel size; experts are split EP ways.
 
     ``sequence_parallel`` applies when ``tensor_model_parallel_size > 1`` (Megatron requires it
-    for MoE layers under tensor parallelism).
+    for MoE layers under tensor parallelism). ``virtual_pipeline_model_parallel_size`` > 1 gives
+    each pipeline rank that many model chunks (interleaved 1F1B); 1 is plain 1F1B.
     """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = True
@@ -170,12 +172,106 @@ class QuantizationConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """The optimisation of the student (megatron.core's Adam, LR schedule and batch arithmetic).
+
+    ``global_batch_size`` sequences per optimizer step, ``micro_batch_size`` per data-parallel rank
+    and forward pass (the number of micro-batches is ``global_batch_size / (micro_batch_size x
+    data-parallel size)``). The LR warms up linearly over ``lr_warmup_iters`` from 0 to ``lr``,
+    then decays (``lr_decay_style``) to ``min_lr`` by ``lr_decay_iters`` (null: ``train_iters``).
+    ``use_distributed_optimizer``: shard optimizer state over data parallelism (null: when the
+    data-parallel size is > 1 on GPUs). ``log_interval`` / ``eval_interval`` in iterations
+    (``eval_interval`` null: only after PTQ and at the end); ``eval_iters`` validation global batches.
+    """
+
+    train_iters: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 1.0e-5
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    use_distributed_optimizer: bool | None = None
+    log_interval: int = 10
+    eval_interval: int | None = None
+    eval_iters: int = 4
+
+
+@dataclass
+class DistillConfig:
+    """The loss: ``kl`` (QAD: KL(teacher || student)), ``ce`` (QAT baseline: cross entropy on the
+    data's next tokens) or ``kl+ce`` (``alpha x KL + (1 - alpha) x CE``); ``temperature`` of the
+    KL (1 for QAD). ``calibration_iters``: global batches of training data whose max |x| sets the
+    static input and K/V scales before training (post-training quantization, PTQ)."""
+
+    loss: Literal["kl", "ce", "kl+ce"] = "kl"
+    alpha: float = 0.5
+    temperature: float = 1.0
+    calibration_iters: int = 2
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen BF16 teacher: a megatron.core dist checkpoint (``checkpoint``), which the student
+    starts from too. If the directory does not exist and ``pretrain_iters`` > 0, a teacher is first
+    trained from scratch for that many iterations (cross entropy on the ``data`` sources, LR
+    ``pretrain_lr`` cosine to 0; for small demo models) and saved there."""
+
+    checkpoint: str | None = None
+    pretrain_iters: int = 0
+    pretrain_lr: float = 1.0e-3
+
+
+@dataclass
+class CheckpointConfig:
+    """Student checkpoints (megatron.core dist checkpoints, written atomically) under ``save``:
+    every ``save_interval`` iterations (null: only at the end) and at the end; ``resume``
+    continues from the newest one there (same data order and optimizer state)."""
+
+    save: str | None = None
+    save_interval: int | None = None
+    resume: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: ``sources`` is a list of mappings ``{type: ..., weight: ...}`` (see
+    ``megatron_qad.data``: random, python_stdlib, text, jsonl, indexed, teacher_generated);
+    ``seed`` fixes sampling; ``cache_dir`` holds generated data (null: next to the checkpoints)."""
+
+    sources: list = field(default_factory=lambda: [{"type": "random"}])
+    seed: int = 1234
+    cache_dir: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    """Optional metric sinks besides the iteration lines: TensorBoard event files under
+    ``tensorboard_dir``, Weights & Biases run in ``wandb_project`` (each needs its package)."""
+
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+
+
+@dataclass
 class QADConfig:
     """A whole run: one field per recipe section."""
 
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> QADConfig:
@@ -381,7 +477,8 @@ def validate(config: QADConfig) -> None:
                                  "num_query_groups", "vocab_size", "seq_length", "moe_router_topk"))
     _check_at_least("model", m, ("num_moe_experts", "moe_shared_expert_intermediate_size"), minimum=0)
     _check_at_least("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                    "expert_model_parallel_size", "context_parallel_size"))
+                                    "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+                                    "context_parallel_size"))
     _require(m.init_method_std > 0, f"'model.init_method_std' must be > 0, got {m.init_method_std}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"'model.hidden_size' ({m.hidden_size}) must be a multiple of 'model.num_attention_heads' "
@@ -394,6 +491,24 @@ def validate(config: QADConfig) -> None:
     _validate_parallel(m, p)
     _validate_nvfp4_k_dims(m, p)
     _validate_quantization(config.quantization)
+    _validate_training(config.training, config.distill, config.teacher)
+
+
+def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConfig) -> None:
+    _check_at_least("training", t, ("train_iters", "global_batch_size", "micro_batch_size", "log_interval",
+                                    "eval_iters"))
+    _check_at_least("training", t, ("lr_warmup_iters",), minimum=0)
+    _check_at_least("distill", d, ("calibration_iters",), minimum=0)
+    _check_at_least("teacher", teacher, ("pretrain_iters",), minimum=0)
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"'training.global_batch_size' ({t.global_batch_size}) must be a multiple of "
+             f"'training.micro_batch_size' ({t.micro_batch_size})")
+    _require(0.0 <= t.min_lr <= t.lr, f"'training.min_lr' ({t.min_lr}) must be between 0 and 'training.lr' ({t.lr})")
+    _require(0.0 <= d.alpha <= 1.0, f"'distill.alpha' must be in [0, 1], got {d.alpha}")
+    _require(d.temperature > 0, f"'distill.temperature' must be > 0, got {d.temperature}")
+    for name in ("lr_decay_iters", "eval_interval"):
+        value = getattr(t, name)
+        _require(value is None or value >= 1, f"'training.{name}' must be >= 1 or null, got {value}")
 
 
 def _validate_quantization(q: QuantizationConfig) -> None:
@@ -425,10 +540,12 @@ def _validate_hybrid(m: ModelConfig, p: ParallelConfig) -> None:
              f"is {m.num_layers}; make them equal")
     if HYBRID_PIPE in pattern:
         segments = pattern.split(HYBRID_PIPE)
-        _require(len(segments) == p.pipeline_model_parallel_size and all(segments),
+        stages = p.pipeline_model_parallel_size * p.virtual_pipeline_model_parallel_size
+        _require(len(segments) == stages and all(segments),
                  f"'model.hybrid_layer_pattern' ({pattern!r}) has {len(segments)} '|'-separated stages "
-                 f"(each needs a layer) but 'parallel.pipeline_model_parallel_size' is "
-                 f"{p.pipeline_model_parallel_size}; use one segment per pipeline stage, or no '|'")
+                 f"(each needs a layer) but 'parallel.pipeline_model_parallel_size' x "
+                 f"'parallel.virtual_pipeline_model_parallel_size' is {stages}; use one segment per "
+                 f"(virtual) pipeline stage, or no '|'")
     _require("E" not in layers or m.is_moe,
              f"'model.hybrid_layer_pattern' ({pattern!r}) has MoE layers (E) but 'model.num_moe_experts' "
              f"is 0; set the number of experts")
@@ -492,10 +609,15 @@ def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     _require(m.seq_length % (2 * cp) == 0 or cp == 1,
              f"'model.seq_length' ({m.seq_length}) must be a multiple of 2 x "
              f"'parallel.context_parallel_size' ({2 * cp}) for load-balanced causal attention")
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    _require(vpp == 1 or pp > 1,
+             f"'parallel.virtual_pipeline_model_parallel_size' ({vpp}) > 1 interleaves pipeline "
+             f"stages and needs 'parallel.pipeline_model_parallel_size' > 1; set it to 1")
     if HYBRID_PIPE not in m.hybrid_layer_pattern:  # explicit stage boundaries may be uneven
-        _require(m.num_layers % p.pipeline_model_parallel_size == 0,
-                 f"'parallel.pipeline_model_parallel_size' ({p.pipeline_model_parallel_size}) must "
-                 f"divide 'model.num_layers' ({m.num_layers})")
+        _require(m.num_layers % (pp * vpp) == 0,
+                 f"'parallel.pipeline_model_parallel_size' ({pp}) x "
+                 f"'parallel.virtual_pipeline_model_parallel_size' ({vpp}) must divide "
+                 f"'model.num_layers' ({m.num_layers})")
 
 
 def _validate_nvfp4_k_dims(m: ModelConfig, p: ParallelConfig) -> None:

@@ -1,6 +1,10 @@
 """The shims megatron.core 0.19.2 needs on a CPU-only machine: two to build, run and train a GPTModel,
-one more to build (not run) the Mamba layers of a hybrid model, and one to drive a model through
-megatron.core's pipeline schedules (:func:`_cpu_schedule_token_counter`).
+one more to build (not run) the Mamba layers of a hybrid model, one for the small tensors that
+megatron.core's pipeline schedules and optimizer allocate on a hard-coded "cuda"
+(:func:`_cpu_hard_coded_cuda_tensors`), the optimizer's gradient clipping
+(:func:`_cpu_gradient_clipping`), and the no-op CUDA stream
+and synchronize that megatron.core's DistributedDataParallel gradient reduction and
+dist_checkpointing's writer call (:class:`_CpuStream`, :func:`_cpu_synchronize`).
 
 Everything else that would touch CUDA is avoided by configuration, in :mod:`megatron_qad.models`:
 ``use_cpu_initialization=True`` (weights are drawn on the CPU and scattered to TP shards), the local
@@ -58,6 +62,38 @@ def _cpu_current_device() -> torch.device:
     so a caller that builds ``torch.device("cuda", index)`` from it fails loudly rather than silently.
     """
     return torch.device("cpu")
+
+
+class _CpuStream:
+    """Stand-in for ``torch.cuda.current_stream()`` on the CPU: work runs in program order, so
+    there is nothing to wait for.
+
+    megatron.core's ``distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync``
+    (reached from ``finalize_model_grads`` -> ``DistributedDataParallel.finish_grad_sync`` every
+    step) takes the current stream to wait on CUDA-graph events it finds on parameters; on the CPU
+    there are none, and the stream itself is all it needs.
+    """
+
+    def wait_event(self, event) -> None:
+        """Nothing runs asynchronously on the CPU."""
+
+    def wait_stream(self, stream) -> None:
+        """Nothing runs asynchronously on the CPU."""
+
+    def synchronize(self) -> None:
+        """Nothing runs asynchronously on the CPU."""
+
+
+def _cpu_current_stream(device=None) -> _CpuStream:
+    return _CpuStream()
+
+
+def _cpu_synchronize(device=None) -> None:
+    """Stand-in for ``torch.cuda.synchronize()`` on the CPU (work is already complete).
+
+    ``dist_checkpointing``'s ``FileSystemWriterAsync.preload_tensors`` calls it before copying
+    tensors to be written.
+    """
 
 
 class CpuRNGStatesTracker(megatron_random.CudaRNGStatesTracker):
@@ -199,36 +235,79 @@ def _allow_mamba_mixer_build() -> None:
                 setattr(module, name, _mamba_forward_unavailable(f"einops.{name}"))
 
 
-class _SchedulesTorch(types.ModuleType):
-    """``torch`` as seen by ``pipeline_parallel.schedules``: the real module, except ``zeros``
-    (see :func:`_cpu_schedule_token_counter`)."""
+def _on_cpu(device):
+    """``device`` with a CUDA device replaced by the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        return "cpu"
+    return device
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """``torch`` as seen by a megatron.core module that allocates small tensors on a hard-coded
+    ``device="cuda"``: the real module, except that ``zeros`` and ``tensor`` put such tensors on
+    the CPU. Every other attribute is torch's own."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        if device is not None and torch.device(device).type == "cuda":
-            device = "cpu"
-        return torch.zeros(*args, device=device, **kwargs)
+        return torch.zeros(*args, device=_on_cpu(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_on_cpu(device), **kwargs)
 
 
-def _cpu_schedule_token_counter() -> None:
-    """Let megatron.core's pipeline schedules allocate their token counter on the CPU.
+def _cpu_hard_coded_cuda_tensors() -> None:
+    """Give the megatron.core modules that allocate on a hard-coded "cuda" a ``torch`` whose
+    ``zeros`` / ``tensor`` map that device to the CPU (:class:`_CpuDeviceTorch`).
 
-    Every schedule of ``pipeline_parallel/schedules.py`` (``forward_backward_no_pipelining``,
-    ``forward_backward_pipelining_with_interleaving``, ``..._without_interleaving``) starts with
-    ``total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")``, the count of loss tokens
-    that ``calculate_per_token_loss`` hands to ``finalize_model_grads``; a hard-coded device, not
-    ``torch.cuda.current_device()``, so even a PP=1 schedule fails on the CPU with "Found no NVIDIA
-    driver". The module's global ``torch`` is replaced by a proxy whose ``zeros`` maps a "cuda"
-    device to the CPU and which forwards every other attribute to torch; nothing else of the module
-    changes (it makes no other CUDA allocation on the paths our runs take).
+    * ``pipeline_parallel.schedules``: every schedule starts with ``total_num_tokens =
+      torch.zeros([], dtype=torch.int, device="cuda")``, the count of loss tokens that
+      ``calculate_per_token_loss`` hands to ``finalize_model_grads``; even a PP=1 schedule fails;
+    * ``optimizer.optimizer``: ``MixedPrecisionOptimizer`` and ``FP32Optimizer`` keep their
+      found-inf flag and loss scale as ``torch.tensor([...], device='cuda')``;
+    * ``optimizer.clip_grads``: the gradient-norm accumulator and the overflow buffer of the
+      multi-tensor fallback are ``torch.zeros(1, device='cuda')``;
+    * ``utils``: ``local_multi_tensor_l2_norm`` (the gradient norm without Apex or Transformer
+      Engine) returns ``torch.tensor([norm], device="cuda")``.
+    Only the module's global name ``torch`` is replaced; nothing else of it changes. (The BF16
+    mixed-precision optimizer also checks ``param.type()`` against ``'torch.cuda.BFloat16Tensor'``
+    and refuses CPU BF16 parameters: CPU training uses fp32 parameters and ``FP32Optimizer``.)
     """
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.pipeline_parallel import schedules
 
-    if not isinstance(schedules.torch, _SchedulesTorch):
-        schedules.torch = _SchedulesTorch("torch")
+    for module in (schedules, megatron_optimizer, clip_grads, utils):
+        if not isinstance(module.torch, _CpuDeviceTorch):
+            module.torch = _CpuDeviceTorch("torch")
+
+
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm: float, total_norm: float,
+                                      use_decoupled_grad: bool = False) -> None:
+    """``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` for CPU parameters.
+
+    megatron.core's version asserts ``param.grad.type() == 'torch.cuda.FloatTensor'`` before
+    scaling; this one scales the same gradients (``.grad``, or ``.decoupled_grad``) in place by
+    ``min(1, max_norm / (total_norm + 1e-6))``, megatron.core's coefficient.
+    """
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attribute) for p in parameters if getattr(p, attribute, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if grads and clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _cpu_gradient_clipping() -> None:
+    """The chained optimizer's gradient clipping without its CUDA type assertion (see
+    :func:`_cpu_clip_grad_by_total_norm_fp32`); ``optimizer.optimizer`` calls it by that name."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
 
 
 def apply() -> None:
@@ -238,8 +317,11 @@ def apply() -> None:
             "CPU (gloo) runs need a process that sees no GPU, but CUDA is available here; start the "
             "process with CUDA_VISIBLE_DEVICES= (empty) or use the NCCL backend on the GPUs")
     torch.cuda.current_device = _cpu_current_device
+    torch.cuda.current_stream = _cpu_current_stream
+    torch.cuda.synchronize = _cpu_synchronize
     # initialize_rng_tracker() instantiates the class bound to this module-level name, so every
     # tracker megatron.core creates from now on (including after force_reset) keeps CPU states.
     megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     _allow_mamba_mixer_build()
-    _cpu_schedule_token_counter()
+    _cpu_hard_coded_cuda_tensors()
+    _cpu_gradient_clipping()

@@ -25,6 +25,7 @@ of a model is and where its attention, Mamba mixer and MLP / MoE modules are.
 
 import dataclasses
 import importlib.util
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -117,10 +118,15 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=(parallel_cfg.virtual_pipeline_model_parallel_size
+                                              if parallel_cfg.virtual_pipeline_model_parallel_size > 1 else None),
         context_parallel_size=parallel_cfg.context_parallel_size,
         expert_model_parallel_size=parallel_cfg.expert_model_parallel_size,
         sequence_parallel=tp > 1 and parallel_cfg.sequence_parallel,
         use_cpu_initialization=device.type == "cpu",
+        # Losses are token sums, averaged over the global batch's tokens by finalize_model_grads;
+        # DistributedDataParallel reads this when it is built (to sum, not average, over DP).
+        calculate_per_token_loss=True,
         # No CUDA graphs; the empty list only avoids megatron.core's warning about its own default "full".
         cuda_graph_modules=[],
         **moe,
@@ -151,7 +157,8 @@ def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
                 f"(pip install 'megatron-core[ssm]')")
 
 
-def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig) -> TransformerBlockSubmodules:
+def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
+                   vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """Local-spec layers (this pipeline stage's share) with sequence-parallel-capable norms."""
     layer = get_gpt_layer_local_spec(
         num_experts=model_cfg.num_moe_experts or None,
@@ -162,7 +169,7 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig) -> Transfo
                                      input_layernorm=sequence_parallel_torch_norm,
                                      pre_mlp_layernorm=sequence_parallel_torch_norm)
     layer = dataclasses.replace(layer, submodules=submodules)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=sequence_parallel_torch_norm)
 
 
@@ -248,16 +255,19 @@ def hybrid_stack_spec(model_cfg: ModelConfig) -> ModuleSpec:
     return ModuleSpec(module=LocalNormHybridStack, submodules=submodules)
 
 
-def hybrid_pattern_with_stages(model_cfg: ModelConfig, pipeline_model_parallel_size: int) -> str:
-    """``model_cfg.hybrid_layer_pattern`` with one ``|``-separated segment per pipeline stage.
+def hybrid_pattern_with_stages(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> str:
+    """``model_cfg.hybrid_layer_pattern`` with one ``|``-separated segment per (virtual) pipeline stage.
 
-    A pattern with ``|`` is returned as it is; otherwise the layers are split into equal shares
-    (HybridModel would do the same split, with a deprecation warning for the missing ``|``).
+    A pattern with ``|`` is returned as it is; otherwise the layers are split into
+    ``pipeline_model_parallel_size x virtual_pipeline_model_parallel_size`` equal shares
+    (HybridModel would do the same split without virtual stages, with a deprecation warning for the
+    missing ``|``; with them it needs the ``|``).
     """
     pattern = model_cfg.hybrid_layer_pattern
-    if HYBRID_PIPE in pattern or pipeline_model_parallel_size == 1:
+    stages = parallel_cfg.pipeline_model_parallel_size * parallel_cfg.virtual_pipeline_model_parallel_size
+    if HYBRID_PIPE in pattern or stages == 1:
         return pattern
-    share = len(pattern) // pipeline_model_parallel_size
+    share = len(pattern) // stages
     return HYBRID_PIPE.join(pattern[i:i + share] for i in range(0, len(pattern), share))
 
 
@@ -267,7 +277,7 @@ def _seed_everything(model_cfg: ModelConfig) -> None:
 
 
 def build_hybrid_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
-                       device: torch.device | str = "cpu") -> HybridModel:
+                       device: torch.device | str = "cpu", vp_stage: int | None = None) -> HybridModel:
     """Build this rank's part of the hybrid model of ``model_cfg.hybrid_layer_pattern``.
 
     Same contract as :func:`build_gpt_model` (seeded from ``model_cfg.seed``, parameters of
@@ -288,9 +298,8 @@ def build_hybrid_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         hybrid_stack_spec=hybrid_stack_spec(model_cfg),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_length,
-        hybrid_layer_pattern=hybrid_pattern_with_stages(model_cfg, parallel_cfg.pipeline_model_parallel_size),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        hybrid_layer_pattern=hybrid_pattern_with_stages(model_cfg, parallel_cfg),
+        **_stage_arguments(vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
         position_embedding_type=model_cfg.position_embedding_type,
@@ -299,21 +308,44 @@ def build_hybrid_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
     return model.to(device)
 
 
+def _stage_arguments(vp_stage: int | None) -> dict:
+    """``pre_process`` / ``post_process`` / ``vp_stage`` of this rank's (virtual) pipeline stage."""
+    return dict(pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage)
+
+
 def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
-                device: torch.device | str = "cpu") -> GPTModel | HybridModel:
-    """This rank's part of the model of ``model_cfg``: a hybrid model when
-    ``model_cfg.hybrid_layer_pattern`` is set (:func:`build_hybrid_model`), else a GPT model
-    (:func:`build_gpt_model`)."""
+                device: torch.device | str = "cpu", vp_stage: int | None = None) -> GPTModel | HybridModel:
+    """This rank's part (its virtual stage ``vp_stage``) of the model of ``model_cfg``: a hybrid
+    model when ``model_cfg.hybrid_layer_pattern`` is set (:func:`build_hybrid_model`), else a GPT
+    model (:func:`build_gpt_model`)."""
     if model_cfg.is_hybrid:
-        return build_hybrid_model(model_cfg, parallel_cfg, device)
-    return build_gpt_model(model_cfg, parallel_cfg, device)
+        return build_hybrid_model(model_cfg, parallel_cfg, device, vp_stage)
+    return build_gpt_model(model_cfg, parallel_cfg, device, vp_stage)
+
+
+def build_model_chunks(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+                       device: torch.device | str = "cpu") -> list[GPTModel | HybridModel]:
+    """This rank's model chunks, as megatron.core's schedules take them: one per virtual pipeline
+    stage (``parallel.virtual_pipeline_model_parallel_size``; one chunk without virtual stages).
+
+    Chunk ``v`` holds the layers of virtual stage ``v`` of this pipeline rank; only chunk 0 of
+    the first pipeline rank embeds and only the last chunk of the last rank has the output layer.
+    """
+    virtual = parallel_cfg.virtual_pipeline_model_parallel_size
+    if virtual == 1:
+        return [build_model(model_cfg, parallel_cfg, device)]
+    return [build_model(model_cfg, parallel_cfg, device, vp_stage) for vp_stage in range(virtual)]
 
 
 def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
-                    device: torch.device | str = "cpu") -> GPTModel:
+                    device: torch.device | str = "cpu", vp_stage: int | None = None) -> GPTModel:
     """Build this rank's part of the GPT model, initialised from ``model_cfg.seed``, on ``device``.
 
     Needs :func:`megatron_qad.parallel.initialize` first; ``device`` is its context's device.
+    ``vp_stage``: the virtual pipeline stage this chunk is (None without virtual stages; see
+    :func:`build_model_chunks`).
     Parameters have ``model_cfg.params_dtype``.
     The model returns vocab-parallel logits [batch, seq, vocab / TP] from
     ``model(input_ids [b, s] int64, position_ids [b, s] int64, attention_mask)``; pass
@@ -328,11 +360,10 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
     _seed_everything(model_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(config, model_cfg),
+        transformer_layer_spec=gpt_block_spec(config, model_cfg, vp_stage),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        **_stage_arguments(vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=model_cfg.share_embeddings_and_output_weights,
         position_embedding_type=model_cfg.position_embedding_type,
@@ -444,16 +475,19 @@ def layer_types(model: torch.nn.Module) -> list[tuple[str, LayerType]]:
     return [(layer.name, layer.type) for layer in decoder_layers(model)]
 
 
-def all_layer_types(model: torch.nn.Module) -> list[LayerType]:
+def all_layer_types(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[LayerType]:
     """The types of all decoder layers of the whole model, by :attr:`DecoderLayer.index`.
 
+    ``model``: this rank's model, or its list of virtual-pipeline chunks (all of them: together
+    with the other pipeline ranks' chunks they hold every layer).
     Under pipeline parallelism each rank builds only its stage's layers, but what a layer feeds
     (e.g. whether the Mamba layer at the end of a stage precedes an attention layer at the start of
     the next) depends on the others: the stages' layer types are all-gathered over the pipeline
     group, so every rank of that group must call this. Without pipeline parallelism no
     communication happens.
     """
-    local = [(layer.index, layer.type) for layer in decoder_layers(model)]
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    local = [(layer.index, layer.type) for chunk in chunks for layer in decoder_layers(chunk)]
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         stages = [None] * torch.distributed.get_world_size(group)
@@ -462,6 +496,6 @@ def all_layer_types(model: torch.nn.Module) -> list[LayerType]:
     local.sort()
     indices = [index for index, _ in local]
     if indices != list(range(len(indices))):
-        raise RuntimeError(f"decoder layer indices {indices} are not 0..{len(indices) - 1}; "
-                           f"virtual pipeline stages are not supported")
+        raise RuntimeError(f"decoder layer indices {indices} are not 0..{len(indices) - 1}; with "
+                           f"virtual pipeline stages pass all of this rank's model chunks")
     return [layer_type for _, layer_type in local]

@@ -112,6 +112,7 @@ def initialize(parallel_cfg: ParallelConfig, backend: str | None = None, seed: i
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=_virtual_size(parallel_cfg),
         context_parallel_size=parallel_cfg.context_parallel_size,
         expert_model_parallel_size=parallel_cfg.expert_model_parallel_size,
     )
@@ -120,6 +121,12 @@ def initialize(parallel_cfg: ParallelConfig, backend: str | None = None, seed: i
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank,
                            data_parallel_size=data_parallel_size, backend=backend, device=device)
+
+
+def _virtual_size(parallel_cfg: ParallelConfig) -> int | None:
+    """megatron.core's spelling of "no virtual pipeline" is None, ours is 1."""
+    size = parallel_cfg.virtual_pipeline_model_parallel_size
+    return size if size > 1 else None
 
 
 def destroy() -> None:

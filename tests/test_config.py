@@ -133,7 +133,12 @@ def test_missing_key_missing_file_and_bad_sections(tmp_path):
     (dict(num_moe_experts=4), {"tensor_model_parallel_size": 2, "sequence_parallel": False},
      "'parallel.sequence_parallel: true'"),
     (dict(num_layers=3), {"pipeline_model_parallel_size": 2},
-     "'parallel.pipeline_model_parallel_size' (2) must divide 'model.num_layers' (3)"),
+     "'parallel.pipeline_model_parallel_size' (2) x 'parallel.virtual_pipeline_model_parallel_size' (1) "
+     "must divide 'model.num_layers' (3)"),
+    (dict(num_layers=4), {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 4},
+     "x 'parallel.virtual_pipeline_model_parallel_size' (4) must divide 'model.num_layers' (4)"),
+    (dict(), {"virtual_pipeline_model_parallel_size": 2},
+     "needs 'parallel.pipeline_model_parallel_size' > 1"),
     (dict(seq_length=33), {"tensor_model_parallel_size": 2}, "must divide 'model.seq_length' (33)"),
     (dict(num_layers=0), {}, "'model.num_layers' must be >= 1, got 0"),
 ])

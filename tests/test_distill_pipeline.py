@@ -8,93 +8,26 @@ KL summed over the non-masked tokens (what the schedule back-propagates with
 ``calculate_per_token_loss``).
 """
 
-import dataclasses
-import re
-from pathlib import Path
-
 import pytest
 import torch
-import torch.nn.functional as F
 
+from distill_helpers import (KL_RTOL, MICRO_BATCH_SIZE, MICRO_BATCHES,
+                             assert_grads_close, dynamic_policy, global_namer, micro_batches,
+                             plain_kl_and_grads, small_config, student_of)
 from distributed_helpers import run_distributed, single_process
 from megatron_qad import parallel, quantize
-from megatron_qad.config import load_config
 from megatron_qad.distill import (DistillationLoss, LayoutMismatchError, TeacherStudentStage,
                                   distillation_step, sum_reports)
-from megatron_qad.models import build_gpt_model, causal_attention_mask
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
-SMALL = ["model.params_dtype=float32", "model.num_layers=2", "model.seq_length=32"]
-MICRO_BATCHES, MICRO_BATCH_SIZE = 4, 2
-# Same weights, same data, same fp32 kernels: the schedule and the pipeline split change no
-# arithmetic of the models. The reference KL is computed in fp64 from the fp32 logits; the loss
-# computes it in fp32, where each token's KL (~5e-4 here) is a p-weighted sum of differences of
-# log-probabilities of size ~7, so fp32 rounding (~5e-7 per token) leaves ~1e-3 relative error per
-# token and ~3e-5 on the sum over the 200-odd tokens (measured 2.7e-5).
-KL_RTOL = 1e-4
-GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-7
-
-
-def _cfg(*extra):
-    return load_config(TINY, [*SMALL, *extra])
-
-
-def _micro_batches(model_cfg, count=MICRO_BATCHES, b=MICRO_BATCH_SIZE, seed=0):
-    """``count`` dicts: tokens / labels int64 [b, s], loss_mask float [b, s] with ~20 % zeros."""
-    generator = torch.Generator().manual_seed(seed)
-    s = model_cfg.seq_length
-    return [dict(tokens=torch.randint(0, model_cfg.vocab_size, (b, s), generator=generator),
-                 labels=torch.randint(0, model_cfg.vocab_size, (b, s), generator=generator),
-                 loss_mask=(torch.rand(b, s, generator=generator) > 0.2).float())
-            for _ in range(count)]
-
-
-def _dynamic_policy():
-    return dataclasses.replace(quantize.transformer(), input_amax="dynamic")
-
-
-def _student_of(teacher_state: dict, cfg, quantized: bool = True, rename=lambda name: name):
-    """A student stage: the teacher's weights (keys mapped by ``rename``), NVFP4 when ``quantized``."""
-    student = build_gpt_model(cfg.model, cfg.parallel)
-    student.load_state_dict({key: teacher_state[rename(key)] for key in student.state_dict()})
-    if quantized:
-        quantize.apply(student, _dynamic_policy())
-    return student
-
-
-def _plain_kl_and_grads(student, teacher, micro_batches):
-    """Reference without schedule: summed full-vocabulary KL(teacher || student) and student grads."""
-    total = 0.0
-    for batch in micro_batches:
-        tokens = batch["tokens"]
-        s = tokens.shape[1]
-        positions = torch.arange(s).expand_as(tokens)
-        with torch.no_grad():
-            teacher_logp = F.log_softmax(teacher(tokens, positions, causal_attention_mask(s)).double(), -1)
-        student_logp = F.log_softmax(student(tokens, positions, causal_attention_mask(s)).double(), -1)
-        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-        kl_sum = (kl * batch["loss_mask"]).sum()
-        kl_sum.backward()
-        total += kl_sum.item()
-    grads = {name: param.grad.clone() for name, param in student.named_parameters()}
-    student.zero_grad(set_to_none=True)
-    return total, grads
-
-
-def _assert_grads_close(got: dict, ref: dict):
-    assert set(got) == set(ref)
-    for name, grad in got.items():
-        assert grad is not None, name
-        torch.testing.assert_close(grad, ref[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+from megatron_qad.models import build_gpt_model
 
 
 def test_pp1_schedule_matches_plain_kl_and_grads():
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model)
+    cfg = small_config()
+    batches = micro_batches(cfg.model)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        student = _student_of(teacher.state_dict(), cfg)
-        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+        student = student_of(teacher.state_dict(), cfg)
+        ref_kl, ref_grads = plain_kl_and_grads(student, teacher, batches)
         stage = TeacherStudentStage(student, teacher)
         reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
                                     cfg.model.seq_length, DistillationLoss("kl"))
@@ -104,16 +37,16 @@ def test_pp1_schedule_matches_plain_kl_and_grads():
     assert ref_kl > 1e-3
     assert totals["kl"][0].item() == pytest.approx(ref_kl, rel=KL_RTOL)
     assert totals["kl"][1].item() == sum(batch["loss_mask"].sum().item() for batch in batches)
-    _assert_grads_close(grads, ref_grads)
+    assert_grads_close(grads, ref_grads)
     assert all(param.grad is None for param in teacher.parameters())
 
 
 def test_unquantized_copy_has_zero_kl_and_zero_grads():
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model, count=2)
+    cfg = small_config()
+    batches = micro_batches(cfg.model, count=2)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        student = _student_of(teacher.state_dict(), cfg, quantized=False)
+        student = student_of(teacher.state_dict(), cfg, quantized=False)
         reports = distillation_step(TeacherStudentStage(student, teacher), iter(batches), 2,
                                     MICRO_BATCH_SIZE, cfg.model.seq_length, DistillationLoss("kl"))
         grads = [param.grad for param in student.parameters()]
@@ -122,11 +55,11 @@ def test_unquantized_copy_has_zero_kl_and_zero_grads():
 
 
 def test_teacher_frozen_through_an_optimizer_step():
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model, count=2)
+    cfg = small_config()
+    batches = micro_batches(cfg.model, count=2)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        student = _student_of(teacher.state_dict(), cfg)
+        student = student_of(teacher.state_dict(), cfg)
         stage = TeacherStudentStage(student, teacher)
         teacher_before = {name: param.clone() for name, param in teacher.named_parameters()}
         student_before = {name: param.detach().clone() for name, param in student.named_parameters()}
@@ -149,7 +82,7 @@ def test_teacher_frozen_through_an_optimizer_step():
 
 
 def test_layout_mismatch_is_refused():
-    cfg, deeper = _cfg(), _cfg("model.num_layers=4", "model.hidden_size=64")
+    cfg, deeper = small_config(), small_config("model.num_layers=4", "model.hidden_size=64")
     with single_process(cfg.parallel):
         student = build_gpt_model(cfg.model, cfg.parallel)
         teacher = build_gpt_model(deeper.model, deeper.parallel)
@@ -160,32 +93,25 @@ def test_layout_mismatch_is_refused():
 
 
 def test_wrong_micro_batch_shape_is_refused():
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model, count=1, b=3)
+    cfg = small_config()
+    batches = micro_batches(cfg.model, count=1, b=3)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        stage = TeacherStudentStage(_student_of(teacher.state_dict(), cfg, quantized=False), teacher)
+        stage = TeacherStudentStage(student_of(teacher.state_dict(), cfg, quantized=False), teacher)
         with pytest.raises(ValueError, match=r"\[micro_batch_size, seq_length\] = \[2, 32\], got \[3, 32\]"):
             distillation_step(stage, iter(batches), 1, MICRO_BATCH_SIZE, cfg.model.seq_length,
                               DistillationLoss("kl"))
 
 
-def _global_namer(stage):
-    """Maps this pipeline stage's parameter names to the one-stage model's (global layer numbers)."""
-    offset = stage.decoder.layers[0].layer_number - 1
-    return lambda name: re.sub(r"decoder\.layers\.(\d+)\.",
-                               lambda match: f"decoder.layers.{int(match.group(1)) + offset}.", name)
-
-
 def _pp2_rank(teacher_state: dict, batches: list):
-    cfg = _cfg("parallel.pipeline_model_parallel_size=2")
+    cfg = small_config("parallel.pipeline_model_parallel_size=2")
     parallel.initialize(cfg.parallel, backend="gloo")
     try:
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        rename = _global_namer(teacher)
+        rename = global_namer(teacher)
 
         teacher.load_state_dict({key: teacher_state[rename(key)] for key in teacher.state_dict()})
-        student = _student_of(teacher_state, cfg, rename=rename)
+        student = student_of(teacher_state, cfg, rename=rename)
         stage = TeacherStudentStage(student, teacher)
         reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
                                     cfg.model.seq_length, DistillationLoss("kl"))
@@ -200,14 +126,14 @@ def _pp2_rank(teacher_state: dict, batches: list):
 @pytest.fixture(scope="module")
 def tp1_reference():
     """Teacher state, micro-batches, KL and student grads of the quantized student in one process."""
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model)
+    cfg = small_config()
+    batches = micro_batches(cfg.model)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
         teacher_state = {key: value.clone() if torch.is_tensor(value) else value
                          for key, value in teacher.state_dict().items()}
-        student = _student_of(teacher_state, cfg)
-        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+        student = student_of(teacher_state, cfg)
+        ref_kl, ref_grads = plain_kl_and_grads(student, teacher, batches)
     return teacher_state, batches, ref_kl, ref_grads
 
 
@@ -219,7 +145,7 @@ def test_pp2_1f1b_matches_single_process(tp1_reference):
     assert first["teacher_grads"] == last["teacher_grads"] == 0
     assert not set(first["grads"]) & set(last["grads"])
     assert sum_reports(last["reports"])["kl"][0].item() == pytest.approx(ref_kl, rel=KL_RTOL)
-    _assert_grads_close({**first["grads"], **last["grads"]}, ref_grads)
+    assert_grads_close({**first["grads"], **last["grads"]}, ref_grads)
 
 
 # EP=2: an unquantized student (the teacher plus fixed noise), because dynamic NVFP4 amaxes are
@@ -233,7 +159,7 @@ def _ep2_rank(teacher_state: dict, student_state: dict, batches: list):
     from megatron.core import parallel_state
     from model_helpers import expert_layout, global_expert_name, load_with_experts_renumbered
 
-    cfg = _cfg("parallel.expert_model_parallel_size=2")
+    cfg = small_config("parallel.expert_model_parallel_size=2")
     parallel.initialize(cfg.parallel, backend="gloo")
     try:
         teacher = build_gpt_model(cfg.model, cfg.parallel)
@@ -252,8 +178,8 @@ def _ep2_rank(teacher_state: dict, student_state: dict, batches: list):
 
 
 def test_ep2_matches_single_process():
-    cfg = _cfg()
-    batches = _micro_batches(cfg.model)
+    cfg = small_config()
+    batches = micro_batches(cfg.model)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
         student = build_gpt_model(cfg.model, cfg.parallel)
@@ -265,7 +191,7 @@ def test_ep2_matches_single_process():
         teacher_state, student_state = ({key: value.clone() if torch.is_tensor(value) else value
                                          for key, value in model.state_dict().items()}
                                         for model in (teacher, student))
-        ref_kl, ref_grads = _plain_kl_and_grads(student, teacher, batches)
+        ref_kl, ref_grads = plain_kl_and_grads(student, teacher, batches)
     results = run_distributed(_ep2_rank, 2, teacher_state, student_state, batches, timeout_s=300)
     kl = sum(sum_reports(result["reports"])["kl"][0].item() for result in results)
     assert ref_kl > 1e-3
@@ -325,16 +251,16 @@ def _load_tp_sharded(model, full_state: dict, rename=lambda name: name) -> None:
 def _tp_rank(overrides: list, teacher_state: dict, batches: list):
     from megatron.core import parallel_state
 
-    cfg = _cfg(*overrides)
+    cfg = small_config(*overrides)
     parallel.initialize(cfg.parallel, backend="gloo")
     try:
         teacher = build_gpt_model(cfg.model, cfg.parallel)
-        rename = _global_namer(teacher)
+        rename = global_namer(teacher)
 
         student = build_gpt_model(cfg.model, cfg.parallel)
         _load_tp_sharded(teacher, teacher_state, rename)
         _load_tp_sharded(student, teacher_state, rename)
-        quantize.apply(student, _dynamic_policy())
+        quantize.apply(student, dynamic_policy())
         stage = TeacherStudentStage(student, teacher)
         reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
                                     cfg.model.seq_length, DistillationLoss("kl"))

@@ -166,6 +166,40 @@ def test_uncalibrated_static_quantizer_names_the_module_and_calibrate(cpu_proces
             model(*make_batches(config.model, count=1)[0])
 
 
+def test_calibration_block_without_a_forward_pass_is_an_error(cpu_process, config):
+    model = build_gpt_model(config.model, config.parallel)
+    quantize.apply(model, "transformer")
+    with pytest.raises(ValueError, match="calibration saw no forward pass"):
+        with quantize.calibration(model):
+            pass
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        with torch.no_grad():
+            model(*make_batches(config.model, count=1)[0])
+
+
+def test_calibration_block_equals_calibrate_on_a_list_of_chunks(calibrated, cpu_process, config):
+    model, _ = calibrated
+    chunk = build_gpt_model(config.model, config.parallel)
+    quantize.apply([chunk], "transformer")
+    with quantize.calibration([chunk]), torch.no_grad():
+        for batch in make_batches(config.model):
+            chunk(*batch)
+    assert amax_buffers(chunk).keys() == amax_buffers(model).keys()
+    for key, value in amax_buffers(chunk).items():
+        assert torch.equal(value, amax_buffers(model)[key]), key
+
+
+def test_a_quantizer_that_sees_no_tokens_passes_an_empty_tensor(cpu_process):
+    """An expert that the router gave no token gets an empty [0, K] input; a dynamic amax of it is 0."""
+    linear = torch.nn.Linear(32, 8, bias=False)
+    quantizer = quantize.TensorQuantizer("nvfp4", "dynamic", owner="expert")
+    empty = torch.zeros(0, 32, requires_grad=True)
+    out = quantizer(empty)
+    assert out.shape == (0, 32) and quantizer.current_amax(empty).item() == 0.0
+    linear(out).sum().backward()
+    assert empty.grad.shape == (0, 32)
+
+
 def test_gradients_reach_the_student_weights_straight_through(calibrated, config):
     model, _ = calibrated
     reference = make_reference(build_gpt_model(config.model, config.parallel), amax_buffers(model))

@@ -5,16 +5,14 @@ A hooked model's state dict is the BF16 model's plus the static amax buffers
 restores a calibrated student without calibrating again, and a BF16 checkpoint loads into a
 student without touching its amaxes.
 
-megatron.core's ``dist_checkpointing.save`` (torch_dist strategy, megatron-core 0.19.2) does not run
-on this CPU-only test setup, for reasons outside this package (its writer also needs psutil,
-which megatron-core does not declare: setup.py installs it):
-  * ``FileSystemWriterAsync.preload_tensors`` calls ``torch.cuda.synchronize()``, which raises
-    "Found no NVIDIA driver on your system" without CUDA;
-  * its result queue is a ``multiprocessing`` Manager queue, whose server process a daemonic
-    process (the test ranks of ``run_distributed``) may not start ("daemonic processes are not
-    allowed to have children"); a synchronous save only needs an in-process queue.
-:func:`install_cpu_dist_checkpointing_shims` bridges these two for the tests; nothing else of
-dist_checkpointing is replaced. Checkpoint tensors are stacked over layers (and experts), e.g.
+megatron.core's ``dist_checkpointing.save`` (torch_dist strategy, megatron-core 0.19.2) runs on the
+CPU with :mod:`megatron_qad.cpu_support` (its writer's ``torch.cuda.synchronize()``; the writer
+also needs psutil, which megatron-core does not declare: setup.py installs it), except in the test
+ranks: its result queue is a ``multiprocessing`` Manager queue, whose server process a daemonic
+process (the ranks of ``run_distributed``) may not start ("daemonic processes are not allowed to
+have children"); a synchronous save only needs an in-process queue, which
+:func:`install_in_process_result_queue` provides. Nothing else of dist_checkpointing is
+replaced. Checkpoint tensors are stacked over layers (and experts), e.g.
 ``decoder.layers.self_attention.linear_qkv.input_quantizer.amax`` of global shape [num_layers].
 """
 
@@ -59,13 +57,10 @@ def logits(model, batch) -> torch.Tensor:
         return tensor_parallel.gather_from_tensor_model_parallel_region(model(*batch))
 
 
-def install_cpu_dist_checkpointing_shims(patch=setattr) -> None:
-    """See the module doc: no-op ``torch.cuda.synchronize`` without CUDA, and an in-process
-    write-result queue."""
+def install_in_process_result_queue(patch=setattr) -> None:
+    """See the module doc: an in-process write-result queue for daemonic test ranks."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if not torch.cuda.is_available():
-        patch(torch.cuda, "synchronize", lambda device=None: None)
     if filesystem_async._results_queue is None:
         patch(filesystem_async, "_results_queue", queue.Queue())
 
@@ -86,7 +81,7 @@ def cpu_process():
 
 @pytest.fixture
 def cpu_dist_checkpointing(monkeypatch):
-    install_cpu_dist_checkpointing_shims(monkeypatch.setattr)
+    install_in_process_result_queue(monkeypatch.setattr)
 
 
 def test_state_dict_round_trip_restores_the_calibrated_student(cpu_process, tmp_path):
@@ -181,7 +176,7 @@ def test_dist_checkpoint_keeps_the_kv_cache_amaxes(cpu_process, cpu_dist_checkpo
 
 def _tp2_dist_round_trip(checkpoint_dir: str) -> dict:
     """In a child process at TP=2: calibrate, save, load into a student from another seed, compare."""
-    install_cpu_dist_checkpointing_shims()
+    install_in_process_result_queue()
     config = load_config(TINY, FP32 + TP2)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:

@@ -59,6 +59,8 @@ def test_tiny_model_forward_on_gpu_matches_cpu():
     try:
         model = models.build_model(config.model, config.parallel, context.device)
         quantize.apply(model, config.quantization.to_policy())
+        amaxes = {key: value for key, value in model.state_dict().items() if key.endswith(".amax")}
+        assert amaxes and all(value.device == context.device for value in amaxes.values())  # joins NCCL reductions
         model.load_state_dict(reference["state"], strict=True)
         torch.backends.cuda.matmul.allow_tf32 = False
         fake_quantized = _fake_quantized_weights(model)

@@ -38,29 +38,39 @@ from .losses import DistillationLoss
 from .teacher_student import TeacherStudentStage
 
 
-def prepare_pipeline_config(config, device: torch.device) -> None:
+def prepare_pipeline_config(config, device: torch.device, interleaved: bool = False) -> None:
     """Set the TransformerConfig fields the schedules read for a distillation step (in place).
 
-    Always ``calculate_per_token_loss=True`` (see the module docstring). On the CPU also
+    Always ``calculate_per_token_loss=True`` (see the module docstring). For the interleaved
+    schedule (``interleaved``: virtual pipeline chunks) ``batch_p2p_comm=False`` and
+    ``overlap_p2p_comm=True``, Megatron-LM's own defaults there: in its steady state a rank sends an
+    activation to the next stage and a gradient to the previous one in one batch, and at PP=2 both
+    go to the same peer with the same tag, posted as [send to prev, recv from prev, send to next,
+    recv from next] on both ranks; point-to-point messages between two ranks match in posting
+    order, so a batch swaps the activation and the gradient (same shape, no error: measured on
+    gloo as a KL of 1.3 instead of 0.05 from the third micro-batch on). The unbatched path posts
+    even and odd ranks in complementary orders and uses two communicators at PP=2. On the CPU also
     ``batch_p2p_sync=False`` and ``variable_seq_lengths=False``: megatron.core 0.19.2's
     ``p2p_communication._communicate`` calls ``torch.cuda.synchronize()`` after a batched
     ``batch_isend_irecv`` when ``batch_p2p_sync`` is set (the default), and ``_communicate_shapes``
     (used when ``variable_seq_lengths``) does too; gloo needs neither (the sequence length is fixed).
     """
     config.calculate_per_token_loss = True
+    if interleaved:
+        config.batch_p2p_comm, config.overlap_p2p_comm = False, True
     if device.type == "cpu":
         config.batch_p2p_sync = False
         config.variable_seq_lengths = False
 
 
 def _loss_func(loss: DistillationLoss, labels, loss_mask, output):
-    student_logits, teacher_logits = output
+    student_logits, teacher_logits = output if isinstance(output, tuple) else (output, None)
     return loss(student_logits, teacher_logits, labels, loss_mask)
 
 
 def _forward_step(loss: DistillationLoss, micro_batch_size: int, seq_length: int, device: torch.device,
-                  data_iterator: Iterator, model: TeacherStudentStage):
-    """megatron.core's ``forward_step_func``: one micro-batch through both models of this stage."""
+                  data_iterator: Iterator, model: torch.nn.Module):
+    """megatron.core's ``forward_step_func``: one micro-batch through this stage's model(s)."""
     from ..models import causal_attention_mask
 
     batch = next(data_iterator)
@@ -87,7 +97,10 @@ def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage
     """Forward (and, unless ``forward_only``, backward) ``num_microbatches`` micro-batches.
 
     stages: this rank's :class:`TeacherStudentStage`, or its list of virtual-pipeline chunks (one
-    data iterator each). data_iterator: see the module docstring. micro_batch_size, seq_length: of
+    data iterator each), each possibly wrapped in megatron.core's ``DistributedDataParallel``
+    (then set ``config.finalize_model_grads_func = finalize_model_grads`` to reduce the gradients
+    at the end of the step, see the module docstring). Plain models (no teacher) work the same way
+    with a ``"ce"`` loss: training from scratch, or QAT without a teacher. data_iterator: see the module docstring. micro_batch_size, seq_length: of
     each micro-batch (``b``, ``s``; not doubled: the teacher's half is added here). loss: called
     on the last stage as ``loss(student_logits, teacher_logits, labels, loss_mask)``, it returns
     ``(loss_sum, num_tokens, metrics)``.
@@ -99,9 +112,15 @@ def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     chunks = list(stages) if isinstance(stages, Sequence) else [stages]
-    if not chunks or not all(isinstance(chunk, TeacherStudentStage) for chunk in chunks):
-        raise TypeError(f"stages must be a TeacherStudentStage or a non-empty list of them, got "
-                        f"{type(stages).__name__}")
+    if not chunks or not all(isinstance(chunk, torch.nn.Module) for chunk in chunks):
+        raise TypeError(f"stages must be a model chunk or a non-empty list of them, got {type(stages).__name__}")
+    inner = [unwrap_stage(chunk) for chunk in chunks]
+    with_teacher = inner[0] is not None
+    if any((stage is not None) != with_teacher for stage in inner):
+        raise TypeError("either every chunk is a TeacherStudentStage or none is")
+    if not with_teacher and loss.kind != "ce":
+        raise ValueError(f"loss kind {loss.kind!r} needs a teacher: wrap the chunks in TeacherStudentStage, "
+                         f"or use DistillationLoss('ce')")
     for name, value in (("num_microbatches", num_microbatches), ("micro_batch_size", micro_batch_size),
                         ("seq_length", seq_length)):
         if not isinstance(value, int) or value < 1:
@@ -111,14 +130,38 @@ def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage
         if not isinstance(data_iterator, Sequence) or len(data_iterator) != len(chunks):
             raise ValueError(f"{len(chunks)} model chunks (virtual pipeline) need one data iterator "
                              f"each, as a list of {len(chunks)}")
-    device = next(chunks[0].student.parameters()).device
-    for chunk in chunks:
-        prepare_pipeline_config(chunk.config, device)
+    device = next(chunks[0].parameters()).device
+    for chunk, stage in zip(chunks, inner):
+        stage = stage if with_teacher else _innermost(chunk)
+        if chunk is not stage and not stage.config.calculate_per_token_loss:
+            raise ValueError("the student's config has calculate_per_token_loss=False, which "
+                             "DistributedDataParallel read when it was built (it then averages "
+                             "gradients over data parallelism instead of summing token sums); set "
+                             "config.calculate_per_token_loss=True before wrapping the stage")
+        prepare_pipeline_config(stage.config, device, interleaved=len(chunks) > 1)
     forward_step = functools.partial(_forward_step, loss, micro_batch_size, seq_length, device)
     forward_backward = get_forward_backward_func()
     return forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=chunks,
                             num_microbatches=num_microbatches, seq_length=seq_length,
-                            micro_batch_size=2 * micro_batch_size, forward_only=forward_only)
+                            micro_batch_size=(2 if with_teacher else 1) * micro_batch_size,
+                            forward_only=forward_only)
+
+
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under wrappers that keep it as ``.module`` (megatron.core's DDP)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def unwrap_stage(model: torch.nn.Module) -> TeacherStudentStage | None:
+    """The :class:`TeacherStudentStage` inside ``model`` (itself, or under wrappers that keep the
+    wrapped module as ``.module``, like megatron.core's DistributedDataParallel); None if none."""
+    while not isinstance(model, TeacherStudentStage):
+        model = getattr(model, "module", None)
+        if not isinstance(model, torch.nn.Module):
+            return None
+    return model
 
 
 def sum_reports(reports: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -100,6 +100,18 @@ class TeacherStudentStage(torch.nn.Module):
         self.pre_process = student.pre_process
         self.post_process = student.post_process
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are the student's: megatron.core's ``finalize_model_grads``
+        finds the module that has ``pre_process`` (this one) and then reads the student's
+        ``share_embeddings_and_output_weights`` / ``shared_embedding_or_output_weight()`` /
+        ``embedding`` from it, as from a bare model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "student":  # not assigned yet (inside __init__)
+                raise
+            return getattr(self.student, name)
+
     @property
     def teacher(self) -> torch.nn.Module:
         """The frozen teacher stage (not a registered submodule)."""

@@ -2,14 +2,14 @@
 
     from megatron_qad import quantize
     report = quantize.apply(model, "transformer")   # or "hybrid", or a quantize.Policy
-    quantize.calibrate(model, batches)
+    quantize.calibrate(model, batches)              # or: with quantize.calibration(model): <forwards>
     print(report.format_table())
 """
 
-from .apply import apply, calibrate, plan, remove
+from .apply import apply, calibrate, calibration, plan, remove
 from .policy import Policy, PolicyError, Rule, hybrid, policy_from_dict, transformer
 from .quantizer import TensorQuantizer
 from .report import QuantReport
 
-__all__ = ["apply", "calibrate", "plan", "remove", "Policy", "PolicyError", "Rule", "hybrid",
+__all__ = ["apply", "calibrate", "calibration", "plan", "remove", "Policy", "PolicyError", "Rule", "hybrid",
            "policy_from_dict", "transformer", "TensorQuantizer", "QuantReport"]

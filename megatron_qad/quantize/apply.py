@@ -5,12 +5,14 @@
     quantize.remove(model)                         # back to the BF16 model
 """
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..numerics.formats import BLOCK_SIZE
+from ..models import all_layer_types
 from . import layers
 from .kinds import LinearModule, core_attention_modules, find_unsupported, linear_modules
 from .policy import BUILTIN_POLICIES, QUANTIZABLE_KINDS, Policy, PolicyError
@@ -32,16 +34,27 @@ def _rule_matches(rule, linear: LinearModule) -> bool:
             and (not rule.feeds_attention or linear.feeds_attention))
 
 
-def plan(model: torch.nn.Module, policy: Policy) -> list[tuple[LinearModule, str, str]]:
-    """(linear module, weight format, input format) for every linear layer; validates everything
-    that can be checked before a weight is touched."""
-    unsupported = find_unsupported(model)
+def _chunks(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    if not chunks or not all(isinstance(chunk, torch.nn.Module) for chunk in chunks):
+        raise TypeError(f"expected a model or a non-empty list of model chunks, got {type(model).__name__}")
+    return chunks
+
+
+def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
+         policy: Policy) -> list[tuple[LinearModule, str, str]]:
+    """(linear module, weight format, input format) for every linear layer of ``model`` (a model
+    or this rank's list of virtual-pipeline chunks); validates everything that can be checked
+    before a weight is touched."""
+    chunks = _chunks(model)
+    unsupported = [name for chunk in chunks for name in find_unsupported(chunk)]
     if unsupported:
         raise PolicyError(
             "Transformer Engine layers are not hooked yet: " + ", ".join(unsupported[:4])
             + (" ..." if len(unsupported) > 4 else "") + ". Build the model with megatron.core's local "
             "spec (ColumnParallelLinear / RowParallelLinear, SequentialMLP experts)")
-    linears = linear_modules(model)
+    whole_model_types = all_layer_types(chunks)
+    linears = [linear for chunk in chunks for linear in linear_modules(chunk, whole_model_types)]
     for index, rule in enumerate(policy.rules):
         for glob in rule.modules:
             if not any(fnmatch.fnmatchcase(linear.name, glob) for linear in linears):
@@ -72,29 +85,34 @@ def plan(model: torch.nn.Module, policy: Policy) -> list[tuple[LinearModule, str
     return formats
 
 
-def apply(model: torch.nn.Module, policy: Policy | str = "transformer") -> QuantReport:
+def apply(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | str = "transformer") -> QuantReport:
     """Quantize ``model`` in place as ``policy`` says (a Policy or a built-in's name).
 
+    ``model``: a model, or this rank's list of virtual-pipeline chunks (one report for all).
     Linear layers get NVFP4 fake quant of weight and input (or stay BF16); with ``kv_cache: fp8``
     core attention gets FP8 fake quant of K and V. Every check runs before any module changes.
     Static input / KV amaxes start uncalibrated: run :func:`calibrate` or load a checkpoint.
     """
     policy = _as_policy(policy)
-    if any(layers.is_quantized_linear(m) or layers.has_kv_quantization(m) for m in model.modules()):
+    chunks = _chunks(model)
+    whole = torch.nn.ModuleList(chunks)  # a view over the chunks' own modules, for the report
+    if any(layers.is_quantized_linear(m) or layers.has_kv_quantization(m) for m in whole.modules()):
         raise PolicyError("the model is already quantized; call megatron_qad.quantize.remove(model) first")
-    formats = plan(model, policy)
+    formats = plan(chunks, policy)
     for linear, weight_format, input_format in formats:
         if weight_format != "bf16" or input_format != "bf16":
             layers.quantize_linear(linear.module, linear.name, weight_format, input_format, policy.input_amax)
     if policy.kv_cache == "fp8":
-        for name, core_attention in core_attention_modules(model):
-            layers.quantize_kv(core_attention, name, policy.input_amax)
-    return build_report(model, formats, policy)
+        for chunk in chunks:
+            device = next(chunk.parameters()).device
+            for name, core_attention in core_attention_modules(chunk):
+                layers.quantize_kv(core_attention, name, policy.input_amax, device)
+    return build_report(whole, formats, policy)
 
 
-def remove(model: torch.nn.Module) -> None:
-    """Undo :func:`apply`: original classes, no quantizers, no hooks."""
-    for module in model.modules():
+def remove(model: torch.nn.Module | Sequence[torch.nn.Module]) -> None:
+    """Undo :func:`apply` (on a model or a list of chunks): original classes, no quantizers, no hooks."""
+    for module in torch.nn.ModuleList(_chunks(model)).modules():
         if layers.is_quantized_linear(module):
             layers.unquantize_linear(module)
         if layers.has_kv_quantization(module):
@@ -109,36 +127,53 @@ def _default_forward(model: torch.nn.Module, batch):
     return model(batch)
 
 
+@contextlib.contextmanager
+def calibration(model: torch.nn.Module | Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Max calibration of every static amax of ``model`` (a model or a list of chunks) over the
+    forward passes run inside the block, by any code (e.g. a forward-only pipeline schedule).
+
+    Inside the block quantizers pass their inputs through unquantized (the activations are the
+    BF16 model's) and static ones record max |x|. On leaving it normally each static amax is
+    MAX-reduced over its layer's tensor- and data-parallel groups, so every rank of the job must
+    run the block. Raises ValueError if no quantizer saw an input (no forward pass ran).
+    """
+    quantizers = [m for m in torch.nn.ModuleList(_chunks(model)).modules() if isinstance(m, TensorQuantizer)]
+    for quantizer in quantizers:
+        quantizer.start_calibration()
+    try:
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.calibrating = False
+    static = [quantizer for quantizer in quantizers if quantizer.amax_mode == "static"]
+    if static and all(torch.isnan(quantizer.amax) for quantizer in static):
+        raise ValueError("calibration saw no forward pass: run the model on at least one batch "
+                         "inside the 'with quantize.calibration(model):' block")
+    for quantizer in static:
+        quantizer.finish_calibration()
+
+
 def calibrate(model: torch.nn.Module, batches: Iterable,
               forward: Callable[[torch.nn.Module, object], object] = _default_forward) -> int:
     """Set every static amax to the max |x| seen over ``batches`` (max calibration); return the count.
 
-    The forward passes run in eval mode without gradients and without fake quant (the activations
-    are the BF16 model's). Afterwards each amax is MAX-reduced over its layer's tensor- and
-    data-parallel groups, so every rank of the job must call this with its share of the batches.
+    The forward passes run in eval mode without gradients (see :func:`calibration`, which this
+    wraps; under pipeline parallelism use that around a forward-only schedule instead).
     ``forward(model, batch)`` runs one batch (default: ``model(**batch)``, ``model(*batch)`` or
-    ``model(batch)``); under pipeline parallelism pass one that drives the schedule.
+    ``model(batch)``). Returns 0 without running anything when the model has no quantizer.
     """
-    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    if not quantizers:
+    if not any(isinstance(m, TensorQuantizer) for m in model.modules()):
         return 0
-    for quantizer in quantizers:
-        quantizer.start_calibration()
     was_training = model.training
     model.eval()
     count = 0
     try:
-        with torch.no_grad():
+        with calibration(model), torch.no_grad():
             for batch in batches:
                 forward(model, batch)
                 count += 1
+            if count == 0:
+                raise ValueError("calibrate() got no batches; pass at least one")
     finally:
         model.train(was_training)
-        for quantizer in quantizers:
-            quantizer.calibrating = False
-    if count == 0:
-        raise ValueError("calibrate() got no batches; pass at least one")
-    for quantizer in quantizers:
-        if quantizer.amax_mode == "static":
-            quantizer.finish_calibration()
     return count

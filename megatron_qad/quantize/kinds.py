@@ -59,15 +59,13 @@ def _kind(name: str, modules: dict[str, torch.nn.Module]) -> str:
     return "other"
 
 
-def _layers_feeding_attention(model: torch.nn.Module) -> list[str]:
-    """Names of the decoder layers that are the nearest Mamba layer before an attention layer.
-
-    Uses the layer types of the whole model, so under pipeline parallelism a Mamba layer at the end
-    of one stage counts for an attention layer at the start of the next (a collective call over
-    the pipeline group).
-    """
+def _layers_feeding_attention(model: torch.nn.Module, whole_model_types: list[str]) -> list[str]:
+    """Names of the decoder layers of ``model`` that are the nearest Mamba layer before an
+    attention layer, given the types of all layers of the whole model (``all_layer_types``: under
+    pipeline parallelism a Mamba layer at the end of one stage counts for an attention layer at
+    the start of the next)."""
     feeding, last_mamba = set(), None
-    for index, layer_type in enumerate(all_layer_types(model)):
+    for index, layer_type in enumerate(whole_model_types):
         if layer_type == "attention" and last_mamba is not None:
             feeding.add(last_mamba)
             last_mamba = None
@@ -76,12 +74,18 @@ def _layers_feeding_attention(model: torch.nn.Module) -> list[str]:
     return [layer.name for layer in decoder_layers(model) if layer.index in feeding]
 
 
-def linear_modules(model: torch.nn.Module) -> list[LinearModule]:
-    """Every Megatron linear layer of ``model`` with its kind, in module order."""
+def linear_modules(model: torch.nn.Module, whole_model_types: list[str] | None = None) -> list[LinearModule]:
+    """Every Megatron linear layer of ``model`` with its kind, in module order.
+
+    ``whole_model_types``: ``models.all_layer_types`` of the whole model (default: computed from
+    ``model``, a collective call over the pipeline group; pass it for a virtual-pipeline chunk).
+    """
     modules = dict(model.named_modules())
     output_layers = {id(m.output_layer) for m in modules.values()
                      if isinstance(getattr(m, "output_layer", None), torch.nn.Module)}
-    feeding = tuple(name + "." for name in _layers_feeding_attention(model))
+    if whole_model_types is None:
+        whole_model_types = all_layer_types(model)
+    feeding = tuple(name + "." for name in _layers_feeding_attention(model, whole_model_types))
     linears = []
     for name, module in modules.items():
         if isinstance(module, LINEAR_TYPES):

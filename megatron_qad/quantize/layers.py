@@ -63,10 +63,12 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
     tp_group = getattr(module, "tp_group", None)
     dp_group = data_parallel_group(getattr(module, "is_expert", False))
     module.__class__ = _quantized_class(type(module), QuantizedLinear)
+    device = module.weight.device
     module.weight_quantizer = (None if weight_format == "bf16" else
                                TensorQuantizer(weight_format, "dynamic", tp_group, owner=f"{name}.weight"))
     module.input_quantizer = (None if input_format == "bf16" else
-                              TensorQuantizer(input_format, input_amax, tp_group, dp_group, owner=f"{name}.input"))
+                              TensorQuantizer(input_format, input_amax, tp_group, dp_group, owner=f"{name}.input",
+                                              device=device))
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
@@ -100,14 +102,18 @@ class QuantizedCoreAttention:
         return sharded
 
 
-def quantize_kv(core_attention: torch.nn.Module, name: str, amax_mode: str) -> None:
-    """Fake-quantize K and V entering ``core_attention`` to FP8 E4M3 (per-tensor amax each)."""
+def quantize_kv(core_attention: torch.nn.Module, name: str, amax_mode: str,
+                device: torch.device | str | None = None) -> None:
+    """Fake-quantize K and V entering ``core_attention`` to FP8 E4M3 (per-tensor amax each);
+    ``device``: where the model lives (core attention has no parameter to tell)."""
     tp_group = (parallel_state.get_tensor_model_parallel_group()
                 if parallel_state.model_parallel_is_initialized() else None)
     dp_group = data_parallel_group(is_expert=False)  # heads are split over TP ranks
     core_attention.__class__ = _quantized_class(type(core_attention), QuantizedCoreAttention)
-    core_attention.key_quantizer = TensorQuantizer("fp8", amax_mode, tp_group, dp_group, owner=f"{name}.key")
-    core_attention.value_quantizer = TensorQuantizer("fp8", amax_mode, tp_group, dp_group, owner=f"{name}.value")
+    core_attention.key_quantizer = TensorQuantizer("fp8", amax_mode, tp_group, dp_group, owner=f"{name}.key",
+                                                   device=device)
+    core_attention.value_quantizer = TensorQuantizer("fp8", amax_mode, tp_group, dp_group,
+                                                     owner=f"{name}.value", device=device)
 
 
 def has_kv_quantization(module: torch.nn.Module) -> bool:

@@ -17,17 +17,27 @@ from ..numerics import fp8, nvfp4
 TENSOR_FORMATS = ("nvfp4", "nvfp4_4over6", "fp8")
 
 
+def _local_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as an fp32 0-d tensor; 0 for an empty ``x`` (an expert that received no tokens)."""
+    with torch.no_grad():
+        if x.numel() == 0:
+            return torch.zeros((), dtype=torch.float32, device=x.device)
+        return torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
+
+
 class TensorQuantizer(torch.nn.Module):
     """Fake quantization of one tensor to ``fmt`` (``nvfp4``, ``nvfp4_4over6`` or ``fp8``).
 
     amax_mode: "dynamic" or "static" (see the module doc). tp_group: the layer's tensor-parallel
     group, over which every amax is MAX-reduced (None: no reduction); dp_group: the group of its
     data-parallel replicas, over which calibrated amaxes are reduced too. owner: a name for error
-    messages. Static quantizers have an ``amax`` buffer (fp32 0-d, NaN until calibrated or loaded);
+    messages. Static quantizers have an ``amax`` buffer (fp32 0-d, NaN until calibrated or loaded)
+    on ``device`` (the layer's: it takes part in the layer's collectives);
     a checkpoint without it (a BF16 checkpoint) leaves it as is.
     """
 
-    def __init__(self, fmt: str, amax_mode: str, tp_group=None, dp_group=None, owner: str = ""):
+    def __init__(self, fmt: str, amax_mode: str, tp_group=None, dp_group=None, owner: str = "",
+                 device: torch.device | str | None = None):
         super().__init__()
         if fmt not in TENSOR_FORMATS:
             raise ValueError(f"TensorQuantizer format must be one of {TENSOR_FORMATS}, got {fmt!r}")
@@ -41,7 +51,7 @@ class TensorQuantizer(torch.nn.Module):
         self.calibrating = False
         self.amax_ready = False  # static: set by calibration or by loading a checkpoint that has it
         if amax_mode == "static":
-            self.register_buffer("amax", torch.tensor(float("nan")))
+            self.register_buffer("amax", torch.tensor(float("nan"), device=device))
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, amax={self.amax_mode}"
@@ -67,14 +77,10 @@ class TensorQuantizer(torch.nn.Module):
                     f"megatron_qad.quantize.calibrate(model, batches) first, load a checkpoint that "
                     f"has it, or use quantization.input_amax: dynamic")
             return self.amax
-        with torch.no_grad():
-            amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
-            return self._reduce_max(amax, (self.tp_group,))
+        return self._reduce_max(_local_amax(x), (self.tp_group,))
 
     def _observe(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            local = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
-            self.amax.copy_(torch.fmax(self.amax, local))  # fmax: the NaN start value loses
+        self.amax.copy_(torch.fmax(self.amax, _local_amax(x)))  # fmax: the NaN start value loses
 
     def start_calibration(self) -> None:
         """Pass inputs through unquantized; a static quantizer also forgets its amax and records

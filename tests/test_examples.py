@@ -1,0 +1,47 @@
+"""The example scripts run as users run them (torchrun, CPU processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "configs/tiny_cpu.yaml"
+SMALL = ["model.params_dtype=float32", "model.num_layers=2", "model.seq_length=32"]
+
+
+def _torchrun(processes: int, script: str, *args: str) -> list[dict]:
+    """Run ``script`` under torchrun on CPU processes; return its JSON output lines."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(ROOT / script), *args]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """Two QAD steps in one process; it also writes the teacher checkpoint the other layouts load."""
+    checkpoint = str(tmp_path_factory.mktemp("distill_layouts") / "teacher")
+    return checkpoint, _torchrun(1, "examples/distill_layouts.py", RECIPE, checkpoint, *SMALL, "--steps", "2")
+
+
+@pytest.mark.parametrize("overrides, layout", [
+    (["parallel.pipeline_model_parallel_size=2"], {"tp": 1, "pp": 2, "vpp": 1, "dp": 1}),
+    (["parallel.expert_model_parallel_size=2"], {"tp": 1, "pp": 1, "vpp": 1, "dp": 2}),
+])
+def test_distill_layouts_two_process_run_repeats_the_one_process_run(one_process_run, overrides, layout):
+    """The same global batch and checkpoint at PP=2 or at EP=2 (= DP=2) give the one-process KL
+    and gradient norm per step (fp32; DP=2 splits each micro-batch's rows)."""
+    checkpoint, one = one_process_run
+    two = _torchrun(2, "examples/distill_layouts.py", RECIPE, checkpoint, *SMALL, *overrides, "--steps", "2")
+    assert [line["layout"] for line in two] == [layout] * 2
+    assert [line["step"] for line in one] == [line["step"] for line in two] == [0, 1]
+    for a, b in zip(one, two):
+        assert a["kl"] > 0
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
