@@ -17,8 +17,11 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@touch $@
 
+# The main job on the CPU: train a tiny teacher (first time only, kept in runs/), PTQ, QAD.
+# A finished run is started over (its checkpoints would otherwise resume at the end).
 demo: $(STAMP)
-	$(VENV)/bin/megatron-qad inspect configs/tiny_cpu.yaml
+	rm -rf runs/tiny_cpu/qad
+	CUDA_VISIBLE_DEVICES= $(VENV)/bin/megatron-qad train configs/tiny_cpu.yaml
 
 # The CPU suite hides any GPU: megatron.core's CPU shims (megatron_qad/cpu_support.py) only install
 # in a process that sees no CUDA device.

@@ -32,6 +32,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
+        "hf": ["transformers"],  # Hugging Face tokenizers for text / JSONL data sources
+        "logging": ["tensorboard", "wandb"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["megatron-qad = megatron_qad.cli:main"]},

@@ -1,7 +1,12 @@
-"""``megatron-qad`` command line. Subcommands: ``inspect CONFIG [key=value ...]``.
+"""``megatron-qad`` command line. Subcommands, each ``COMMAND RECIPE [key.path=value ...]``:
 
-``inspect`` runs as one process (the CPU when no GPU is visible) or under torchrun, where every rank
-builds its shard and rank 0 prints its own.
+  ``train``    QAD (or QAT, by ``distill.loss``): teacher, PTQ baseline, training, checkpoints;
+  ``ptq``      calibrate the student and evaluate it against the teacher (no training);
+  ``inspect``  build the student and print its quantization report.
+
+All run as one process (the CPU when no GPU is visible) or under torchrun / the launchers in
+``scripts/``, where every rank takes its shard and rank 0 prints. ``train`` and ``ptq`` print the
+resolved recipe first and save it next to the checkpoints (``checkpoint.save/config.yaml``).
 
 Exit codes: 0 success, 2 bad command line or invalid recipe (the message says which key and how to
 fix it, without a traceback).
@@ -9,6 +14,7 @@ fix it, without a traceback).
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -27,14 +33,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="megatron-qad",
         description="Quantization-aware distillation of Megatron models to NVFP4.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inspect = commands.add_parser(
+    commands.add_parser(
         "inspect", help="build the recipe's student and print its quantization report",
         description="Build the recipe's model (one process; CPU without a GPU), quantize it with the "
                     "recipe's policy, and print for every linear layer its kind, weight and input "
                     "format, and the relative NVFP4 and Four Over Six error of its weight.")
-    inspect.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
-    inspect.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                         help="recipe overrides, e.g. model.hidden_size=256")
+    for command, text in (("train", "quantization-aware distillation (or QAT) of the recipe's student"),
+                          ("ptq", "calibrate the recipe's student and evaluate it against the teacher")):
+        commands.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
+    for command in commands.choices.values():
+        command.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
+        command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                             help="recipe overrides, e.g. training.train_iters=50")
     return parser
 
 
@@ -71,6 +81,17 @@ def run_inspect(config_path: str, overrides: list[str]) -> None:
         parallel.destroy()
 
 
+def run_training(mode: str, config_path: str, overrides: list[str]) -> dict:
+    """``train`` / ``ptq``: print the resolved recipe (rank 0) and run it; return the summary."""
+    config = load_config(config_path, overrides)
+    from .train import run
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
+        print(format_config(config), flush=True)
+    return run(config, mode)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]); return the exit code."""
     try:
@@ -80,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             run_inspect(args.config, args.overrides)
+        else:
+            run_training(args.command, args.config, args.overrides)
     except ConfigError as err:
         print(f"megatron-qad: error: {err}", file=sys.stderr)
         return 2

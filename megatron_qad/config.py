@@ -54,7 +54,8 @@ class ModelConfig:
     of per-expert linear layers. The ``alltoall`` dispatcher needs a GPU.
     ``activation``: "swiglu" is a gated SiLU MLP (fc1 has 2 x ffn outputs). ``params_dtype`` is
     the dtype of the parameters; ``seed`` fixes their initialisation (normal, std
-    ``init_method_std``).
+    ``init_method_std``). ``kv_channels``: the attention head size (None: hidden_size / heads);
+    ``add_qkv_bias``: biases on the QKV projection only (Qwen2), ``add_bias_linear`` on all.
 
     ``hybrid_layer_pattern`` empty builds a GPT model (every layer attention + MLP). Otherwise it
     builds a hybrid model (megatron.core ``HybridModel``, e.g. Nemotron-H / Nemotron 3 Nano) with one
@@ -86,6 +87,8 @@ class ModelConfig:
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     rotary_base: int = 10000
     add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    kv_channels: int | None = None
     share_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -182,6 +185,8 @@ class TrainingConfig:
     ``use_distributed_optimizer``: shard optimizer state over data parallelism (null: when the
     data-parallel size is > 1 on GPUs). ``log_interval`` / ``eval_interval`` in iterations
     (``eval_interval`` null: only after PTQ and at the end); ``eval_iters`` validation global batches.
+    ``exit_interval``: stop after an iteration that is a multiple of it, saving a checkpoint first
+    (to split a run over jobs with a time limit; the next job resumes).
     """
 
     train_iters: int = 100
@@ -201,6 +206,7 @@ class TrainingConfig:
     log_interval: int = 10
     eval_interval: int | None = None
     eval_iters: int = 4
+    exit_interval: int | None = None
 
 
 @dataclass
@@ -355,6 +361,8 @@ def _describe(tp: Any) -> str:
         return "an integer"
     if tp is float:
         return "a number"
+    if tp is list:
+        return "a list, e.g. [{type: random}]"
     if tp is str:
         return "a string"
     if typing.get_origin(tp) is Literal:
@@ -448,7 +456,12 @@ def _parse_text(text: str, tp: Any, source: str, key_path: str) -> Any:
             return int(text)
         if tp is float:
             return float(text)
-    except ValueError:
+        if tp is list:  # e.g. data.sources=[{type: random}]
+            value = yaml.safe_load(text)
+            if not isinstance(value, list):
+                raise ValueError
+            return value
+    except (ValueError, yaml.YAMLError):
         raise ConfigError(f"{source}: '{key_path}' must be {_describe(tp)}, got '{text}'") from None
     if typing.get_origin(tp) is Literal and text not in typing.get_args(tp):
         raise ConfigError(f"{source}: '{key_path}' must be {_describe(tp)}, got '{text}'")
@@ -480,9 +493,9 @@ def validate(config: QADConfig) -> None:
                                     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
                                     "context_parallel_size"))
     _require(m.init_method_std > 0, f"'model.init_method_std' must be > 0, got {m.init_method_std}")
-    _require(m.hidden_size % m.num_attention_heads == 0,
+    _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
              f"'model.hidden_size' ({m.hidden_size}) must be a multiple of 'model.num_attention_heads' "
-             f"({m.num_attention_heads}); change one of them")
+             f"({m.num_attention_heads}); change one of them, or set 'model.kv_channels' (the head size)")
     _require(m.num_attention_heads % m.num_query_groups == 0,
              f"'model.num_attention_heads' ({m.num_attention_heads}) must be a multiple of "
              f"'model.num_query_groups' ({m.num_query_groups}); change one of them")
@@ -506,7 +519,7 @@ def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConf
     _require(0.0 <= t.min_lr <= t.lr, f"'training.min_lr' ({t.min_lr}) must be between 0 and 'training.lr' ({t.lr})")
     _require(0.0 <= d.alpha <= 1.0, f"'distill.alpha' must be in [0, 1], got {d.alpha}")
     _require(d.temperature > 0, f"'distill.temperature' must be > 0, got {d.temperature}")
-    for name in ("lr_decay_iters", "eval_interval"):
+    for name in ("lr_decay_iters", "eval_interval", "exit_interval"):
         value = getattr(t, name)
         _require(value is None or value >= 1, f"'training.{name}' must be >= 1 or null, got {value}")
 
@@ -628,6 +641,8 @@ def _validate_nvfp4_k_dims(m: ModelConfig, p: ParallelConfig) -> None:
         k_dims.append(("moe_ffn_hidden_size", m.expert_ffn_hidden_size))
         if m.moe_shared_expert_intermediate_size:
             k_dims.append(("moe_shared_expert_intermediate_size", m.moe_shared_expert_intermediate_size))
+    if m.kv_channels is not None:
+        k_dims.append(("num_attention_heads' x 'model.kv_channels", m.num_attention_heads * m.kv_channels))
     if m.is_hybrid and "M" in m.hybrid_layer_symbols:
         name = "mamba_num_heads' x 'model.mamba_head_dim"
         k_dims.append((name, m.mamba_inner_size))

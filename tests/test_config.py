@@ -144,3 +144,19 @@ def test_missing_key_missing_file_and_bad_sections(tmp_path):
 ])
 def test_inconsistent_sizes_name_the_keys(tmp_path, model, parallel, expected):
     assert expected in error_of(recipe(tmp_path, parallel=parallel, **model))
+
+
+@pytest.mark.parametrize("recipe, layers, world", [
+    ("nemotron3_nano_30b_a3b.yaml", 52, 32), ("acereason_nemotron_7b.yaml", 28, 8),
+    ("llama_nemotron_super_49b.yaml", 80, 32)])
+def test_real_model_recipes_validate_at_their_cluster_size(recipe, layers, world):
+    """Sizes, NVFP4 block fit per TP shard, and the stated cluster tile the layout."""
+    from megatron_qad.parallel import check_world_size
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / recipe)
+    assert config.model.num_layers == layers
+    assert config.distill.loss == "kl" and config.distill.temperature == 1.0
+    assert config.quantization.kv_cache == "fp8"
+    assert check_world_size(config.parallel, world) >= 1
+    tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
+    assert 0.3e9 <= tokens <= 0.8e9  # the token budget the recipes state

@@ -48,7 +48,7 @@ def tp1_reference(cpu_process, tmp_path_factory):
 
 
 def test_tiny_moe_model_builds_with_the_configured_shapes(cpu_process):
-    config = load_config(TINY)
+    config = load_config(TINY, ["model.params_dtype=bfloat16"])
     m = config.model
     model = build_gpt_model(m, config.parallel, cpu_process.device)
     assert isinstance(model, GPTModel)
@@ -73,7 +73,7 @@ def test_tiny_moe_model_builds_with_the_configured_shapes(cpu_process):
 
 
 def test_bf16_forward_backward_on_cpu(cpu_process):
-    config = load_config(TINY)
+    config = load_config(TINY, ["model.params_dtype=bfloat16"])
     assert_trains_in_bf16(build_gpt_model(config.model, config.parallel, cpu_process.device), config.model)
 
 

@@ -30,7 +30,7 @@ from megatron_qad.config import load_config
 from megatron_qad.models import build_gpt_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
-SMALL = ["model.num_layers=2", "model.seq_length=32"]
+SMALL = ["model.num_layers=2", "model.seq_length=32", "model.params_dtype=bfloat16"]
 FP32 = SMALL + ["model.params_dtype=float32"]
 TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
 OTHER_SEED = 4321

@@ -19,7 +19,7 @@ from megatron_qad.numerics import nvfp4
 from megatron_qad.quantize import Policy, PolicyError, Rule, policy_from_dict
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
-SMALL = ["model.num_layers=2", "model.seq_length=32"]
+SMALL = ["model.num_layers=2", "model.seq_length=32", "model.params_dtype=bfloat16"]
 FP32 = SMALL + ["model.params_dtype=float32"]
 QUANTIZER_ATTRIBUTES = ("weight_quantizer", "input_quantizer", "key_quantizer", "value_quantizer")
 

@@ -1,0 +1,76 @@
+"""``build_dataset``: the dataset of a split of the recipe's ``data.sources``."""
+
+import os
+
+from .documents import jsonl_documents, stdlib_documents, text_documents, token_stream
+from .indexed import indexed_stream
+from .mixture import Mixture
+from .random_tokens import RandomTokens
+from .seeds import derive_seed
+from .sources import validate_sources, with_defaults
+from .splits import HELD_OUT_EVERY, check_split, split_positions
+from .teacher_generated import TeacherSequences, teacher_sequences
+from .tokenizers import ByteTokenizer, load_tokenizer
+from .windows import ArrayStream, TokenWindows
+
+
+def build_dataset(sources: list[dict], split: str, seq_length: int, vocab_size: int, seed: int,
+                  cache_dir: str | None = None, teacher_sampler=None):
+    """The ``split`` ("train" or "validation") of the mixture of ``sources`` (``data.sources``).
+
+    ``seq_length`` is in tokens, ``vocab_size`` the model's (``model.vocab_size``); ``seed`` fixes
+    every random choice (random tokens, window order, teacher sampling). ``cache_dir`` holds the
+    teacher_generated caches whose source sets no ``cache``; ``teacher_sampler(prefix int64 [b, t])
+    -> logits [b, t, vocab_size]`` samples those that have no valid cache.
+
+    Returns a dataset with ``len(ds)`` (distinct samples) and ``ds[i]`` for any ``i >= 0``: a dict of
+    ``tokens`` int64 ``[seq_length]``, ``labels`` int64 ``[seq_length]`` (the next tokens) and
+    ``loss_mask`` float32 ``[seq_length]``. The same arguments give bit-identical samples in any
+    process. One source is returned as its own dataset, several as a
+    :class:`~megatron_qad.data.mixture.Mixture`.
+    """
+    validate_sources(sources, vocab_size)
+    check_split(split)
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"'model.seq_length': must be a positive integer, got {seq_length!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    specs = [with_defaults(spec) for spec in sources]
+    datasets = [_build_source(spec, index, split, seq_length, vocab_size, seed, cache_dir, teacher_sampler)
+                for index, spec in enumerate(specs)]
+    if len(datasets) == 1:
+        return datasets[0]
+    return Mixture(datasets, [spec["weight"] for spec in specs],
+                   [f"data.sources[{index}].weight" for index in range(len(specs))])
+
+
+def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_size: int, seed: int,
+                  cache_dir: str | None, teacher_sampler):
+    where, kind = f"data.sources[{index}]", spec["type"]
+    if kind == "random":
+        return RandomTokens(seq_length, vocab_size, seed, split, index)
+    if kind == "teacher_generated":
+        cache_path = (os.path.expanduser(spec["cache"]) if spec["cache"] is not None
+                      else os.path.join(cache_dir, f"teacher_generated_{index}.pt") if cache_dir is not None
+                      else None)
+        return TeacherSequences(teacher_sequences(spec, where, seq_length, vocab_size, seed, cache_path,
+                                                  teacher_sampler), split)
+    if kind == "indexed":
+        stream, documents = indexed_stream(spec["path_prefix"], split, vocab_size, f"{where}.path_prefix")
+    else:
+        if kind == "python_stdlib":
+            named_texts, tokenizer = stdlib_documents(split, spec["max_files"]), ByteTokenizer()
+        elif kind == "text":
+            named_texts = text_documents(spec["paths"], split, f"{where}.paths")
+            tokenizer = load_tokenizer(spec["tokenizer"], f"{where}.tokenizer")
+        else:
+            records = jsonl_documents(spec["paths"], spec["field"], f"{where}.paths", f"{where}.field")
+            named_texts = [records[position] for position in split_positions(len(records), split)]
+            tokenizer = load_tokenizer(spec["tokenizer"], f"{where}.tokenizer")
+        documents = [name for name, _ in named_texts]
+        stream = ArrayStream(token_stream([text for _, text in named_texts], tokenizer))
+    if len(stream) < 2:
+        raise ValueError(f"'{where}': the {split!r} split has {len(documents)} documents and {len(stream)} "
+                         f"tokens, too few for one sample; documents at positions 0, {HELD_OUT_EVERY}, "
+                         f"{2 * HELD_OUT_EVERY}, ... form the validation split and the rest train: add documents")
+    return TokenWindows(stream, seq_length, derive_seed(seed, "windows", index, split), documents)

@@ -1,0 +1,156 @@
+"""Model and training checkpoints as megatron.core dist checkpoints, written atomically.
+
+Layout of a run directory (``checkpoint.save``)::
+
+    RUN/config.yaml           the resolved recipe of the run
+    RUN/latest.txt            name of the newest complete checkpoint, e.g. "iter_0000100"
+    RUN/iter_0000100/         a dist checkpoint: model chunks, optimizer, LR schedule, iteration
+
+A checkpoint is written to ``iter_N.tmp`` and renamed to ``iter_N`` by rank 0 only after every
+rank has finished writing; ``latest.txt`` is then replaced atomically. A crash mid-save leaves the
+previous checkpoint and ``latest.txt`` untouched (a stale ``.tmp`` is removed by the next save).
+
+Tensors are stored under their global (layout-free) names, so a checkpoint written at one TP / PP /
+EP layout loads at another. A model checkpoint (the teacher) holds the chunks' weights only.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing
+
+from ..config import ConfigError
+from ..distill import TeacherStudentStage
+
+LATEST = "latest.txt"
+
+
+def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The megatron.core model inside ``chunk``: under DDP (``.module``) and, for a teacher-student
+    stage, its student. Checkpoints hold bare models' tensors, so a student checkpoint loads as a
+    plain model."""
+    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
+        chunk = chunk.module
+    return chunk.student if isinstance(chunk, TeacherStudentStage) else chunk
+
+
+def _model_state(chunks) -> dict:
+    """{"model{i}": chunk i's sharded state dict} (keys differ from a plain state dict's)."""
+    return {f"model{index}": bare_model(chunk).sharded_state_dict() for index, chunk in enumerate(chunks)}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _save_atomically(state: dict, directory: Path) -> None:
+    """dist_checkpointing.save ``state`` into ``directory`` via ``directory.tmp`` and a rename."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _is_rank0():
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    _barrier()
+
+
+def save_model(chunks, directory: str | Path) -> None:
+    """Write the chunks' weights (e.g. a teacher) as a dist checkpoint at ``directory``."""
+    _save_atomically(_model_state(chunks), Path(directory))
+
+
+def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
+    """Load weights written by :func:`save_model` (or the ``model`` part of a training checkpoint)
+    into ``chunks`` at this run's layout. Every rank of the job must call it.
+
+    ``strict=False`` skips tensors the checkpoint does not have (a BF16 teacher's weights loaded
+    into a quantized student keep the student's amax buffers)."""
+    directory = Path(directory)
+    if not (directory / "metadata.json").is_file():
+        raise ConfigError(f"no megatron.core dist checkpoint at '{directory}' (metadata.json missing); "
+                          f"check 'teacher.checkpoint', or set 'teacher.pretrain_iters' to train one there")
+    state = _model_state(chunks)
+    if not strict:
+        saved = dist_checkpointing.load_tensors_metadata(str(directory))
+        state = {name: {key: value for key, value in chunk_state.items()
+                        if getattr(value, "key", None) in saved}
+                 for name, chunk_state in state.items()}
+    loaded = dist_checkpointing.load(state, str(directory))
+    for index, chunk in enumerate(chunks):
+        bare_model(chunk).load_state_dict(loaded[f"model{index}"], strict=strict)
+
+
+def save_training(run_dir: str | Path, iteration: int, chunks, optimizer, scheduler) -> Path:
+    """Write the student chunks, optimizer and LR-schedule state after ``iteration`` iterations."""
+    run_dir = Path(run_dir)
+    name = f"iter_{iteration:07d}"
+    state = _model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state))
+    state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    _save_atomically(state, run_dir / name)
+    if _is_rank0():
+        tmp = run_dir / (LATEST + ".tmp")
+        tmp.write_text(name + "\n")
+        os.replace(tmp, run_dir / LATEST)
+    _barrier()
+    return run_dir / name
+
+
+def _flat_model_state(state: dict) -> dict:
+    """The chunks' sharded state dicts merged (the optimizer maps parameters to these tensors)."""
+    flat = {}
+    for index, chunk_state in state.items():
+        flat.update({f"{index}.{key}": value for key, value in chunk_state.items()})
+    return flat
+
+
+def latest_training_checkpoint(run_dir: str | Path | None) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` (from ``latest.txt``), or None."""
+    if run_dir is None or not (Path(run_dir) / LATEST).is_file():
+        return None
+    directory = Path(run_dir) / (Path(run_dir) / LATEST).read_text().strip()
+    if not (directory / "metadata.json").is_file():
+        raise ConfigError(f"'{Path(run_dir) / LATEST}' names '{directory.name}', which is not a complete "
+                          f"checkpoint; restore it or delete {LATEST} to start over")
+    return directory
+
+
+def load_training(directory: Path, chunks, optimizer, scheduler) -> int:
+    """Restore what :func:`save_training` wrote into ``chunks``, ``optimizer`` and ``scheduler``;
+    return the iteration it was written after."""
+    state = _model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state), is_loading=True)
+    state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = 0
+    loaded = dist_checkpointing.load(state, str(directory))
+    for index, chunk in enumerate(chunks):
+        bare_model(chunk).load_state_dict(loaded[f"model{index}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    return int(loaded["iteration"])
+
+
+def write_resolved_config(run_dir: str | Path, config_dict: dict) -> None:
+    """Save the resolved recipe as ``RUN/config.yaml`` (rank 0)."""
+    if _is_rank0():
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+    _barrier()
+
