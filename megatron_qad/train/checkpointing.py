@@ -27,6 +27,11 @@ from ..config import ConfigError
 from ..distill import TeacherStudentStage
 
 LATEST = "latest.txt"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""How the distributed optimizer stores its state: one tensor per parameter state, gathered on
+data-parallel rank 0 when saving, so a checkpoint reloads at another layout (megatron.core's
+default flattened format cannot be written by its dist checkpointing any more). Other
+optimizers ignore it."""
 
 
 def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -98,7 +103,7 @@ def save_training(run_dir: str | Path, iteration: int, chunks, optimizer, schedu
     run_dir = Path(run_dir)
     name = f"iter_{iteration:07d}"
     state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state))
+    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state), metadata=OPTIMIZER_METADATA)
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     _save_atomically(state, run_dir / name)
@@ -133,7 +138,8 @@ def load_training(directory: Path, chunks, optimizer, scheduler) -> int:
     """Restore what :func:`save_training` wrote into ``chunks``, ``optimizer`` and ``scheduler``;
     return the iteration it was written after."""
     state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state), is_loading=True)
+    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state), is_loading=True,
+                                                      metadata=OPTIMIZER_METADATA)
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = 0
     loaded = dist_checkpointing.load(state, str(directory))
