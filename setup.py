@@ -29,6 +29,7 @@ setup(
         "megatron-core>=0.19.2,<0.20",
         "pyyaml>=6.0",
         "psutil",  # megatron.core's dist_checkpointing writer needs it but does not declare it
+        "safetensors>=0.4",  # exported checkpoints (FP8 E4M3 tensors need >= 0.4)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

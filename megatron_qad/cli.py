@@ -2,6 +2,8 @@
 
   ``train``    QAD (or QAT, by ``distill.loss``): teacher, PTQ baseline, training, checkpoints;
   ``ptq``      calibrate the student and evaluate it against the teacher (no training);
+  ``eval``     the run's newest student against the teacher: KL, CE, top-1, per-layer weight error;
+  ``export``   the run's newest student as an NVFP4 Hugging Face checkpoint (one process);
   ``inspect``  build the student and print its quantization report.
 
 All run as one process (the CPU when no GPU is visible) or under torchrun / the launchers in
@@ -39,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                     "recipe's policy, and print for every linear layer its kind, weight and input "
                     "format, and the relative NVFP4 and Four Over Six error of its weight.")
     for command, text in (("train", "quantization-aware distillation (or QAT) of the recipe's student"),
-                          ("ptq", "calibrate the recipe's student and evaluate it against the teacher")):
+                          ("ptq", "calibrate the recipe's student and evaluate it against the teacher"),
+                          ("eval", "evaluate the run's trained student against the teacher on held-out data"),
+                          ("export", "write the run's student as an NVFP4 Hugging Face checkpoint")):
         commands.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
     for command in commands.choices.values():
         command.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
@@ -82,7 +86,7 @@ def run_inspect(config_path: str, overrides: list[str]) -> None:
 
 
 def run_training(mode: str, config_path: str, overrides: list[str]) -> dict:
-    """``train`` / ``ptq``: print the resolved recipe (rank 0) and run it; return the summary."""
+    """``train`` / ``ptq`` / ``eval``: print the resolved recipe (rank 0) and run it; return the summary."""
     config = load_config(config_path, overrides)
     from .train import run
 
@@ -90,6 +94,14 @@ def run_training(mode: str, config_path: str, overrides: list[str]) -> dict:
         print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
         print(format_config(config), flush=True)
     return run(config, mode)
+
+
+def run_export(config_path: str, overrides: list[str]) -> None:
+    """``export``: write the run's student as an NVFP4 Hugging Face checkpoint; print where."""
+    config = load_config(config_path, overrides)
+    from .export import export
+
+    print(f"exported {export(config)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             run_inspect(args.config, args.overrides)
+        elif args.command == "export":
+            run_export(args.config, args.overrides)
         else:
             run_training(args.command, args.config, args.overrides)
     except ConfigError as err:

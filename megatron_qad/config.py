@@ -266,6 +266,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``megatron-qad export``: the deployable checkpoint of the run's newest student goes to
+    ``dir`` (null: ``checkpoint.save/hf_nvfp4``); layers kept in BF16 are written in ``dtype``."""
+
+    dir: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
 class QADConfig:
     """A whole run: one field per recipe section."""
 
@@ -278,6 +287,7 @@ class QADConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> QADConfig:

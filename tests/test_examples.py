@@ -1,26 +1,16 @@
 """The example scripts run as users run them (torchrun, CPU processes)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from torchrun_helpers import ROOT, json_lines, torchrun
+
 RECIPE = "configs/tiny_cpu.yaml"
 SMALL = ["model.params_dtype=float32", "model.num_layers=2", "model.seq_length=32"]
 
 
 def _torchrun(processes: int, script: str, *args: str) -> list[dict]:
     """Run ``script`` under torchrun on CPU processes; return its JSON output lines."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               str(ROOT / script), *args]
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return json_lines(torchrun(processes, str(ROOT / script), *args))
 
 
 @pytest.fixture(scope="module")

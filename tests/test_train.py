@@ -5,9 +5,6 @@ every run then loads it from its dist checkpoint, as a user's run loads a real t
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.train import checkpointing, run
+from torchrun_helpers import json_lines, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_cpu.yaml"
@@ -99,14 +97,8 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
 
 def _torchrun(processes: int, *args: str) -> dict:
     """``megatron-qad train`` under torchrun on CPU processes; its summary line."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "megatron_qad.cli", "train", str(RECIPE), *args]
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, result.stderr[-4000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("summary ")]
-    assert len(lines) == 1, result.stdout[-2000:]
-    return json.loads(lines[0].removeprefix("summary "))
+    (summary,) = json_lines(torchrun(processes, "-m", "megatron_qad.cli", "train", str(RECIPE), *args), "summary ")
+    return summary
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"],
@@ -132,3 +124,22 @@ def test_cli_train_prints_the_config_and_the_summary(tmp_path, teacher_dir):
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "train_iters: 1" in saved and str(teacher_dir) in saved
     assert torch.tensor(summary["final"]["top1 agreement"]) <= 1
+
+
+def test_eval_reloads_the_trained_student_and_reports_every_layer(tmp_path, teacher_dir):
+    """``eval`` on a finished run gives the run's final validation metrics again (the same student
+    weights and scales, from its checkpoint) and a weight error per quantized linear layer."""
+    trained = run(small_config(tmp_path, "training.train_iters=2", teacher=teacher_dir))
+    evaluated = run(small_config(tmp_path, "training.train_iters=2", teacher=teacher_dir), "eval")
+    assert evaluated["student"].endswith("iter_0000002")
+    assert evaluated["final"] == trained["final"]
+    record = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert record["final"] == trained["final"]
+    quantized = [layer for layer in record["layers"] if layer["weight"] == "nvfp4"]
+    assert quantized and all(0 < layer["rel_mse"] < 0.05 for layer in quantized)
+    assert {layer["kind"] for layer in record["layers"] if layer["weight"] == "bf16"} == {"output_layer"}
+
+
+def test_eval_without_a_student_checkpoint_is_a_clear_error(tmp_path, teacher_dir):
+    with pytest.raises(ConfigError, match="holds no student checkpoint"):
+        run(small_config(tmp_path, teacher=teacher_dir), "eval")

@@ -6,10 +6,10 @@
     print(report.format_table())
 """
 
-from .apply import apply, calibrate, calibration, plan, remove
+from .apply import apply, calibrate, calibration, plan, remove, report
 from .policy import Policy, PolicyError, Rule, hybrid, policy_from_dict, transformer
 from .quantizer import TensorQuantizer
 from .report import QuantReport
 
-__all__ = ["apply", "calibrate", "calibration", "plan", "remove", "Policy", "PolicyError", "Rule", "hybrid",
-           "policy_from_dict", "transformer", "TensorQuantizer", "QuantReport"]
+__all__ = ["apply", "calibrate", "calibration", "plan", "remove", "report", "Policy", "PolicyError", "Rule",
+           "hybrid", "policy_from_dict", "transformer", "TensorQuantizer", "QuantReport"]

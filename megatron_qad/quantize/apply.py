@@ -110,6 +110,14 @@ def apply(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | s
     return build_report(whole, formats, policy)
 
 
+def report(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | str = "transformer") -> QuantReport:
+    """The :class:`QuantReport` of a model already quantized with ``policy``, from its current
+    weights (e.g. after loading a trained student). Every rank must call it (TP amax reductions)."""
+    policy = _as_policy(policy)
+    chunks = _chunks(model)
+    return build_report(torch.nn.ModuleList(chunks), plan(chunks, policy), policy)
+
+
 def remove(model: torch.nn.Module | Sequence[torch.nn.Module]) -> None:
     """Undo :func:`apply` (on a model or a list of chunks): original classes, no quantizers, no hooks."""
     for module in torch.nn.ModuleList(_chunks(model)).modules():

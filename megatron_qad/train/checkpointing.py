@@ -14,6 +14,7 @@ Tensors are stored under their global (layout-free) names, so a checkpoint writt
 EP layout loads at another. A model checkpoint (the teacher) holds the chunks' weights only.
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -134,6 +135,17 @@ def latest_training_checkpoint(run_dir: str | Path | None) -> Path | None:
     return directory
 
 
+def student_checkpoint(run_dir: str | Path | None) -> Path:
+    """The newest student of a run: its latest training checkpoint, else its ``ptq/`` checkpoint."""
+    source = latest_training_checkpoint(run_dir)
+    if source is None and run_dir and (Path(run_dir) / "ptq" / "metadata.json").is_file():
+        source = Path(run_dir) / "ptq"
+    if source is None:
+        raise ConfigError(f"'checkpoint.save' ({run_dir}) holds no student checkpoint (neither {LATEST} "
+                          f"nor ptq/); run 'megatron-qad train' or 'megatron-qad ptq' with it first")
+    return source
+
+
 def load_training(directory: Path, chunks, optimizer, scheduler) -> int:
     """Restore what :func:`save_training` wrote into ``chunks``, ``optimizer`` and ``scheduler``;
     return the iteration it was written after."""
@@ -148,6 +160,17 @@ def load_training(directory: Path, chunks, optimizer, scheduler) -> int:
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     return int(loaded["iteration"])
+
+
+def write_json(path: str | Path, record: dict) -> None:
+    """Write ``record`` as JSON at ``path`` atomically (rank 0)."""
+    if _is_rank0():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    _barrier()
 
 
 def write_resolved_config(run_dir: str | Path, config_dict: dict) -> None:

@@ -1,6 +1,6 @@
 """A QAD (or PTQ / QAT) run from a recipe: teacher, student, calibration, training, checkpoints.
 
-    summary = run(config, "train")   # or "ptq": calibrate and evaluate only
+    summary = run(config, "train")   # or "ptq": calibrate and evaluate only; "eval": see below
 
 On every rank of the job (torchrun / SLURM, or one process):
   1. the teacher's dist checkpoint (``teacher.checkpoint``) is loaded, after training one from
@@ -14,6 +14,8 @@ On every rank of the job (torchrun / SLURM, or one process):
      through megatron.core's schedules, DDP and Adam, logged every ``training.log_interval``,
      evaluated every ``training.eval_interval``, checkpointed every ``checkpoint.save_interval``
      and at the end.
+``eval`` skips 3-4: it loads the run's newest student (training checkpoint, else ``ptq/``) and
+reports its validation metrics and per-layer weight errors (also as ``checkpoint.save/eval.json``).
 Returns (on every rank) a summary dict: the PTQ and final validation metrics, the relative KL
 reduction and the wall time.
 """
@@ -163,7 +165,7 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------------
 
-    def execute(self, mode: Literal["train", "ptq"]) -> dict:
+    def execute(self, mode: Literal["train", "ptq", "eval"]) -> dict:
         config, start_time = self.config, time.perf_counter()
         teacher_dir = config.teacher.checkpoint
         if not (Path(teacher_dir) / "metadata.json").is_file() and config.teacher.pretrain_iters:
@@ -180,6 +182,8 @@ class Run:
         stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
 
         run_dir = config.checkpoint.save
+        if mode == "eval":
+            return self.evaluate_student(students, stages, validation_data, start_time)
         if run_dir:
             checkpointing.write_resolved_config(run_dir, to_dict(config))
         resume_from = checkpointing.latest_training_checkpoint(run_dir) if config.checkpoint.resume else None
@@ -211,6 +215,24 @@ class Run:
         self.log.log(config.training.train_iters, summary["final"], prefix="validation (QAD) ")
         if run_dir:
             checkpointing.save_training(run_dir, config.training.train_iters, ddp_chunks, optimizer, scheduler)
+        return self.finish(summary, start_time)
+
+    def evaluate_student(self, students, stages, validation_data, start_time: float) -> dict:
+        """``eval``: load the run's student, evaluate it against the teacher on held-out data, and
+        report every linear layer's weight quantization error; JSON at ``checkpoint.save/eval.json``."""
+        run_dir = self.config.checkpoint.save
+        source = checkpointing.student_checkpoint(run_dir)
+        checkpointing.load_model(students, source)
+        report = quantize.report(students, self.config.quantization.to_policy())
+        metrics = self.evaluate(stages, validation_data)
+        self.log.print(report.format_table())
+        self.log.log(0, metrics, prefix="validation (student) ", total=0)
+        summary = {"mode": "eval", "student": str(source), "final": metrics,
+                   "layers": [{"name": row.name, "kind": row.kind, "weight": row.weight_format,
+                               "input": row.input_format, "params": row.params,
+                               "rel_mse": row.rel_mse_4over6 if row.weight_format == "nvfp4_4over6"
+                               else row.rel_mse_nvfp4} for row in report.rows]}
+        checkpointing.write_json(Path(run_dir) / "eval.json", summary)
         return self.finish(summary, start_time)
 
     def train(self, ddp_chunks, optimizer, scheduler, train_data, validation_data, start: int) -> list[dict]:
@@ -251,12 +273,12 @@ class Run:
         if ptq and final and "kl" in ptq and "kl" in final and ptq["kl"] > 0:
             summary["kl_reduction"] = 1.0 - final["kl"] / ptq["kl"]
         summary["seconds"] = round(time.perf_counter() - start_time, 1)
-        self.log.summary({key: value for key, value in summary.items() if key != "train"})
+        self.log.summary({key: value for key, value in summary.items() if key not in ("train", "layers")})
         self.log.close()
         return summary
 
 
-def run(config: QADConfig, mode: Literal["train", "ptq"] = "train") -> dict:
+def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> dict:
     """Set up the process group, run, tear down; see the module docstring."""
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:

@@ -1,0 +1,42 @@
+"""Deployable checkpoints: ``export(config)`` writes the run's newest student as an NVFP4 Hugging
+Face checkpoint (see :mod:`.writer` for the tensors and :mod:`.hf_names` for the names)."""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, QADConfig
+from .writer import export_tensors, write_checkpoint
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export(config: QADConfig) -> Path:
+    """Load the run's newest student (``checkpoint.save``: latest training checkpoint, else its
+    PTQ checkpoint) into one process at TP = PP = EP = 1 (dist checkpoints reshard, so any
+    training layout works), and write its export to ``export.dir`` (default
+    ``checkpoint.save/hf_nvfp4``). Returns the directory."""
+    from .. import parallel, quantize
+    from ..models import build_model
+    from ..train import checkpointing
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("export runs as one process (it gathers every shard); start it without torchrun")
+    single = dataclasses.replace(config.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                 virtual_pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+                                 context_parallel_size=1)
+    source = checkpointing.student_checkpoint(config.checkpoint.save)
+    context = parallel.initialize(single, seed=config.model.seed)
+    try:
+        model = build_model(config.model, single, context.device)
+        quantize.apply(model, config.quantization.to_policy())
+        checkpointing.load_model([model], source)
+        out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
+        return write_checkpoint(model, config.model, out_dir, _DTYPES[config.export.dtype])
+    finally:
+        parallel.destroy()
+
+
+__all__ = ["export", "export_tensors", "write_checkpoint"]
