@@ -249,9 +249,12 @@ class CheckpointConfig:
 class DataConfig:
     """Where tokens come from: ``sources`` is a list of mappings ``{type: ..., weight: ...}`` (see
     ``megatron_qad.data``: random, python_stdlib, text, jsonl, indexed, teacher_generated);
-    ``seed`` fixes sampling; ``cache_dir`` holds generated data (null: next to the checkpoints)."""
+    ``seed`` fixes sampling; ``cache_dir`` holds generated data (null: next to the checkpoints).
+    ``validation_sources``: held-out data for the KL / CE reports (null: the validation split of
+    ``sources``), e.g. real text while training on random tokens."""
 
     sources: list = field(default_factory=lambda: [{"type": "random"}])
+    validation_sources: list | None = None
     seed: int = 1234
     cache_dir: str | None = None
 

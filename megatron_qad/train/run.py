@@ -54,6 +54,8 @@ def check_runnable(config: QADConfig, device: torch.device) -> None:
                           "BF16 teacher (or a directory to train a small one in, with teacher.pretrain_iters)")
     try:
         validate_sources(config.data.sources, config.model.vocab_size)
+        if config.data.validation_sources:
+            validate_sources(config.data.validation_sources, config.model.vocab_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -100,7 +102,8 @@ class Run:
     def dataset(self, split: str, teacher_sampler=None):
         data = self.config.data
         cache_dir = data.cache_dir or self.config.checkpoint.save
-        return build_dataset(data.sources, split, self.seq_length, self.config.model.vocab_size, data.seed,
+        sources = data.validation_sources if split == "validation" and data.validation_sources else data.sources
+        return build_dataset(sources, split, self.seq_length, self.config.model.vocab_size, data.seed,
                              cache_dir=cache_dir, teacher_sampler=teacher_sampler)
 
     # -- models ----------------------------------------------------------------------------------
