@@ -271,10 +271,13 @@ class LoggingConfig:
 @dataclass
 class ExportConfig:
     """``megatron-qad export``: the deployable checkpoint of the run's newest student goes to
-    ``dir`` (null: ``checkpoint.save/hf_nvfp4``); layers kept in BF16 are written in ``dtype``."""
+    ``dir`` (null: ``checkpoint.save/hf_nvfp4``); layers kept in BF16 are written in ``dtype``;
+    safetensors files hold at most ``max_shard_gib`` GiB each (more: numbered files and the
+    Hugging Face index ``model.safetensors.index.json``)."""
 
     dir: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_shard_gib: float = 5.0
 
 
 @dataclass
@@ -518,6 +521,8 @@ def validate(config: QADConfig) -> None:
     _validate_nvfp4_k_dims(m, p)
     _validate_quantization(config.quantization)
     _validate_training(config.training, config.distill, config.teacher)
+    _require(config.export.max_shard_gib > 0,
+             f"'export.max_shard_gib' must be > 0, got {config.export.max_shard_gib}")
 
 
 def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConfig) -> None:

@@ -155,3 +155,25 @@ def test_export_of_a_tensor_parallel_run_gathers_the_shards(exported, tmp_path):
             assert tp2[name].item() == pytest.approx(tensor.item(), rel=1e-3), name
         else:
             assert torch.equal(tp2[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+def test_a_large_export_is_sharded_with_the_hugging_face_index(exported, tmp_path):
+    """Above ``export.max_shard_gib`` the tensors go to numbered files named by an index; their
+    union is the single-file export, byte for byte."""
+    config, out, _, _ = exported
+    config.export.dir, config.export.max_shard_gib = str(tmp_path / "sharded"), 2e-4  # ~210 KB per file
+    sharded = export(config)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (sharded / "model.safetensors").exists()
+    union = {}
+    for filename in files:
+        part = load_file(sharded / filename)
+        assert {name for name, f in index["weight_map"].items() if f == filename} == part.keys()
+        union.update(part)
+    single = load_file(out / "model.safetensors")
+    assert union.keys() == single.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in single.values())
+    for name, tensor in single.items():
+        assert torch.equal(union[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name

@@ -34,7 +34,8 @@ def export(config: QADConfig) -> Path:
         quantize.apply(model, config.quantization.to_policy())
         checkpointing.load_model([model], source)
         out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
-        return write_checkpoint(model, config.model, out_dir, _DTYPES[config.export.dtype])
+        return write_checkpoint(model, config.model, out_dir, _DTYPES[config.export.dtype],
+                                max_shard_bytes=int(config.export.max_shard_gib * 2**30))
     finally:
         parallel.destroy()
 

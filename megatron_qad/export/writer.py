@@ -11,8 +11,10 @@ For every linear module whose weight is NVFP4 (HF names, see :mod:`.hf_names`):
 so that ``weight = e2m1(code) x weight_scale x weight_scale_2`` is exactly the student's fake-quantized
 weight. Attention modules get ``k_scale`` / ``v_scale`` (float32 [], amax / 448: the FP8 KV cache).
 Layers the policy keeps in BF16 (and embeddings, norms, router, output layer) are written in the
-export dtype and listed in ``exclude_modules``. Files: ``model.safetensors``, ``config.json``
-(with ``quantization_config``) and ``hf_quant_config.json``, written to ``DIR.tmp`` and renamed.
+export dtype and listed in ``exclude_modules``. Files: ``model.safetensors`` (or, above the shard
+size, ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, the Hugging Face
+layout), ``config.json`` (with ``quantization_config``) and ``hf_quant_config.json``, written to
+``DIR.tmp`` and renamed.
 """
 
 import json
@@ -97,9 +99,39 @@ def quantization_config(excluded: list[str], kv_fp8: bool) -> dict:
     return config
 
 
+def shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split ``tensors`` (in order) into groups of at most ``max_shard_bytes`` bytes each (a larger
+    tensor gets a group of its own)."""
+    shards, size = [{}], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards = shard({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for index, group in enumerate(shards, start=1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(group, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, filename))
+        total += sum(tensor.numel() * tensor.element_size() for tensor in group.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
 def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | Path,
-                     dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the export of ``model`` to ``out_dir`` (replaced if it exists); return its path."""
+                     dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write the export of ``model`` to ``out_dir`` (replaced if it exists), in safetensors files of
+    at most ``max_shard_bytes`` bytes; return its path."""
     out_dir = Path(out_dir)
     tensors, excluded = export_tensors(model, model_cfg, dtype)
     kv_fp8 = any(name.endswith(".k_scale") for name in tensors)
@@ -109,8 +141,7 @@ def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: st
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    _save_tensors(tensors, tmp, max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "hf_quant_config.json").write_text(json.dumps(
         {"producer": {"name": "megatron_qad", "version": __version__}, "quantization": quant}, indent=2) + "\n")
