@@ -177,3 +177,11 @@ def test_a_large_export_is_sharded_with_the_hugging_face_index(exported, tmp_pat
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in single.values())
     for name, tensor in single.items():
         assert torch.equal(union[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+def test_hybrid_models_are_refused_by_name():
+    from megatron_qad.export.hf_names import module_map
+
+    hybrid = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_hybrid_cpu.yaml")
+    with pytest.raises(ConfigError, match="'model.hybrid_layer_pattern' is 'MEME\\*M\\*E'.*not available yet"):
+        module_map(hybrid.model)

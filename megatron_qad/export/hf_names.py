@@ -29,7 +29,7 @@ per-block scales (blocks run along the columns).
 import re
 from dataclasses import dataclass
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ def module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
     """Megatron module name (without ``.weight``) -> its HF pieces, for every linear module and
     core attention (K / V scales) of a GPT model of ``model_cfg``."""
     if model_cfg.is_hybrid:
-        raise NotImplementedError("export of hybrid (Mamba) models is not available yet; export GPT models")
+        raise ConfigError(f"'model.hybrid_layer_pattern' is {model_cfg.hybrid_layer_pattern!r}: exporting hybrid "
+                          f"(Mamba) models is not available yet; GPT models (Llama, Qwen2, Qwen2-MoE) export")
     d = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
     per_group = model_cfg.num_attention_heads // model_cfg.num_query_groups
     gated = model_cfg.activation == "swiglu"
