@@ -27,7 +27,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
-from megatron_qad.distill import DistillationLoss, TeacherStudentStage, distillation_step, sum_reports
+from megatron_qad.distill import (DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step,
+                                  sum_reports)
 from megatron_qad.models import build_model_chunks
 
 MICRO_BATCHES, GLOBAL_ROWS, LR = 4, 4, 1e-5
@@ -56,10 +57,6 @@ def load_chunks(chunks, checkpoint_dir: str) -> None:
                                      checkpoint_dir)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"chunk{i}"])
-
-
-def iterators(stages, batches):
-    return [iter(batches) for _ in stages] if len(stages) > 1 else iter(batches)
 
 
 def all_reduce_kl(reports: list[dict], device: torch.device) -> float:
@@ -97,7 +94,7 @@ def main(recipe: str, checkpoint_dir: str, overrides: list[str], steps: int) -> 
 
         calibration = global_batch(CALIBRATION_SEED, vocab, seq, context.device)
         with quantize.calibration(students):
-            distillation_step(stages if len(stages) > 1 else stages[0], iterators(stages, calibration),
+            distillation_step(stages, chunk_iterators(stages, calibration),
                               MICRO_BATCHES, micro_batch_size(), seq, loss, forward_only=True)
 
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
@@ -114,8 +111,8 @@ def main(recipe: str, checkpoint_dir: str, overrides: list[str], steps: int) -> 
             for chunk in ddp_chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            reports = distillation_step(ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
-                                        iterators(ddp_chunks, batches), MICRO_BATCHES, micro_batch_size(), seq, loss)
+            reports = distillation_step(ddp_chunks, chunk_iterators(ddp_chunks, batches), MICRO_BATCHES,
+                                        micro_batch_size(), seq, loss)
             _, grad_norm, _ = optimizer.step()
             kl = all_reduce_kl(reports, context.device)
             if context.rank == 0:

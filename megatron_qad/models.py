@@ -56,7 +56,8 @@ from megatron.core.transformer.transformer_layer import (MoETransformerLayer, Tr
 from .config import HYBRID_PIPE, ConfigError, ModelConfig, ParallelConfig
 
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "squared_relu": (squared_relu, False)}
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""torch dtypes of the recipe's dtype names (``model.params_dtype``, ``export.dtype``)."""
 
 
 def sequence_parallel_torch_norm(config: TransformerConfig, hidden_size: int,
@@ -79,7 +80,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
                        device: torch.device) -> TransformerConfig:
     """The megatron.core TransformerConfig of ``model_cfg`` laid out as ``parallel_cfg`` (no dropout)."""
     activation_func, gated = _ACTIVATIONS[model_cfg.activation]
-    dtype = _DTYPES[model_cfg.params_dtype]
+    dtype = DTYPES[model_cfg.params_dtype]
     tp = parallel_cfg.tensor_model_parallel_size
     moe = {}
     if model_cfg.is_moe:

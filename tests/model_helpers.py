@@ -36,6 +36,18 @@ def load_with_experts_renumbered(model, full_state_dict: dict) -> None:
                            for key in model.state_dict()})
 
 
+def build_at_layout(config, device, state_dict_path: str | None = None):
+    """(model, expert-parallel rank, local experts per MoE layer) of this rank's GPT model of
+    ``config``, loaded from the EP=1 state dict saved at ``state_dict_path`` when given."""
+    from megatron_qad.models import build_gpt_model
+
+    model = build_gpt_model(config.model, config.parallel, device)
+    ep_rank, local_experts = expert_layout(model)
+    if state_dict_path:
+        load_with_experts_renumbered(model, torch.load(state_dict_path))
+    return model, ep_rank, local_experts
+
+
 def assert_trains_in_bf16(model, model_cfg) -> None:
     """bf16 forward on a fixed batch gives finite logits [b, s, V]; backward reaches every parameter."""
     logits = model(*make_batches(model_cfg, count=1)[0])

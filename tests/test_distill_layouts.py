@@ -15,7 +15,8 @@ from distill_helpers import (KL_RTOL, MICRO_BATCH_SIZE, MICRO_BATCHES, assert_gr
                              micro_batches, plain_kl_and_grads, small_config)
 from distributed_helpers import run_distributed, single_process
 from megatron_qad import parallel, quantize
-from megatron_qad.distill import DistillationLoss, TeacherStudentStage, distillation_step, sum_reports
+from megatron_qad.distill import (DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step,
+                                  sum_reports)
 from megatron_qad.models import build_gpt_model, build_model_chunks, causal_attention_mask, decoder_layers
 
 FOUR_LAYERS = ["model.num_layers=4"]
@@ -61,10 +62,8 @@ def static_reference():
 
 
 def _calibrate_in_schedule(stages, students, batches, micro_batch_size: int, seq_length: int) -> None:
-    chunks = len(stages)
-    iterators = [iter(batches) for _ in range(chunks)] if chunks > 1 else iter(batches)
     with quantize.calibration(students):
-        distillation_step(stages if chunks > 1 else stages[0], iterators, len(batches), micro_batch_size,
+        distillation_step(stages, chunk_iterators(stages, batches), len(batches), micro_batch_size,
                           seq_length, DistillationLoss("kl"), forward_only=True)
 
 
@@ -84,7 +83,7 @@ def _vpp_rank(teacher_state: dict, batches: list):
         quantize.apply(students, "transformer")
         stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
         _calibrate_in_schedule(stages, students, batches, MICRO_BATCH_SIZE, cfg.model.seq_length)
-        reports = distillation_step(stages, [iter(batches) for _ in stages], MICRO_BATCHES, MICRO_BATCH_SIZE,
+        reports = distillation_step(stages, chunk_iterators(stages, batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
                                     cfg.model.seq_length, DistillationLoss("kl"))
         return dict(
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),

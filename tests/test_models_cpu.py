@@ -9,8 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from distributed_helpers import run_distributed, single_process
-from model_helpers import (assert_trains_in_bf16, expert_layout, global_expert_name,
-                           load_with_experts_renumbered, make_batches)
+from model_helpers import assert_trains_in_bf16, build_at_layout, global_expert_name, make_batches
 from megatron_qad import parallel
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.models import build_gpt_model
@@ -106,10 +105,7 @@ def _run_layout(overrides: list[str], state_dict_path: str | None) -> dict:
     config = load_config(TINY, FP32 + overrides)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
-        model = build_gpt_model(config.model, config.parallel, context.device)
-        ep_rank, local_experts = expert_layout(model)
-        if state_dict_path:
-            load_with_experts_renumbered(model, torch.load(state_dict_path))
+        model, ep_rank, local_experts = build_at_layout(config, context.device, state_dict_path)
         logits = forward_backward(model, config.model)
         params = dict(model.named_parameters())
         return {

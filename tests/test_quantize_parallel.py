@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from distributed_helpers import run_distributed, single_process
-from model_helpers import expert_layout, global_expert_name, load_with_experts_renumbered, make_batches
+from model_helpers import build_at_layout, global_expert_name, make_batches
 from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
 from megatron_qad.models import build_gpt_model
@@ -79,10 +79,7 @@ def _run_quantized_layout(overrides: list[str], state_dict_path: str | None) -> 
     config = load_config(TINY, SMALL + overrides)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
-        model = build_gpt_model(config.model, config.parallel, context.device)
-        ep_rank, local_experts = expert_layout(model)
-        if state_dict_path:
-            load_with_experts_renumbered(model, torch.load(state_dict_path))
+        model, ep_rank, local_experts = build_at_layout(config, context.device, state_dict_path)
         result = _quantize_and_measure(model, config.model, ep_rank, local_experts)
         result.update(tp_rank=parallel_state.get_tensor_model_parallel_rank(), ep_rank=ep_rank,
                       local_experts=local_experts)

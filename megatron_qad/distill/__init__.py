@@ -14,12 +14,13 @@ runs both models, stage by stage, through those schedules::
 """
 
 from .losses import KINDS, DistillationLoss, distillation_loss
-from .pipeline import distillation_step, prepare_pipeline_config, sum_reports
+from .pipeline import chunk_iterators, distillation_step, innermost, prepare_pipeline_config, sum_reports
 from .teacher_student import LayoutMismatchError, TeacherStudentStage, check_same_layout, stage_layout
 from .vocab_parallel import (DEFAULT_CHUNK_TOKENS, vocab_parallel_argmax, vocab_parallel_cross_entropy,
                              vocab_parallel_kl)
 
 __all__ = ["KINDS", "DistillationLoss", "distillation_loss", "DEFAULT_CHUNK_TOKENS",
            "vocab_parallel_argmax", "vocab_parallel_cross_entropy", "vocab_parallel_kl",
-           "distillation_step", "prepare_pipeline_config", "sum_reports", "LayoutMismatchError",
+           "chunk_iterators", "distillation_step", "innermost", "prepare_pipeline_config", "sum_reports",
+           "LayoutMismatchError",
            "TeacherStudentStage", "check_same_layout", "stage_layout"]

@@ -132,7 +132,7 @@ def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage
                              f"each, as a list of {len(chunks)}")
     device = next(chunks[0].parameters()).device
     for chunk, stage in zip(chunks, inner):
-        stage = stage if with_teacher else _innermost(chunk)
+        stage = stage if with_teacher else innermost(chunk)
         if chunk is not stage and not stage.config.calculate_per_token_loss:
             raise ValueError("the student's config has calculate_per_token_loss=False, which "
                              "DistributedDataParallel read when it was built (it then averages "
@@ -147,8 +147,15 @@ def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage
                             forward_only=forward_only)
 
 
-def _innermost(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under wrappers that keep it as ``.module`` (megatron.core's DDP)."""
+def chunk_iterators(chunks: Sequence[torch.nn.Module], batches: Sequence[dict]) -> list[Iterator]:
+    """``data_iterator`` for :func:`distillation_step`: one iterator over the same ``batches`` per
+    model chunk (megatron.core's schedules take a one-element list for a single chunk too)."""
+    return [iter(batches) for _ in chunks]
+
+
+def innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under wrappers that keep it as ``.module`` (megatron.core's DDP); a
+    :class:`TeacherStudentStage` is innermost (its student is not ``.module``)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
@@ -157,11 +164,8 @@ def _innermost(model: torch.nn.Module) -> torch.nn.Module:
 def unwrap_stage(model: torch.nn.Module) -> TeacherStudentStage | None:
     """The :class:`TeacherStudentStage` inside ``model`` (itself, or under wrappers that keep the
     wrapped module as ``.module``, like megatron.core's DistributedDataParallel); None if none."""
-    while not isinstance(model, TeacherStudentStage):
-        model = getattr(model, "module", None)
-        if not isinstance(model, torch.nn.Module):
-            return None
-    return model
+    model = innermost(model)
+    return model if isinstance(model, TeacherStudentStage) else None
 
 
 def sum_reports(reports: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -5,12 +5,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-import torch
-
 from ..config import ConfigError, QADConfig
 from .writer import export_tensors, write_checkpoint
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def export(config: QADConfig) -> Path:
@@ -19,7 +15,7 @@ def export(config: QADConfig) -> Path:
     training layout works), and write its export to ``export.dir`` (default
     ``checkpoint.save/hf_nvfp4``). Returns the directory."""
     from .. import parallel, quantize
-    from ..models import build_model
+    from ..models import DTYPES, build_model
     from ..train import checkpointing
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -34,7 +30,7 @@ def export(config: QADConfig) -> Path:
         quantize.apply(model, config.quantization.to_policy())
         checkpointing.load_model([model], source)
         out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
-        return write_checkpoint(model, config.model, out_dir, _DTYPES[config.export.dtype],
+        return write_checkpoint(model, config.model, out_dir, DTYPES[config.export.dtype],
                                 max_shard_bytes=int(config.export.max_shard_gib * 2**30))
     finally:
         parallel.destroy()

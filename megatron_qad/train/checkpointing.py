@@ -25,7 +25,7 @@ import yaml
 from megatron.core import dist_checkpointing
 
 from ..config import ConfigError
-from ..distill import TeacherStudentStage
+from ..distill import TeacherStudentStage, innermost
 
 LATEST = "latest.txt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -39,8 +39,7 @@ def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
     """The megatron.core model inside ``chunk``: under DDP (``.module``) and, for a teacher-student
     stage, its student. Checkpoints hold bare models' tensors, so a student checkpoint loads as a
     plain model."""
-    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
-        chunk = chunk.module
+    chunk = innermost(chunk)
     return chunk.student if isinstance(chunk, TeacherStudentStage) else chunk
 
 
@@ -108,11 +107,7 @@ def save_training(run_dir: str | Path, iteration: int, chunks, optimizer, schedu
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     _save_atomically(state, run_dir / name)
-    if _is_rank0():
-        tmp = run_dir / (LATEST + ".tmp")
-        tmp.write_text(name + "\n")
-        os.replace(tmp, run_dir / LATEST)
-    _barrier()
+    _write_text(run_dir / LATEST, name + "\n")
     return run_dir / name
 
 
@@ -162,24 +157,23 @@ def load_training(directory: Path, chunks, optimizer, scheduler) -> int:
     return int(loaded["iteration"])
 
 
-def write_json(path: str | Path, record: dict) -> None:
-    """Write ``record`` as JSON at ``path`` atomically (rank 0)."""
+def _write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` at ``path`` atomically (rank 0 writes ``path.tmp`` and renames it; all wait)."""
     if _is_rank0():
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     _barrier()
 
 
+def write_json(path: str | Path, record: dict) -> None:
+    """Write ``record`` as JSON at ``path`` atomically (rank 0)."""
+    _write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def write_resolved_config(run_dir: str | Path, config_dict: dict) -> None:
     """Save the resolved recipe as ``RUN/config.yaml`` (rank 0)."""
-    if _is_rank0():
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(config_dict, sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
-    _barrier()
+    _write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
 

@@ -32,13 +32,11 @@ from megatron.core.num_microbatches_calculator import (get_num_microbatches, ini
 from .. import parallel, quantize
 from ..config import ConfigError, QADConfig, to_dict
 from ..data import build_dataset, step_micro_batches, validate_sources
-from ..distill import DistillationLoss, TeacherStudentStage, distillation_step
-from ..models import build_model_chunks, causal_attention_mask
+from ..distill import DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step
+from ..models import DTYPES, build_model_chunks, causal_attention_mask
 from . import checkpointing
 from .metrics import IterationLog, StepTimer, global_averages, memory_gib
 from .optimizer import build_optimizer, resolve_distributed_optimizer, wrap_ddp
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def check_runnable(config: QADConfig, device: torch.device) -> None:
@@ -70,7 +68,7 @@ class Run:
         self.dp_size = context.data_parallel_size
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.seq_length = config.model.seq_length
-        self.params_dtype = _DTYPES[config.model.params_dtype]
+        self.params_dtype = DTYPES[config.model.params_dtype]
         training = config.training
         rows = training.micro_batch_size * self.dp_size
         if training.global_batch_size % rows:
@@ -91,11 +89,8 @@ class Run:
         return step_micro_batches(dataset, step, t.global_batch_size, t.micro_batch_size,
                                   self.dp_rank, self.dp_size)
 
-    def iterators(self, chunks, batches):
-        return [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
-
     def step(self, chunks, batches, loss: DistillationLoss, forward_only: bool = False) -> list[dict]:
-        return distillation_step(chunks if len(chunks) > 1 else chunks[0], self.iterators(chunks, batches),
+        return distillation_step(chunks, chunk_iterators(chunks, batches),
                                  get_num_microbatches(), self.config.training.micro_batch_size,
                                  self.seq_length, loss, forward_only=forward_only)
 
