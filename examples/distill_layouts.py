@@ -21,15 +21,16 @@ import json
 import os
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
-from megatron_qad.distill import (DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step,
-                                  sum_reports)
+from megatron_qad.distill import DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step
 from megatron_qad.models import build_model_chunks
+from megatron_qad.train import checkpointing
+from megatron_qad.train.metrics import global_averages
 
 MICRO_BATCHES, GLOBAL_ROWS, LR = 4, 4, 1e-5
 CALIBRATION_SEED, DATA_SEED = 17, 1000
@@ -51,42 +52,17 @@ def global_batch(step_seed: int, vocab_size: int, seq_length: int, device: torch
     return [{"tokens": micro[dp_rank * rows:(dp_rank + 1) * rows].to(device)} for micro in tokens]
 
 
-def load_chunks(chunks, checkpoint_dir: str) -> None:
-    """Load every chunk in one collective call (each call checks that all shards were read)."""
-    loaded = dist_checkpointing.load({f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)},
-                                     checkpoint_dir)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"chunk{i}"])
-
-
-def all_reduce_kl(reports: list[dict], device: torch.device) -> float:
-    """The global batch's token-averaged KL (reports exist on the last pipeline stage only)."""
-    totals = sum_reports(reports).get("kl", torch.zeros(2, device=device)).to(device, torch.float64)
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:  # every TP rank reports the total
-        totals /= parallel_state.get_tensor_model_parallel_world_size()
-        torch.distributed.all_reduce(totals, group=parallel_state.get_tensor_model_parallel_group())
-    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    return (totals[0] / totals[1]).item()
-
-
 def main(recipe: str, checkpoint_dir: str, overrides: list[str], steps: int) -> None:
     config = load_config(recipe, overrides)
     model_cfg = config.model
     context = parallel.initialize(config.parallel, seed=model_cfg.seed)
     try:
         teachers = build_model_chunks(model_cfg, config.parallel, context.device)
-        if not os.path.exists(checkpoint_dir):
-            if len(teachers) > 1:
-                raise SystemExit("create the checkpoint without virtual pipeline stages")
-            torch.distributed.barrier()  # every rank has seen that it is missing
-            if context.rank == 0:
-                os.makedirs(checkpoint_dir)
-            torch.distributed.barrier()
-            dist_checkpointing.save(teachers[0].sharded_state_dict(), checkpoint_dir)
-        load_chunks(teachers, checkpoint_dir)
+        if not os.path.exists(checkpoint_dir):  # save_model waits for every rank before writing it
+            checkpointing.save_model(teachers, checkpoint_dir)
+        checkpointing.load_model(teachers, checkpoint_dir)
         students = build_model_chunks(model_cfg, config.parallel, context.device)
-        load_chunks(students, checkpoint_dir)
+        checkpointing.load_model(students, checkpoint_dir)
         quantize.apply(students, config.quantization.to_policy())
         stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
         loss = DistillationLoss("kl")
@@ -114,7 +90,7 @@ def main(recipe: str, checkpoint_dir: str, overrides: list[str], steps: int) -> 
             reports = distillation_step(ddp_chunks, chunk_iterators(ddp_chunks, batches), MICRO_BATCHES,
                                         micro_batch_size(), seq, loss)
             _, grad_norm, _ = optimizer.step()
-            kl = all_reduce_kl(reports, context.device)
+            kl = global_averages(reports, context.device)["kl"]
             if context.rank == 0:
                 print(json.dumps({"step": step, "kl": kl, "grad_norm": grad_norm,
                                   "layout": {"tp": config.parallel.tensor_model_parallel_size,
