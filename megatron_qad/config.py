@@ -49,6 +49,12 @@ class ModelConfig:
     MLPs; otherwise every layer's MLP is a MoE layer with ``num_moe_experts`` experts of width
     ``moe_ffn_hidden_size`` (None: same as ``ffn_hidden_size``), top-``moe_router_topk`` routing,
     and a shared expert of width ``moe_shared_expert_intermediate_size`` (0: none).
+    Routing: ``moe_router_score_function`` "softmax" (megatron.core's default) or "sigmoid"
+    (Nemotron-H / Nemotron 3 Nano, DeepSeek-V3), ``moe_router_enable_expert_bias`` adds a per-expert
+    bias to the scores that pick the top-k (sigmoid only; saved in checkpoints),
+    ``moe_router_topk_scaling_factor`` multiplies the routing weights (None: 1), and
+    ``moe_router_bias_update_rate`` is the step of megatron.core's aux-loss-free bias update after
+    every optimizer step (0, the default here: the student keeps the teacher's bias and routing).
     ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP), which
     the local spec cannot build (the builders raise ConfigError); false gives a SequentialMLP
     of per-expert linear layers. The ``alltoall`` dispatcher needs a GPU.
@@ -78,6 +84,10 @@ class ModelConfig:
     seq_length: int
     num_moe_experts: int = 0
     moe_router_topk: int = 2
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_bias_update_rate: float = 0.0
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int = 0
     moe_grouped_gemm: bool = False
@@ -157,7 +167,12 @@ class QuantizationConfig:
     ``format``: the built-in's NVFP4 format ("nvfp4" or "nvfp4_4over6"; null: nvfp4); ``rules``: a list of
     ``{kinds: [...], modules: [globs], weight: FORMAT, input: FORMAT, feeds_attention: bool}``
     applied after the built-in's, later ones winning; ``kv_cache``: "fp8" or "bf16";
-    ``input_amax``: "static" (calibrated, saved in checkpoints) or "dynamic" (every call).
+    ``input_amax``: "static" (calibrated, saved in checkpoints) or "dynamic" (every call);
+    ``backend``: "emulated" (fake quant + BF16 GEMMs, any device), "te" (Transformer Engine's native
+    NVFP4 GEMMs on compute capability >= 10.0) or "auto" (see ``megatron_qad.quantize.backend``);
+    ``reuse_quantized_weights``: fake-quantize each weight once per optimizer step and reuse it in
+    every micro-batch and validation pass (same numerics; holds one quantized copy of the weights
+    during the step).
     """
 
     policy: Literal["transformer", "hybrid"] | None = "transformer"
@@ -165,13 +180,15 @@ class QuantizationConfig:
     rules: list = field(default_factory=list)
     kv_cache: Literal["fp8", "bf16"] = "fp8"
     input_amax: Literal["static", "dynamic"] = "static"
+    backend: Literal["auto", "emulated", "te"] = "auto"
+    reuse_quantized_weights: bool = True
 
     def to_policy(self):
         """The ``megatron_qad.quantize.Policy`` these settings describe (PolicyError if invalid)."""
         from .quantize.policy import policy_from_dict
 
         return policy_from_dict({key: value for key, value in dataclasses.asdict(self).items()
-                                 if value is not None})
+                                 if value is not None and key not in ("backend", "reuse_quantized_weights")})
 
 
 @dataclass
@@ -612,6 +629,13 @@ def _validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
              f"({m.num_moe_experts})")
     _require(m.expert_ffn_hidden_size >= 1,
              f"'model.moe_ffn_hidden_size' must be >= 1, got {m.moe_ffn_hidden_size}")
+    _require(not m.moe_router_enable_expert_bias or m.moe_router_score_function == "sigmoid",
+             "'model.moe_router_enable_expert_bias' needs 'model.moe_router_score_function: sigmoid' "
+             f"(got {m.moe_router_score_function!r}); set the score function or disable the bias")
+    _require(m.moe_router_topk_scaling_factor is None or m.moe_router_topk_scaling_factor > 0,
+             f"'model.moe_router_topk_scaling_factor' must be > 0 or null, got {m.moe_router_topk_scaling_factor}")
+    _require(m.moe_router_bias_update_rate >= 0,
+             f"'model.moe_router_bias_update_rate' must be >= 0, got {m.moe_router_bias_update_rate}")
     _require(m.num_moe_experts % p.expert_model_parallel_size == 0,
              f"'parallel.expert_model_parallel_size' ({p.expert_model_parallel_size}) must divide "
              f"'model.num_moe_experts' ({m.num_moe_experts})")

@@ -195,7 +195,7 @@ def _mamba_forward_unavailable(name: str):
             f"scan through mamba_ssm's Triton kernels (mamba_split_conv1d_scan_combined, "
             f"mamba_chunk_scan_combined) and causal_conv1d's CUDA convolution; megatron-core 0.19.2 "
             f"has no torch fallback for them, so the Mamba layers of a hybrid model cannot run forward "
-            f"on the CPU. Run on a CUDA GPU with mamba-ssm and causal-conv1d installed")
+            f"on the CPU. Run on a CUDA GPU with mamba-ssm installed (causal-conv1d: the fused path)")
 
     unavailable.__name__ = name
     return unavailable

@@ -17,7 +17,8 @@ tensor-parallel rank from the TP-rank RNG stream, and ``in_proj`` packs [z | x |
 that TP splits per component (as megatron.core's ``sharded_state_dict`` does for checkpoints)
 while the CPU initialisation scatters the drawn matrix in contiguous row blocks. On the CPU they
 build (with the shims of :mod:`megatron_qad.cpu_support`) but their Mamba layers' forward needs a
-GPU with mamba-ssm and causal-conv1d.
+GPU with mamba-ssm (and causal-conv1d for megatron.core's fused training path; without it the
+unfused one, with a torch convolution).
 
 :func:`decoder_layers` / :func:`layer_types` say, from the built modules, what each decoder layer
 of a model is and where its attention, Mamba mixer and MLP / MoE modules are.
@@ -87,6 +88,10 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         moe = dict(
             num_moe_experts=model_cfg.num_moe_experts,
             moe_router_topk=model_cfg.moe_router_topk,
+            moe_router_score_function=model_cfg.moe_router_score_function,
+            moe_router_enable_expert_bias=model_cfg.moe_router_enable_expert_bias,
+            moe_router_topk_scaling_factor=model_cfg.moe_router_topk_scaling_factor,
+            moe_router_bias_update_rate=model_cfg.moe_router_bias_update_rate,
             moe_ffn_hidden_size=model_cfg.expert_ffn_hidden_size,
             moe_shared_expert_intermediate_size=model_cfg.moe_shared_expert_intermediate_size or None,
             moe_grouped_gemm=model_cfg.moe_grouped_gemm,
@@ -100,6 +105,9 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             mamba_head_dim=model_cfg.mamba_head_dim,
             mamba_num_groups=model_cfg.mamba_num_groups,
             mamba_num_heads=model_cfg.mamba_num_heads,
+            # The fused training path calls causal_conv1d's CUDA kernels; without that package the
+            # mixer runs megatron.core's unfused path (torch conv1d, then mamba_ssm's Triton scan).
+            use_mamba_mem_eff_path=importlib.util.find_spec("causal_conv1d") is not None,
         )
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
@@ -150,14 +158,11 @@ def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
             "(MoEAlltoAllTokenDispatcher.__init__) and cannot run on the CPU; "
             "set model.moe_token_dispatcher_type=allgather")
     if model_cfg.is_hybrid and "M" in model_cfg.hybrid_layer_symbols and device.type == "cuda":
-        packages = {"mamba-ssm": "mamba_ssm", "causal-conv1d": "causal_conv1d"}
-        missing = [package for package, module in packages.items()
-                   if importlib.util.find_spec(module) is None]
-        if missing:
+        if importlib.util.find_spec("mamba_ssm") is None:
             raise ImportError(
-                f"the Mamba layers of 'model.hybrid_layer_pattern' run mamba_ssm's Triton SSD scan and "
-                f"causal_conv1d's CUDA convolution on the GPU; install {' and '.join(missing)} "
-                f"(pip install 'megatron-core[ssm]')")
+                "the Mamba layers of 'model.hybrid_layer_pattern' run mamba_ssm's Triton SSD scan on the "
+                "GPU; install mamba-ssm (and causal-conv1d for the fused path): "
+                "pip install 'megatron-core[ssm]'")
 
 
 def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
@@ -287,7 +292,7 @@ def build_hybrid_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
     ``model_cfg.params_dtype`` on ``device``, vocab-parallel logits [b, s, V / TP] from
     ``model(input_ids, position_ids, attention_mask)``). On the CPU the model builds but its
     Mamba layers raise NotImplementedError in forward (see :mod:`megatron_qad.cpu_support`); on a
-    GPU they need mamba-ssm and causal-conv1d (ImportError here otherwise).
+    GPU they need mamba-ssm (ImportError here otherwise; causal-conv1d optional).
     """
     device = torch.device(device)
     if not model_cfg.is_hybrid:

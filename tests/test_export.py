@@ -2,10 +2,15 @@
 
 The reader here decodes the exported bytes with its own E2M1 table and reassembles Megatron's fused
 QKV (per query group: its query heads, then K, then V) and gated fc1 ([gate; up]) from the HF
-pieces; the result must be the student's fake-quantized weight bit for bit.
+pieces; the result must be the student's fake-quantized weight bit for bit. Hybrid students are
+read in Nemotron-H names, written out by hand here, and the exported shapes are checked against
+the shapes Hugging Face's ``NemotronHForCausalLM`` builds from the exported ``config.json``.
 """
 
+import dataclasses
+import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,11 +21,13 @@ from distributed_helpers import single_process
 from torchrun_helpers import torchrun
 from megatron_qad import quantize
 from megatron_qad.config import ConfigError, load_config
-from megatron_qad.export import export
-from megatron_qad.models import build_model
+from megatron_qad.export import export, write_checkpoint
+from megatron_qad.export.hf_names import hf_config, module_map
+from megatron_qad.models import build_model, transformer_config
 from megatron_qad.train import checkpointing, run
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+TINY_HYBRID = Path(__file__).resolve().parents[1] / "configs" / "tiny_hybrid_cpu.yaml"
 SMALL = ["model.num_layers=2", "model.seq_length=32", "training.global_batch_size=4", "training.micro_batch_size=2",
          "training.eval_iters=1", "distill.calibration_iters=1", "data.sources=[{type: random}]",
          "teacher.pretrain_iters=4"]
@@ -36,12 +43,16 @@ def decode_nvfp4(packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale:
     return values * blocks * tensor_scale.float()
 
 
+def join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Megatron's fused QKV rows from HF's q / k / v projections: per query group, its query heads,
+    then its key head, then its value head."""
+    return torch.cat([p.reshape(groups, -1, p.shape[-1]) for p in (q, k, v)], dim=1).reshape(-1, q.shape[-1])
+
+
 def reassemble(tensors: dict, module: str, kind: str, groups: int, read) -> torch.Tensor:
     """The Megatron-layout weight of ``module`` from its HF pieces, each read by ``read(prefix)``."""
     if kind == "qkv":
-        q, k, v = (read(f"{module}.self_attn.{p}_proj").reshape(groups, -1, read(f"{module}.self_attn.q_proj").shape[-1])
-                   for p in "qkv")
-        return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+        return join_qkv(*(read(f"{module}.self_attn.{p}_proj") for p in "qkv"), groups)
     if kind == "fc1":
         return torch.cat([read(f"{module}.gate_proj"), read(f"{module}.up_proj")])
     return read(module)
@@ -179,9 +190,241 @@ def test_a_large_export_is_sharded_with_the_hugging_face_index(exported, tmp_pat
         assert torch.equal(union[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
-def test_hybrid_models_are_refused_by_name():
-    from megatron_qad.export.hf_names import module_map
+# ---------------------------------------------------------------------------------------------
+# Hybrid (Mamba) students in Nemotron-H names.
 
-    hybrid = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_hybrid_cpu.yaml")
-    with pytest.raises(ConfigError, match="'model.hybrid_layer_pattern' is 'MEME\\*M\\*E'.*not available yet"):
-        module_map(hybrid.model)
+HYBRID = ["model.hybrid_layer_pattern=ME-M*M*E"]
+"""Every Nemotron-H layer kind. Under the hybrid policy the attention layers 4 and 6 and the Mamba
+layers feeding them (3 and 5) stay BF16; Mamba layer 0, the MLP and the experts are NVFP4."""
+BF16_LINEARS = sorted([*(f"backbone.layers.{i}.mixer.{p}_proj" for i in (3, 5) for p in ("in", "out")),
+                       *(f"backbone.layers.{i}.mixer.{p}_proj" for i in (4, 6) for p in "qkvo"), "lm_head"])
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "norm.weight", "pre_mlp_layernorm.weight": "norm.weight",
+    "mixer.conv1d_weight": "mixer.conv1d.weight", "mixer.conv1d_bias": "mixer.conv1d.bias",
+    "self_attention.linear_proj.weight": "mixer.o_proj.weight",
+    "mlp.linear_fc1.weight": "mixer.up_proj.weight", "mlp.linear_fc2.weight": "mixer.down_proj.weight",
+    "mlp.router.weight": "mixer.gate.weight", "mlp.router.expert_bias": "mixer.gate.e_score_correction_bias",
+    "mlp.shared_experts.linear_fc1.weight": "mixer.shared_experts.up_proj.weight",
+    "mlp.shared_experts.linear_fc2.weight": "mixer.shared_experts.down_proj.weight",
+}
+
+
+def nemotron_h_name(name: str) -> str:
+    """The Nemotron-H name of a Megatron parameter or buffer of a hybrid model, written out by hand
+    (the fused ``linear_qkv`` has three: see :func:`join_qkv`)."""
+    whole_model = {"embedding.word_embeddings.weight": "backbone.embeddings.weight",
+                   "decoder.final_norm.weight": "backbone.norm_f.weight", "output_layer.weight": "lm_head.weight"}
+    if name in whole_model:
+        return whole_model[name]
+    layer, rest = name.removeprefix("decoder.layers.").split(".", 1)
+    expert = re.fullmatch(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight", rest)
+    if expert:
+        rest = f"mixer.experts.{expert[1]}.{'up' if expert[2] == '1' else 'down'}_proj.weight"
+    # A Mamba layer's norm and its mixer's in_proj, out_proj, A_log, D, dt_bias and gated norm keep their names.
+    return f"backbone.layers.{layer}.{_LAYER_RENAMES.get(rest, rest)}"
+
+
+def nemotron_h_weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor ``NemotronHForCausalLM`` of ``config`` (a config.json) loads, by the
+    formulas of transformers' modeling_nemotron_h.py (per-expert names, as checkpoints store them)."""
+    c = config
+    hidden, inner, heads = c["hidden_size"], c["mamba_num_heads"] * c["mamba_head_dim"], c["mamba_num_heads"]
+    conv_dim = inner + 2 * c["n_groups"] * c["ssm_state_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    mixers = {
+        "M": {"in_proj.weight": (inner + conv_dim + heads, hidden), "conv1d.weight": (conv_dim, 1, c["conv_kernel"]),
+              "conv1d.bias": (conv_dim,), "A_log": (heads,), "D": (heads,), "dt_bias": (heads,), "norm.weight": (inner,),
+              "out_proj.weight": (hidden, inner)},
+        "*": {"q_proj.weight": (q, hidden), "k_proj.weight": (kv, hidden), "v_proj.weight": (kv, hidden),
+              "o_proj.weight": (hidden, q)},
+        "-": {"up_proj.weight": (c["intermediate_size"], hidden), "down_proj.weight": (hidden, c["intermediate_size"])},
+        "E": {"gate.weight": (c["n_routed_experts"], hidden), "gate.e_score_correction_bias": (c["n_routed_experts"],),
+              "shared_experts.up_proj.weight": (c["moe_shared_expert_intermediate_size"], hidden),
+              "shared_experts.down_proj.weight": (hidden, c["moe_shared_expert_intermediate_size"]),
+              **{f"experts.{e}.{p}_proj.weight": shape for e in range(c["n_routed_experts"]) for p, shape in
+                 (("up", (c["moe_intermediate_size"], hidden)), ("down", (hidden, c["moe_intermediate_size"])))}},
+    }
+    shapes = {"backbone.embeddings.weight": (c["vocab_size"], hidden), "backbone.norm_f.weight": (hidden,),
+              "lm_head.weight": (c["vocab_size"], hidden)}
+    for i, symbol in enumerate(c["hybrid_override_pattern"]):
+        shapes[f"backbone.layers.{i}.norm.weight"] = (hidden,)
+        shapes.update({f"backbone.layers.{i}.mixer.{name}": shape for name, shape in mixers[symbol].items()})
+    return shapes
+
+
+def read_linear(tensors: dict, module: str) -> torch.Tensor:
+    """fp32 weight of the HF linear ``module``: decoded when NVFP4 (uint8 codes), else as stored."""
+    weight = tensors[f"{module}.weight"]
+    if weight.dtype != torch.uint8:
+        return weight.float()
+    return decode_nvfp4(weight, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"])
+
+
+def give_distinct_values(model: torch.nn.Module) -> None:
+    """Norm weights and D start as ones and the expert bias as zeros, so a mix-up among them would
+    go unseen: give every 1-D parameter and the expert bias distinct random values."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.dim() == 1 and (isinstance(tensor, torch.nn.Parameter) or name.endswith("expert_bias")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+
+
+def set_static_amaxes(model: torch.nn.Module) -> None:
+    """Calibration runs the model forward, which the Mamba layers cannot do on the CPU (their scan
+    exists only as GPU kernels): set every static input / K / V amax directly, a distinct value each."""
+    quantizers = [m for m in model.modules() if hasattr(m, "amax_ready") and m.amax_mode == "static"]
+    assert quantizers
+    for index, quantizer in enumerate(quantizers):
+        quantizer.amax.fill_(0.5 + 0.125 * index)
+        quantizer.amax_ready = True
+
+
+@pytest.fixture(scope="module")
+def hybrid_export(tmp_path_factory):
+    """The export of a quantized tiny hybrid student (the recipe's Nemotron-H routing, TP=1), and
+    that student's fake-quantized weights {NVFP4 linear: (BF16, fp32)} and tensors (state dict)."""
+    config = load_config(TINY_HYBRID, HYBRID)
+    assert config.model.moe_router_score_function == "sigmoid" and config.model.moe_router_enable_expert_bias
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        quantize.apply(model, config.quantization.to_policy())
+        give_distinct_values(model)
+        set_static_amaxes(model)
+        out = write_checkpoint(model, config.model, tmp_path_factory.mktemp("hybrid") / "hf_nvfp4")
+        with torch.no_grad():  # the BF16 weight the student computes with, and its exact fp32 value
+            fake_quantized = {name: (module.weight_quantizer(module.weight), module.weight_quantizer(module.weight.float()))
+                              for name, module in model.named_modules()
+                              if getattr(module, "weight_quantizer", None) is not None}
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items() if isinstance(tensor, torch.Tensor)}
+    return config, out, fake_quantized, state
+
+
+def test_hybrid_export_holds_every_nemotron_h_tensor_in_its_shape(hybrid_export):
+    """The exported tensors are those NemotronHForCausalLM of the exported config.json loads, in its
+    shapes (NVFP4 codes hold two values a byte), plus the scales of the NVFP4 linears and the K / V
+    scales of the attention layers, and nothing else."""
+    config, out, fake_quantized, _ = hybrid_export
+    tensors = load_file(out / "model.safetensors")
+    shapes = nemotron_h_weight_shapes(json.loads((out / "config.json").read_text()))
+    nvfp4 = {nemotron_h_name(f"{name}.weight").removesuffix(".weight") for name in fake_quantized}
+    attention = [f"backbone.layers.{i}.mixer" for i, s in enumerate(config.model.hybrid_layer_symbols) if s == "*"]
+    expected = {*shapes, *(f"{m}.{s}" for m in nvfp4 for s in ("weight_scale", "weight_scale_2", "input_scale")),
+                *(f"{m}.{s}_scale" for m in attention for s in "kv")}
+    assert set(tensors) == expected
+    assert all(f"{m}.weight" in shapes for m in nvfp4)
+    for name, shape in shapes.items():
+        stored = tuple(tensors[name].shape)
+        if name.removesuffix(".weight") in nvfp4:
+            assert tensors[name].dtype == torch.uint8 and stored == (shape[0], shape[1] // 2), name
+            assert tuple(tensors[name.replace(".weight", ".weight_scale")].shape) == (shape[0], shape[1] // 16), name
+        else:
+            assert stored == shape, name
+
+
+def test_hybrid_export_dequantizes_to_the_students_fake_quantized_weights(hybrid_export):
+    """Bit for bit: the decoded export is the fake quantization's exact (fp32) value, whose BF16
+    rounding is the weight the BF16 student computes with."""
+    _, out, fake_quantized, _ = hybrid_export
+    tensors = load_file(out / "model.safetensors")
+    assert any(".mixer.in_proj" in name for name in fake_quantized)  # Mamba layer 0 is NVFP4
+    for name, (in_forward, exact) in fake_quantized.items():
+        module = nemotron_h_name(f"{name}.weight").removesuffix(".weight")
+        assert tensors[f"{module}.weight"].dtype == torch.uint8, name
+        decoded = read_linear(tensors, module)
+        assert torch.equal(decoded, exact), name
+        assert in_forward.dtype == torch.bfloat16 and torch.equal(decoded.bfloat16(), in_forward), name
+
+
+def test_hybrid_export_keeps_the_other_tensors_exactly(hybrid_export):
+    """BF16 linears (QKV reassembled from q / k / v), norms, embedding, router, Mamba convolution
+    and SSM parameters equal the student's, in its dtypes (A_log, D and the expert bias are fp32)."""
+    config, out, fake_quantized, state = hybrid_export
+    tensors = load_file(out / "model.safetensors")
+    groups = config.model.num_query_groups
+    quantized = {f"{name}.weight" for name in fake_quantized}
+    others = [name for name in state if name not in quantized and not name.endswith(".amax")]
+    assert {state[name].dtype for name in others} == {torch.bfloat16, torch.float32}
+    for name in others:
+        if name.endswith("linear_qkv.weight"):
+            mixer = f"backbone.layers.{name.split('.')[2]}.mixer"
+            exported = join_qkv(*(tensors[f"{mixer}.{p}_proj.weight"] for p in "qkv"), groups)
+        else:
+            exported = tensors[nemotron_h_name(name)]
+        assert exported.dtype == state[name].dtype and torch.equal(exported, state[name]), name
+
+
+def test_hybrid_export_scales_are_the_students_amaxes(hybrid_export):
+    _, out, _, state = hybrid_export
+    tensors = load_file(out / "model.safetensors")
+    amaxes = {name: amax for name, amax in state.items() if name.endswith(".amax")}
+    assert any(".mixer.in_proj.input_quantizer" in name for name in amaxes)
+    for name, amax in amaxes.items():
+        if ".input_quantizer." in name:
+            module = nemotron_h_name(name.replace(".input_quantizer.amax", ".weight")).removesuffix(".weight")
+            assert tensors[f"{module}.input_scale"].item() == pytest.approx(amax.item() / (6 * 448), rel=1e-6), name
+        else:  # core_attention.{key,value}_quantizer.amax: the FP8 KV cache
+            layer = name.removeprefix("decoder.layers.").split(".")[0]
+            scale = tensors[f"backbone.layers.{layer}.mixer.{name.split('.')[-2][0]}_scale"]
+            assert scale.dtype == torch.float32 and scale.item() == pytest.approx(amax.item() / 448, rel=1e-6), name
+
+
+def test_hybrid_export_config_and_bf16_linears(hybrid_export):
+    config, out, _, state = hybrid_export
+    m = config.model
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["architectures"] == ["NemotronHForCausalLM"] and hf["model_type"] == "nemotron_h"
+    assert hf["hybrid_override_pattern"] == "ME-M*M*E" and hf["num_hidden_layers"] == 8
+    assert (hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"]) == (m.hidden_size, m.vocab_size, m.ffn_hidden_size)
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]) == (4, 2, 32)
+    assert (hf["mamba_num_heads"], hf["mamba_head_dim"], hf["n_groups"], hf["ssm_state_size"]) == (8, 32, 2, 32)
+    assert hf["conv_kernel"] == state["decoder.layers.0.mixer.conv1d_weight"].shape[-1]
+    assert (hf["n_routed_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"],
+            hf["moe_shared_expert_intermediate_size"]) == (4, 2, 128, 256)
+    assert hf["mlp_hidden_act"] == "relu2" and hf["routed_scaling_factor"] == 2.5 and hf["norm_topk_prob"] is True
+    assert (hf["n_group"], hf["topk_group"], hf["tie_word_embeddings"]) == (1, 1, False)
+    assert hf["torch_dtype"] == "bfloat16"
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "NVFP4" and quant["kv_cache_quant_algo"] == "FP8"
+    assert quant["exclude_modules"] == hf["quantization_config"]["exclude_modules"] == BF16_LINEARS
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.position_embedding_type=rope"], "'model.position_embedding_type' is 'rope'.*no position embedding"),
+    (["model.normalization=LayerNorm"], "'model.normalization' is 'LayerNorm'.*RMSNorm"),
+    (["model.activation=swiglu"], "'model.activation' is 'swiglu'.*not gated"),
+    (["model.moe_shared_expert_intermediate_size=0"], "every Nemotron-H MoE layer has a shared expert"),
+    (["model.share_embeddings_and_output_weights=true"], "'model.share_embeddings_and_output_weights' is true"),
+])
+def test_hybrid_layouts_nemotron_h_cannot_hold_are_refused_by_key(overrides, message):
+    model_cfg = load_config(TINY_HYBRID, overrides).model
+    with pytest.raises(ConfigError, match=message):
+        module_map(model_cfg)
+    with pytest.raises(ConfigError, match=message):
+        hf_config(model_cfg, transformer_config(model_cfg, load_config(TINY_HYBRID).parallel, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("routing, message", [
+    ({"moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False},
+     "score experts with 'softmax'.*NemotronH routes by sigmoid scores"),
+    ({"moe_router_score_function": "sigmoid", "moe_router_num_groups": 2, "moe_router_group_topk": 1},
+     "pick experts by groups"),
+])
+def test_hybrid_routers_nemotron_h_cannot_reproduce_are_refused(routing, message):
+    config = load_config(TINY_HYBRID)
+    megatron_config = dataclasses.replace(transformer_config(config.model, config.parallel, torch.device("cpu")),
+                                          **routing)
+    with pytest.raises(ConfigError, match=message):
+        hf_config(config.model, megatron_config)
+
+
+def test_a_softmax_routed_hybrid_student_is_refused_before_anything_is_written(tmp_path):
+    config = load_config(TINY_HYBRID, ["model.hybrid_layer_pattern=M*E", "model.num_layers=3",
+                                       "model.moe_router_score_function=softmax",
+                                       "model.moe_router_enable_expert_bias=false"])
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        quantize.apply(model, config.quantization.to_policy())
+        with pytest.raises(ConfigError, match="moe_router_score_function"):
+            write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
+    assert list(tmp_path.iterdir()) == []

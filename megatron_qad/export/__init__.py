@@ -1,11 +1,13 @@
 """Deployable checkpoints: ``export(config)`` writes the run's newest student as an NVFP4 Hugging
-Face checkpoint (see :mod:`.writer` for the tensors and :mod:`.hf_names` for the names)."""
+Face checkpoint, GPT models in Llama / Qwen2 / Qwen2-MoE names and hybrid (Mamba) models in
+Nemotron-H names (see :mod:`.writer` for the tensors and :mod:`.hf_names` for the names)."""
 
 import dataclasses
 import os
 from pathlib import Path
 
 from ..config import ConfigError, QADConfig
+from .hf_names import hf_config
 from .writer import export_tensors, write_checkpoint
 
 
@@ -27,6 +29,7 @@ def export(config: QADConfig) -> Path:
     context = parallel.initialize(single, seed=config.model.seed)
     try:
         model = build_model(config.model, single, context.device)
+        hf_config(config.model, model.config)  # ConfigError for what the HF architecture cannot hold, before loading
         quantize.apply(model, config.quantization.to_policy())
         checkpointing.load_model([model], source)
         out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"

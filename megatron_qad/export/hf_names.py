@@ -1,6 +1,9 @@
-"""Megatron GPT tensor names -> Hugging Face (Llama / Qwen2 / Qwen2-MoE style) names and row splits.
+"""Megatron tensor names -> Hugging Face names and row splits: GPT models in Llama / Qwen2 /
+Qwen2-MoE names, hybrid (Mamba) models in Nemotron-H names.
 
-A Megatron tensor maps to one or more HF tensors, each a contiguous range of its rows (dim 0):
+A Megatron tensor maps to one or more HF tensors, each a contiguous range of its rows (dim 0).
+
+GPT models:
 
 ================================================  ==============================================
 Megatron (bare GPTModel, TP=1)                    Hugging Face
@@ -20,6 +23,41 @@ decoder.final_layernorm.weight                    model.norm.weight
 output_layer.weight                               lm_head.weight
 ================================================  ==============================================
 
+Hybrid models (``model.hybrid_layer_pattern``) are written as ``NemotronHForCausalLM`` checkpoints
+(model_type "nemotron_h"), with the names of NVIDIA's Nemotron-H / Nemotron 3 Nano checkpoints on
+the Hugging Face Hub: layer i is ``backbone.layers.i``, its pre-norm ``norm`` and its ``mixer``
+(the Mamba mixer, the attention, the MLP or the MoE layer of pattern symbol M, *, - or E):
+
+==========================================================  =================================================
+Megatron (bare HybridModel, TP=1)                           Hugging Face (H = backbone.layers.i)
+==========================================================  =================================================
+embedding.word_embeddings.weight                            backbone.embeddings.weight
+decoder.layers.i.{norm,input_layernorm,pre_mlp_layernorm}   H.norm.weight
+M decoder.layers.i.mixer.{in_proj,out_proj}.*               H.mixer.{in_proj,out_proj}.*
+M decoder.layers.i.mixer.conv1d_{weight,bias}               H.mixer.conv1d.{weight,bias}
+M decoder.layers.i.mixer.{A_log,D,dt_bias,norm.weight}      H.mixer.{A_log,D,dt_bias,norm.weight}
+* decoder.layers.i.self_attention.linear_qkv.*              H.mixer.{q,k,v}_proj.* (split)
+* decoder.layers.i.self_attention.linear_proj.*             H.mixer.o_proj.*
+* decoder.layers.i.self_attention.core_attention            H.mixer.{k,v}_scale
+- decoder.layers.i.mlp.linear_fc{1,2}.*                     H.mixer.{up,down}_proj.*
+E decoder.layers.i.mlp.router.weight                        H.mixer.gate.weight
+E decoder.layers.i.mlp.router.expert_bias                   H.mixer.gate.e_score_correction_bias
+E ...mlp.experts.local_experts.e.linear_fc{1,2}.*           H.mixer.experts.e.{up,down}_proj.*
+E ...mlp.shared_experts.linear_fc{1,2}.*                    H.mixer.shared_experts.{up,down}_proj.*
+decoder.final_norm.weight                                   backbone.norm_f.weight
+output_layer.weight                                         lm_head.weight
+==========================================================  =================================================
+
+Megatron's Mamba tensors at TP=1 already have the HF layout, so they map whole: ``in_proj`` rows
+are [z | x | B | C | dt] (d_inner, d_inner, groups x state, groups x state, heads rows), the order in
+which ``NemotronHMamba2Mixer`` splits its projection; ``conv1d`` is [d_inner + 2 x groups x state,
+1, kernel] over the [x | B | C] channels (an ``nn.Conv1d`` weight with one channel per group);
+``A_log``, ``D``, ``dt_bias`` are [heads]; the gated norm's weight is [d_inner], normalised in
+``groups`` groups, after the gate, on both sides. (A TP-sharded checkpoint interleaves the
+components per rank, but export loads the student at TP=1, where dist checkpointing reassembles
+them.) Transformers' own ``nemotron_h`` class loads these names through its checkpoint conversion
+mapping ("backbone." -> "model.", per-expert ``up_proj`` / ``down_proj`` stacked into 3-D tensors).
+
 Megatron's fused QKV holds, for each of the ``num_query_groups`` groups in turn, that group's
 query heads, then its key head, then its value head (``head_dim`` rows each); a gated MLP's fc1 is
 ``[gate; up]``. Row splits apply alike to a weight, its bias, its packed NVFP4 codes and its
@@ -29,66 +67,162 @@ per-block scales (blocks run along the columns).
 import re
 from dataclasses import dataclass
 
+from megatron.core.transformer import TransformerConfig
+
 from ..config import ConfigError, ModelConfig
+
+MAMBA_CONV_KERNEL = 4
+"""Width of the Mamba mixers' causal convolution: megatron.core ``MambaMixer``'s ``d_conv``
+default, which the recipe does not set."""
+MAMBA_CHUNK_SIZE = 128
+"""Chunk length of the Mamba2 SSD scan: megatron.core ``MambaMixer``'s ``chunk_size`` default."""
+NORM_EPS = 1e-5
+"""Epsilon of every norm of the built models (the layer norms of ``models.sequence_parallel_torch_norm``,
+the final norm and the Mamba gated norm)."""
+_NON_GATED_ACTIVATIONS = {"squared_relu": "relu2", "gelu": "gelu"}
+"""HF names of the MLP activations a Nemotron-H MLP (``up_proj`` -> act -> ``down_proj``) can have."""
 
 
 @dataclass(frozen=True)
 class Piece:
-    """HF module ``name`` takes rows ``rows`` (a slice) of the Megatron tensor, grouped per query
-    group when ``per_group`` (QKV: the slice is within each group's row block)."""
+    """HF module ``name`` takes rows ``rows`` (a slice; all by default) of the Megatron tensor,
+    grouped per query group when ``per_group`` (QKV: the slice is within each group's row block)."""
 
     name: str
-    rows: slice
+    rows: slice = slice(None)
     per_group: bool = False
 
 
-def _mlp_pieces(prefix: str, layer: str, gated: bool, ffn: int) -> dict[str, list[Piece]]:
-    fc1 = ([Piece(f"{prefix}.gate_proj", slice(0, ffn)), Piece(f"{prefix}.up_proj", slice(ffn, 2 * ffn))]
-           if gated else [Piece(f"{prefix}.up_proj", slice(None))])
-    return {f"{layer}.linear_fc1": fc1, f"{layer}.linear_fc2": [Piece(f"{prefix}.down_proj", slice(None))]}
+def head_dim(model_cfg: ModelConfig) -> int:
+    """The attention head size."""
+    return model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
+
+
+def _attention_pieces(megatron: str, hf: str, model_cfg: ModelConfig) -> dict[str, list[Piece]]:
+    """The fused QKV (split per query group), output projection and core attention (K / V scales)
+    of the Megatron attention module ``megatron``, as pieces of the HF attention module ``hf``."""
+    d = head_dim(model_cfg)
+    per_group = model_cfg.num_attention_heads // model_cfg.num_query_groups
+    return {
+        f"{megatron}.linear_qkv": [
+            Piece(f"{hf}.q_proj", slice(0, per_group * d), per_group=True),
+            Piece(f"{hf}.k_proj", slice(per_group * d, (per_group + 1) * d), per_group=True),
+            Piece(f"{hf}.v_proj", slice((per_group + 1) * d, (per_group + 2) * d), per_group=True)],
+        f"{megatron}.linear_proj": [Piece(f"{hf}.o_proj")],
+        f"{megatron}.core_attention": [Piece(hf)],
+    }
+
+
+def _mlp_pieces(megatron: str, hf: str, gated: bool, ffn: int) -> dict[str, list[Piece]]:
+    """fc1 (``[gate; up]`` halves when ``gated``) and fc2 of the Megatron MLP ``megatron`` (width
+    ``ffn``), as pieces of the HF MLP ``hf``."""
+    fc1 = ([Piece(f"{hf}.gate_proj", slice(0, ffn)), Piece(f"{hf}.up_proj", slice(ffn, 2 * ffn))]
+           if gated else [Piece(f"{hf}.up_proj")])
+    return {f"{megatron}.linear_fc1": fc1, f"{megatron}.linear_fc2": [Piece(f"{hf}.down_proj")]}
+
+
+def _moe_pieces(megatron: str, hf: str, shared_expert: str, gated: bool,
+                model_cfg: ModelConfig) -> dict[str, list[Piece]]:
+    """The routed experts and the shared expert (HF module ``<hf>.<shared_expert>``) of the Megatron
+    MoE layer ``megatron``, as pieces of the HF MoE module ``hf``."""
+    pieces = {}
+    for e in range(model_cfg.num_moe_experts):
+        pieces.update(_mlp_pieces(f"{megatron}.experts.local_experts.{e}", f"{hf}.experts.{e}", gated,
+                                  model_cfg.expert_ffn_hidden_size))
+    if model_cfg.moe_shared_expert_intermediate_size:
+        pieces.update(_mlp_pieces(f"{megatron}.shared_experts", f"{hf}.{shared_expert}", gated,
+                                  model_cfg.moe_shared_expert_intermediate_size))
+    return pieces
 
 
 def module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
     """Megatron module name (without ``.weight``) -> its HF pieces, for every linear module and
-    core attention (K / V scales) of a GPT model of ``model_cfg``."""
+    core attention (K / V scales) of a model of ``model_cfg`` (GPT, or hybrid in Nemotron-H names)."""
     if model_cfg.is_hybrid:
-        raise ConfigError(f"'model.hybrid_layer_pattern' is {model_cfg.hybrid_layer_pattern!r}: exporting hybrid "
-                          f"(Mamba) models is not available yet; GPT models (Llama, Qwen2, Qwen2-MoE) export")
-    d = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
-    per_group = model_cfg.num_attention_heads // model_cfg.num_query_groups
+        return _nemotron_h_module_map(model_cfg)
+    return _gpt_module_map(model_cfg)
+
+
+def _gpt_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
     gated = model_cfg.activation == "swiglu"
-    pieces: dict[str, list[Piece]] = {"output_layer": [Piece("lm_head", slice(None))]}
+    pieces: dict[str, list[Piece]] = {"output_layer": [Piece("lm_head")]}
     for i in range(model_cfg.num_layers):
         m, h = f"decoder.layers.{i}", f"model.layers.{i}"
-        pieces[f"{m}.self_attention.linear_qkv"] = [
-            Piece(f"{h}.self_attn.q_proj", slice(0, per_group * d), per_group=True),
-            Piece(f"{h}.self_attn.k_proj", slice(per_group * d, (per_group + 1) * d), per_group=True),
-            Piece(f"{h}.self_attn.v_proj", slice((per_group + 1) * d, (per_group + 2) * d), per_group=True)]
-        pieces[f"{m}.self_attention.linear_proj"] = [Piece(f"{h}.self_attn.o_proj", slice(None))]
-        pieces[f"{m}.self_attention.core_attention"] = [Piece(f"{h}.self_attn", slice(None))]
-        if not model_cfg.is_moe:
-            pieces.update(_mlp_pieces(f"{h}.mlp", f"{m}.mlp", gated, model_cfg.ffn_hidden_size))
-            continue
-        for e in range(model_cfg.num_moe_experts):
-            pieces.update(_mlp_pieces(f"{h}.mlp.experts.{e}", f"{m}.mlp.experts.local_experts.{e}", gated,
-                                      model_cfg.expert_ffn_hidden_size))
-        if model_cfg.moe_shared_expert_intermediate_size:
-            pieces.update(_mlp_pieces(f"{h}.mlp.shared_expert", f"{m}.mlp.shared_experts", gated,
-                                      model_cfg.moe_shared_expert_intermediate_size))
+        pieces.update(_attention_pieces(f"{m}.self_attention", f"{h}.self_attn", model_cfg))
+        if model_cfg.is_moe:
+            pieces.update(_moe_pieces(f"{m}.mlp", f"{h}.mlp", "shared_expert", gated, model_cfg))
+        else:
+            pieces.update(_mlp_pieces(f"{m}.mlp", f"{h}.mlp", gated, model_cfg.ffn_hidden_size))
     return pieces
 
 
-_PLAIN = ((r"^embedding\.word_embeddings\.weight$", "model.embed_tokens.weight"),
-          (r"^decoder\.layers\.(\d+)\.input_layernorm\.weight$", r"model.layers.\1.input_layernorm.weight"),
-          (r"^decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
-          (r"^decoder\.layers\.(\d+)\.mlp\.router\.weight$", r"model.layers.\1.mlp.gate.weight"),
-          (r"^decoder\.final_layernorm\.weight$", "model.norm.weight"))
+def _nemotron_h_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
+    _check_nemotron_h_layout(model_cfg)
+    pieces: dict[str, list[Piece]] = {"output_layer": [Piece("lm_head")]}
+    for i, symbol in enumerate(model_cfg.hybrid_layer_symbols):
+        m, mixer = f"decoder.layers.{i}", f"backbone.layers.{i}.mixer"
+        if symbol == "M":
+            pieces[f"{m}.mixer.in_proj"] = [Piece(f"{mixer}.in_proj")]
+            pieces[f"{m}.mixer.out_proj"] = [Piece(f"{mixer}.out_proj")]
+        elif symbol == "*":
+            pieces.update(_attention_pieces(f"{m}.self_attention", mixer, model_cfg))
+        elif symbol == "-":
+            pieces.update(_mlp_pieces(f"{m}.mlp", mixer, False, model_cfg.ffn_hidden_size))
+        else:  # "E"
+            pieces.update(_moe_pieces(f"{m}.mlp", mixer, "shared_experts", False, model_cfg))
+    return pieces
 
 
-def plain_name(name: str) -> str | None:
-    """The HF name of a Megatron parameter that is not part of a linear module (embedding, norms,
-    router), or None."""
-    for pattern, replacement in _PLAIN:
+def _check_nemotron_h_layout(model_cfg: ModelConfig) -> None:
+    """Raise ConfigError for a hybrid model that ``NemotronHForCausalLM`` cannot hold."""
+    m = model_cfg
+    symbols = m.hybrid_layer_symbols
+    problems = []
+    if m.normalization != "RMSNorm":
+        problems.append(f"'model.normalization' is {m.normalization!r}, but Nemotron-H normalises with RMSNorm "
+                        f"(no bias); set model.normalization=RMSNorm")
+    if m.position_embedding_type != "none":
+        problems.append(f"'model.position_embedding_type' is {m.position_embedding_type!r}, but Nemotron-H "
+                        f"attention has no position embedding; set model.position_embedding_type=none")
+    if m.add_bias_linear or m.add_qkv_bias:
+        problems.append("'model.add_bias_linear' / 'model.add_qkv_bias' is true, but Nemotron-H projections "
+                        "have no biases; set both to false")
+    if m.share_embeddings_and_output_weights:
+        problems.append("'model.share_embeddings_and_output_weights' is true, but NemotronHForCausalLM has its "
+                        "own lm_head; set it to false")
+    if ("-" in symbols or "E" in symbols) and m.activation not in _NON_GATED_ACTIVATIONS:
+        problems.append(f"'model.activation' is {m.activation!r}, but Nemotron-H MLPs and experts are not gated "
+                        f"(up_proj, down_proj); use one of {sorted(_NON_GATED_ACTIVATIONS)} (squared_relu is "
+                        f"Nemotron-H's relu2)")
+    if "E" in symbols and not m.moe_shared_expert_intermediate_size:
+        problems.append("'model.moe_shared_expert_intermediate_size' is 0, but every Nemotron-H MoE layer has "
+                        "a shared expert (mixer.shared_experts); give the student one")
+    if problems:
+        raise ConfigError(f"'model.hybrid_layer_pattern' is {m.hybrid_layer_pattern!r}: this hybrid model cannot "
+                          f"be exported as a Hugging Face NemotronH checkpoint: " + "; ".join(problems))
+
+
+_GPT_PLAIN = (
+    (r"^embedding\.word_embeddings\.weight$", "model.embed_tokens.weight"),
+    (r"^decoder\.layers\.(\d+)\.input_layernorm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+    (r"^decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.router\.weight$", r"model.layers.\1.mlp.gate.weight"),
+    (r"^decoder\.final_layernorm\.weight$", "model.norm.weight"))
+_NEMOTRON_H_PLAIN = (
+    (r"^embedding\.word_embeddings\.weight$", "backbone.embeddings.weight"),
+    (r"^decoder\.layers\.(\d+)\.(?:norm|input_layernorm|pre_mlp_layernorm)\.weight$",
+     r"backbone.layers.\1.norm.weight"),
+    (r"^decoder\.layers\.(\d+)\.mixer\.conv1d_(weight|bias)$", r"backbone.layers.\1.mixer.conv1d.\2"),
+    (r"^decoder\.layers\.(\d+)\.mixer\.(A_log|D|dt_bias|norm\.weight)$", r"backbone.layers.\1.mixer.\2"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.router\.weight$", r"backbone.layers.\1.mixer.gate.weight"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.router\.expert_bias$", r"backbone.layers.\1.mixer.gate.e_score_correction_bias"),
+    (r"^decoder\.final_norm\.weight$", "backbone.norm_f.weight"))
+
+
+def plain_name(name: str, model_cfg: ModelConfig) -> str | None:
+    """The HF name of a Megatron parameter or buffer that is not part of a linear module
+    (embedding, norms, router and its expert bias, the Mamba convolution and SSM parameters), or None."""
+    for pattern, replacement in _NEMOTRON_H_PLAIN if model_cfg.is_hybrid else _GPT_PLAIN:
         if re.match(pattern, name):
             return re.sub(pattern, replacement, name)
     return None
@@ -102,18 +236,24 @@ def take_rows(tensor, piece: Piece, num_query_groups: int):
     return grouped[:, piece.rows].reshape(-1, *tensor.shape[1:]).contiguous()
 
 
-def hf_config(model_cfg: ModelConfig) -> dict:
-    """``config.json`` of the exported model (Llama, Qwen2 when the QKV projection has biases, or
-    Qwen2-MoE names for mixture-of-experts models)."""
-    d = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
+def hf_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
+    """``config.json`` of the exported model: Nemotron-H for hybrid models, else Llama, Qwen2 (QKV
+    biases) or Qwen2-MoE. ``megatron_config``: the student's megatron.core ``TransformerConfig``,
+    whose MoE routing settings (from the recipe's ``model.moe_router_*``) decide the Nemotron-H routing keys."""
+    if model_cfg.is_hybrid:
+        return _nemotron_h_config(model_cfg, megatron_config)
+    return _gpt_config(model_cfg)
+
+
+def _gpt_config(model_cfg: ModelConfig) -> dict:
     activation = {"swiglu": "silu", "gelu": "gelu", "squared_relu": "relu2"}[model_cfg.activation]
     config = {
         "hidden_size": model_cfg.hidden_size, "intermediate_size": model_cfg.ffn_hidden_size,
         "num_hidden_layers": model_cfg.num_layers, "num_attention_heads": model_cfg.num_attention_heads,
-        "num_key_value_heads": model_cfg.num_query_groups, "head_dim": d, "vocab_size": model_cfg.vocab_size,
-        "max_position_embeddings": model_cfg.seq_length, "rope_theta": float(model_cfg.rotary_base),
-        "rms_norm_eps": 1e-5, "hidden_act": activation, "tie_word_embeddings":
-            model_cfg.share_embeddings_and_output_weights, "torch_dtype": "bfloat16",
+        "num_key_value_heads": model_cfg.num_query_groups, "head_dim": head_dim(model_cfg),
+        "vocab_size": model_cfg.vocab_size, "max_position_embeddings": model_cfg.seq_length,
+        "rope_theta": float(model_cfg.rotary_base), "rms_norm_eps": NORM_EPS, "hidden_act": activation,
+        "tie_word_embeddings": model_cfg.share_embeddings_and_output_weights, "torch_dtype": "bfloat16",
     }
     if model_cfg.is_moe:
         config.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
@@ -127,3 +267,54 @@ def hf_config(model_cfg: ModelConfig) -> dict:
         config.update(architectures=["LlamaForCausalLM"], model_type="llama",
                       attention_bias=model_cfg.add_bias_linear)
     return config
+
+
+def _nemotron_h_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
+    """``NemotronHConfig`` keys (as its ``config.json`` spells them) of a hybrid model."""
+    _check_nemotron_h_layout(model_cfg)
+    m = model_cfg
+    config = {
+        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+        "hybrid_override_pattern": m.hybrid_layer_symbols, "num_hidden_layers": m.num_layers,
+        "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "max_position_embeddings": m.seq_length,
+        "layer_norm_epsilon": NORM_EPS, "tie_word_embeddings": False, "use_bias": False,
+        "residual_in_fp32": False, "torch_dtype": "bfloat16",
+        # attention (*)
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
+        "head_dim": head_dim(m), "attention_bias": False,
+        # Mamba2 (M): inner width mamba_num_heads x mamba_head_dim
+        "mamba_num_heads": m.mamba_heads, "mamba_head_dim": m.mamba_head_dim, "n_groups": m.mamba_num_groups,
+        "ssm_state_size": m.mamba_state_dim, "conv_kernel": MAMBA_CONV_KERNEL, "chunk_size": MAMBA_CHUNK_SIZE,
+        "use_conv_bias": True, "mamba_proj_bias": False, "mamba_hidden_act": "silu",
+        # dense MLP (-) and experts (E); an activation without an HF name here means the model has
+        # no MLP (_check_nemotron_h_layout), and the key is unused
+        "intermediate_size": m.ffn_hidden_size, "mlp_bias": False,
+        "mlp_hidden_act": _NON_GATED_ACTIVATIONS.get(m.activation, "relu2"),
+    }
+    if m.is_moe:
+        config.update(_nemotron_h_routing(m, megatron_config))
+    return config
+
+
+def _nemotron_h_routing(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
+    """The MoE keys (E) of a Nemotron-H config. NemotronH routes like megatron.core's sigmoid
+    router: top-k of sigmoid(logits) + e_score_correction_bias, weights sigmoid(logits) of the
+    chosen experts, normalised to sum 1 when top-k > 1, times ``routed_scaling_factor``. A router
+    that scores with softmax, or picks experts by groups, would route differently: ConfigError."""
+    score_function = megatron_config.moe_router_score_function
+    if score_function != "sigmoid":
+        raise ConfigError(
+            f"the student's MoE routers score experts with {score_function!r} (megatron.core's "
+            f"moe_router_score_function), but Hugging Face NemotronH routes by sigmoid scores (plus "
+            f"e_score_correction_bias), so the export would route tokens differently. Export students "
+            f"trained with 'model.moe_router_score_function: sigmoid' (as Nemotron-H / Nemotron 3 Nano are)")
+    if megatron_config.moe_router_num_groups:
+        raise ConfigError("the student's MoE routers pick experts by groups (megatron.core's "
+                          "moe_router_num_groups), which NemotronH's group scores do not reproduce; "
+                          "build the student without group-limited routing to export it")
+    return {"n_routed_experts": model_cfg.num_moe_experts, "num_experts_per_tok": model_cfg.moe_router_topk,
+            "moe_intermediate_size": model_cfg.expert_ffn_hidden_size,
+            "moe_shared_expert_intermediate_size": model_cfg.moe_shared_expert_intermediate_size,
+            "n_shared_experts": 1, "norm_topk_prob": model_cfg.moe_router_topk > 1,
+            "routed_scaling_factor": float(megatron_config.moe_router_topk_scaling_factor or 1.0),
+            "n_group": 1, "topk_group": 1}

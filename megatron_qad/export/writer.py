@@ -10,13 +10,18 @@ For every linear module whose weight is NVFP4 (HF names, see :mod:`.hf_names`):
 
 so that ``weight = e2m1(code) x weight_scale x weight_scale_2`` is exactly the student's fake-quantized
 weight. Attention modules get ``k_scale`` / ``v_scale`` (float32 [], amax / 448: the FP8 KV cache).
-Layers the policy keeps in BF16 (and embeddings, norms, router, output layer) are written in the
-export dtype and listed in ``exclude_modules``. Files: ``model.safetensors`` (or, above the shard
+Linear layers the policy keeps in BF16, and the output layer, are written in the export dtype and
+listed in ``exclude_modules``; the embedding, norms, router and the Mamba mixers' ``conv1d`` and
+``dt_bias`` are written in the export dtype too (unlisted: they are not quantizable linears).
+Tensors megatron.core keeps in float32 stay float32: the Mamba mixers' ``A_log`` and ``D``
+[heads] and the router's expert bias (``e_score_correction_bias`` [experts], which NemotronH keeps
+in float32 too). Files: ``model.safetensors`` (or, above the shard
 size, ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, the Hugging Face
 layout), ``config.json`` (with ``quantization_config``) and ``hf_quant_config.json``, written to
 ``DIR.tmp`` and renamed.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -33,6 +38,8 @@ from ..quantize import layers
 from .hf_names import hf_config, module_map, plain_name, take_rows
 
 QUANT_ALGO, KV_CACHE_ALGO, GROUP_SIZE = "NVFP4", "FP8", 16
+FLOAT32_TENSORS = (".mixer.A_log", ".mixer.D", ".gate.e_score_correction_bias")
+"""Endings of the HF names of tensors written in float32 whatever the export dtype."""
 
 
 def _decode_scale(amax: torch.Tensor, target_max: float) -> torch.Tensor:
@@ -59,16 +66,24 @@ def _nvfp4_tensors(module: torch.nn.Module, name: str) -> dict[str, torch.Tensor
     return tensors
 
 
+def _plain_tensors(model: torch.nn.Module, model_cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The HF tensors of the parameters and buffers outside linear modules (embedding, norms, router
+    and its expert bias, Mamba convolution and SSM parameters), in ``dtype`` or float32
+    (``FLOAT32_TENSORS``), shaped as in the student."""
+    tensors = {}
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        hf_name = plain_name(name, model_cfg)
+        if hf_name is not None:
+            tensors[hf_name] = tensor.detach().to(torch.float32 if hf_name.endswith(FLOAT32_TENSORS) else dtype)
+    return tensors
+
+
 def export_tensors(model: torch.nn.Module, model_cfg: ModelConfig,
                    dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """HF tensors of a quantized single-process (TP=PP=EP=1) GPT student, and the HF names of the
-    linear modules left unquantized."""
+    """HF tensors of a quantized single-process (TP=PP=EP=1) student (GPT or hybrid), and the HF
+    names of the linear modules left unquantized."""
     modules = dict(model.named_modules())
-    tensors, excluded = {}, []
-    for name, param in model.named_parameters():
-        hf_name = plain_name(name)
-        if hf_name is not None:
-            tensors[hf_name] = param.detach().to(dtype)
+    tensors, excluded = _plain_tensors(model, model_cfg, dtype), []
     groups = model_cfg.num_query_groups
     for module_name, pieces in module_map(model_cfg).items():
         module = modules[module_name]
@@ -130,14 +145,17 @@ def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
 
 def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | Path,
                      dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write the export of ``model`` to ``out_dir`` (replaced if it exists), in safetensors files of
-    at most ``max_shard_bytes`` bytes; return its path."""
+    """Write the export of ``model`` (the quantized student: a bare GPTModel or HybridModel at
+    TP=PP=EP=1) to ``out_dir`` (replaced if it exists), in safetensors files of at most
+    ``max_shard_bytes`` bytes; return its path. Raises ConfigError, before writing anything, for a
+    model the target Hugging Face architecture cannot hold."""
     out_dir = Path(out_dir)
+    config = hf_config(model_cfg, model.config)
     tensors, excluded = export_tensors(model, model_cfg, dtype)
     kv_fp8 = any(name.endswith(".k_scale") for name in tensors)
     quant = quantization_config(excluded, kv_fp8)
-    config = {**hf_config(model_cfg), "torch_dtype": str(dtype).removeprefix("torch."),
-              "quantization_config": {"quant_method": "modelopt", **quant}}
+    config.update(torch_dtype=str(dtype).removeprefix("torch."),
+                  quantization_config={"quant_method": "modelopt", **quant})
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
