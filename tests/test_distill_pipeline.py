@@ -8,6 +8,8 @@ KL summed over the non-masked tokens (what the schedule back-propagates with
 ``calculate_per_token_loss``).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,6 +41,63 @@ def test_pp1_schedule_matches_plain_kl_and_grads():
     assert totals["kl"][1].item() == sum(batch["loss_mask"].sum().item() for batch in batches)
     assert_grads_close(grads, ref_grads)
     assert all(param.grad is None for param in teacher.parameters())
+
+
+def test_reused_weight_quantization_changes_no_bit(monkeypatch):
+    """Weights fake-quantized once per step (quantize.reuse_quantized_weights) give the same KL and
+    the same gradients, bit for bit, as quantizing at every micro-batch; the weight quantizers run
+    once per step instead of once per micro-batch, and nothing is held after the block."""
+    cfg = small_config()
+    batches = micro_batches(cfg.model)
+    quantized_tensors = []
+    original = quantize.TensorQuantizer._fake_quantize
+
+    def counting(self, x, amax):
+        quantized_tensors.append(self.owner)
+        return original(self, x, amax)
+
+    monkeypatch.setattr(quantize.TensorQuantizer, "_fake_quantize", counting)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = student_of(teacher.state_dict(), cfg)
+        stage = TeacherStudentStage(student, teacher)
+        results = {}
+        for reuse in (False, True):
+            quantized_tensors.clear()
+            with quantize.reuse_quantized_weights(stage) if reuse else contextlib.nullcontext():
+                reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
+                                            cfg.model.seq_length, DistillationLoss("kl"))
+            results[reuse] = (sum_reports(reports)["kl"][0].item(),
+                              {name: param.grad.clone() for name, param in student.named_parameters()},
+                              [owner for owner in quantized_tensors if owner.endswith(".weight")])
+            student.zero_grad(set_to_none=True)
+        weight_quantizers = [m.weight_quantizer for m in student.modules() if hasattr(m, "weight_quantizer")]
+    (kl, grads, weight_calls), (kl_reused, grads_reused, weight_calls_reused) = results[False], results[True]
+    assert kl_reused == kl
+    for name, grad in grads.items():
+        assert torch.equal(grads_reused[name], grad), name
+    assert len(weight_calls) == MICRO_BATCHES * len(weight_quantizers)
+    assert sorted(weight_calls_reused) == sorted(q.owner for q in weight_quantizers)
+    assert all(q._held is None and not q.holding for q in weight_quantizers)
+
+
+def test_reused_weight_quantization_follows_a_new_weight():
+    """Inside the block a quantizer given another tensor than the one it holds quantizes that one;
+    after the block a changed weight is quantized afresh."""
+    cfg = small_config()
+    with single_process(cfg.parallel):
+        student = student_of(build_gpt_model(cfg.model, cfg.parallel).state_dict(), cfg)
+        linear = student.decoder.layers[0].self_attention.linear_proj
+        quantizer = linear.weight_quantizer
+        other = torch.randn_like(linear.weight)
+        with quantize.reuse_quantized_weights(student):
+            first = quantizer(linear.weight)
+            assert torch.equal(quantizer(other), quantizer._fake_quantize(other, quantizer.current_amax(other)))
+            assert torch.equal(quantizer(linear.weight), first)
+        with torch.no_grad():
+            linear.weight.mul_(1.5)
+        with quantize.reuse_quantized_weights(student):
+            assert not torch.equal(quantizer(linear.weight), first)
 
 
 def test_unquantized_copy_has_zero_kl_and_zero_grads():

@@ -387,3 +387,14 @@ def test_hybrid_policy_across_pipeline_stages():
     assert {name for name, f in formats.items() if f == ("bf16", "bf16")} == bf16
     assert stage0["decoder.layers.2.mixer.out_proj"] == ("bf16", "bf16")
     assert stage0["decoder.layers.0.mixer.in_proj"] == ("nvfp4", "nvfp4")
+
+
+def test_report_of_a_model_with_tied_output_layer(cpu_process):
+    """With embeddings shared with the output layer, the output layer owns no weight: its report
+    row counts 0 parameters (the embedding row has them) and quantizing the rest works as usual."""
+    model, _ = build([*FP32, "model.share_embeddings_and_output_weights=true"])
+    assert model.output_layer.weight is None
+    report = quantize.apply(model, "transformer")
+    rows = {row.name: row for row in report.rows}
+    assert (rows["output_layer"].weight_format, rows["output_layer"].params) == ("bf16", 0)
+    assert sorted(quantized_formats(model)) == sorted(moe_linears())

@@ -6,10 +6,11 @@
     print(report.format_table())
 """
 
-from .apply import apply, calibrate, calibration, plan, remove, report
+from . import backend
+from .apply import apply, calibrate, calibration, plan, remove, report, reuse_quantized_weights
 from .policy import Policy, PolicyError, Rule, hybrid, policy_from_dict, transformer
 from .quantizer import TensorQuantizer
 from .report import QuantReport
 
-__all__ = ["apply", "calibrate", "calibration", "plan", "remove", "report", "Policy", "PolicyError", "Rule",
-           "hybrid", "policy_from_dict", "transformer", "TensorQuantizer", "QuantReport"]
+__all__ = ["backend", "apply", "calibrate", "calibration", "plan", "remove", "report", "reuse_quantized_weights", "Policy",
+           "PolicyError", "Rule", "hybrid", "policy_from_dict", "transformer", "TensorQuantizer", "QuantReport"]

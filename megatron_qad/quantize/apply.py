@@ -161,6 +161,28 @@ def calibration(model: torch.nn.Module | Sequence[torch.nn.Module]) -> Iterator[
         quantizer.finish_calibration()
 
 
+@contextlib.contextmanager
+def reuse_quantized_weights(model: torch.nn.Module | Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Fake-quantize each weight of ``model`` (a model or a list of chunks) once inside the block
+    and reuse the result in every later forward pass of the block; gradients still reach the
+    weights (straight through), and the numerics are those of quantizing at every call.
+
+    For the micro-batches of one optimizer step, whose weights do not change: it saves one amax,
+    one quantization (and under tensor parallelism one all-reduce) per weight and micro-batch, and
+    costs one quantized copy of the weights (the parameters' dtype) until the block ends. The
+    weights must not be modified inside the block (the optimizer steps outside it).
+    """
+    quantizers = [module.weight_quantizer for module in torch.nn.ModuleList(_chunks(model)).modules()
+                  if layers.is_quantized_linear(module) and module.weight_quantizer is not None]
+    for quantizer in quantizers:
+        quantizer.start_holding()
+    try:
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.stop_holding()
+
+
 def calibrate(model: torch.nn.Module, batches: Iterable,
               forward: Callable[[torch.nn.Module, object], object] = _default_forward) -> int:
     """Set every static amax to the max |x| seen over ``batches`` (max calibration); return the count.

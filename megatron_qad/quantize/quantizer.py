@@ -5,14 +5,17 @@ A quantizer owns the amax its scale comes from:
     layer, so that a tensor split over ranks is scaled as the whole tensor would be);
   * ``static``: the ``amax`` buffer, set by calibration (max over batches, MAX-reduced over the
     tensor- and data-parallel groups) and saved in checkpoints.
-Weights are always dynamic: they change at every optimizer step. The numerics are in
-:mod:`megatron_qad.numerics`; this module only chooses the amax.
+Weights are always dynamic: they change at every optimizer step. Between two steps they do not, so
+a weight quantizer can *hold* its result (:meth:`TensorQuantizer.start_holding`): the first call of
+a step fake-quantizes, later micro-batches reuse that tensor with a straight-through gradient. The
+numerics are in :mod:`megatron_qad.numerics`; this module only chooses the amax.
 """
 
 import torch
 import torch.distributed as dist
 
 from ..numerics import fp8, nvfp4
+from ..numerics.straight_through import straight_through
 
 TENSOR_FORMATS = ("nvfp4", "nvfp4_4over6", "fp8")
 
@@ -49,6 +52,8 @@ class TensorQuantizer(torch.nn.Module):
         self.dp_group = dp_group
         self.owner = owner
         self.calibrating = False
+        self.holding = False
+        self._held: tuple[tuple, torch.Tensor] | None = None  # (key of the input, its fake quant)
         self.amax_ready = False  # static: set by calibration or by loading a checkpoint that has it
         if amax_mode == "static":
             self.register_buffer("amax", torch.tensor(float("nan"), device=device))
@@ -61,7 +66,28 @@ class TensorQuantizer(torch.nn.Module):
             if self.amax_mode == "static":
                 self._observe(x)
             return x
+        if self.holding:
+            return straight_through(x, self._held_fake_quant)
         return self._fake_quantize(x, self.current_amax(x))
+
+    def _held_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake quant of ``x`` made at the first call since :meth:`start_holding` (made now if
+        ``x`` is another tensor than that one), as a fresh alias without autograd history."""
+        key = (x.data_ptr(), x.shape, x.dtype, x.device)
+        if self._held is None or self._held[0] != key:
+            with torch.no_grad():
+                self._held = (key, self._fake_quantize(x.detach(), self.current_amax(x)))
+        return self._held[1].detach()
+
+    def start_holding(self) -> None:
+        """Until :meth:`stop_holding`, fake-quantize the input once and reuse the result: only for
+        an input that does not change in between (a weight within one optimizer step)."""
+        self.holding = True
+
+    def stop_holding(self) -> None:
+        """Forget the held tensor and fake-quantize every call again."""
+        self.holding = False
+        self._held = None
 
     def _fake_quantize(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         if self.fmt == "fp8":

@@ -90,15 +90,18 @@ def build_report(model: torch.nn.Module, formats, policy) -> QuantReport:
 
     Weight errors use the amax the layer's weight quantizer would use (MAX-reduced over its
     tensor-parallel group), so every rank must build the report (``apply`` does).
+    An output layer tied to the embedding (``share_embeddings_and_output_weights``) owns no weight:
+    its row has 0 parameters and no weight error.
     """
     rows = []
     for linear, weight_format, input_format in formats:
         weight = linear.module.weight
         errors = (None, None)
-        if weight_format in QUANTIZED_FORMATS:
+        if weight_format in QUANTIZED_FORMATS and weight is not None:
             amax = linear.module.weight_quantizer.current_amax(weight)
             errors = (_relative_mse(weight, amax, False), _relative_mse(weight, amax, True))
-        rows.append(LayerRow(linear.name, linear.kind, weight_format, input_format, weight.numel(), *errors))
+        rows.append(LayerRow(linear.name, linear.kind, weight_format, input_format,
+                             0 if weight is None else weight.numel(), *errors))
     kv_modules = sum(1 for module in model.modules() if layers.has_kv_quantization(module))
     return QuantReport(policy=policy.name, rows=rows,
                        total_params=sum(p.numel() for p in model.parameters()), kv_fp8_modules=kv_modules)

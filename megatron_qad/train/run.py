@@ -20,6 +20,8 @@ Returns (on every rank) a summary dict: the PTQ and final validation metrics, th
 reduction and the wall time.
 """
 
+import contextlib
+import importlib.metadata
 import time
 from pathlib import Path
 from typing import Literal
@@ -39,6 +41,19 @@ from .metrics import IterationLog, StepTimer, global_averages, memory_gib
 from .optimizer import build_optimizer, resolve_distributed_optimizer, wrap_ddp
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability (major, minor); None on the CPU."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (a pip package name), None when it is missing."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def check_runnable(config: QADConfig, device: torch.device) -> None:
     """Errors a run would otherwise hit late, named by key."""
     if device.type == "cpu" and config.model.params_dtype != "float32":
@@ -47,6 +62,8 @@ def check_runnable(config: QADConfig, device: torch.device) -> None:
     if device.type == "cpu" and config.training.use_distributed_optimizer:
         raise ConfigError("'training.use_distributed_optimizer: true' needs GPUs (megatron.core's distributed "
                           "optimizer accepts CUDA parameters only); set it to null or false on the CPU")
+    quantize.backend.select_backend(config.quantization.backend, device_capability(device),
+                                    installed_version("transformer_engine"), te_spec_model=False)
     if config.teacher.checkpoint is None:
         raise ConfigError("'teacher.checkpoint' is not set: give the megatron.core dist checkpoint of the "
                           "BF16 teacher (or a directory to train a small one in, with teacher.pretrain_iters)")
@@ -90,9 +107,13 @@ class Run:
                                   self.dp_rank, self.dp_size)
 
     def step(self, chunks, batches, loss: DistillationLoss, forward_only: bool = False) -> list[dict]:
-        return distillation_step(chunks, chunk_iterators(chunks, batches),
-                                 get_num_microbatches(), self.config.training.micro_batch_size,
-                                 self.seq_length, loss, forward_only=forward_only)
+        """The micro-batches of one global batch through the schedule (weights fixed throughout)."""
+        reuse = (quantize.reuse_quantized_weights(chunks) if self.config.quantization.reuse_quantized_weights
+                 else contextlib.nullcontext())
+        with reuse:
+            return distillation_step(chunks, chunk_iterators(chunks, batches),
+                                     get_num_microbatches(), self.config.training.micro_batch_size,
+                                     self.seq_length, loss, forward_only=forward_only)
 
     def dataset(self, split: str, teacher_sampler=None):
         data = self.config.data
@@ -170,6 +191,9 @@ class Run:
             self.pretrain_teacher(teacher_dir)
         teachers = self.build_chunks()
         checkpointing.load_model(teachers, teacher_dir)
+        teacher_gib = sum(p.numel() * p.element_size() for chunk in teachers for p in chunk.parameters()) / 2**30
+        self.log.print(f"teacher: {teacher_gib:.3f} GiB of {config.model.params_dtype} weights on this rank "
+                       f"(frozen: no gradients, no optimizer state)")
         train_data = self.dataset("train", self.teacher_sampler(teachers))
         validation_data = self.dataset("validation", self.teacher_sampler(teachers))
 
@@ -185,7 +209,7 @@ class Run:
         if run_dir:
             checkpointing.write_resolved_config(run_dir, to_dict(config))
         resume_from = checkpointing.latest_training_checkpoint(run_dir) if config.checkpoint.resume else None
-        summary = {"mode": mode, "ptq": None}
+        summary = {"mode": mode, "ptq": None, "teacher GiB": round(teacher_gib, 3)}
         if resume_from is None:
             with quantize.calibration(students):
                 for step in range(config.distill.calibration_iters):
@@ -271,6 +295,9 @@ class Run:
         if ptq and final and "kl" in ptq and "kl" in final and ptq["kl"] > 0:
             summary["kl_reduction"] = 1.0 - final["kl"] / ptq["kl"]
         summary["seconds"] = round(time.perf_counter() - start_time, 1)
+        peak = memory_gib(self.device)
+        if peak is not None:
+            summary["peak GiB"] = round(peak, 2)
         self.log.summary({key: value for key, value in summary.items() if key not in ("train", "layers")})
         self.log.close()
         return summary

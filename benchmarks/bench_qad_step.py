@@ -1,0 +1,233 @@
+"""What a QAD optimizer step costs next to a BF16 training step of the same model, in one run.
+
+    python benchmarks/bench_qad_step.py [--recipe configs/qwen2_1p5b_shape.yaml] [--steps 10]
+                                        [--warmup 3] [--markdown FILE] [key.path=value ...]
+    torchrun --nproc-per-node 2 benchmarks/bench_qad_step.py ...   # any layout of the recipe
+
+Every variant builds its models from the recipe (same seed, same layout), wraps the trained one in
+megatron.core's DistributedDataParallel with its Adam (mixed precision for bf16), and times
+``--steps`` optimizer steps of ``training.global_batch_size`` sequences after ``--warmup`` ones
+(wall time with the GPU synchronised; the median is reported). Data: uniform random tokens, the
+same for every variant. Variants:
+
+  BF16 training         the unquantized student, cross entropy on the labels: the reference step
+  NVFP4 QAT             the quantized student (recipe's policy, calibrated input amax), cross entropy,
+                        weights fake-quantized once per step: what quantization adds
+  teacher forward       the teacher's forward pass over the step's micro-batches, no gradients
+  QAD, weights every    teacher forward + quantized student + KL(teacher || student), every weight
+    micro-batch         fake-quantized at every micro-batch
+  QAD                   the same with each weight fake-quantized once per optimizer step (the default,
+                        ``quantization.reuse_quantized_weights``)
+  QAD, ModelOpt student the same step with NVIDIA ModelOpt's NVFP4_DEFAULT_CFG fake quant in place of
+                        ours (when modelopt is installed), calibrated on the same batch
+
+Rank 0 prints a Markdown table (ms per step, tokens/s, ratio to BF16, peak memory) and where the
+QAD step's time goes: quantization (QAT - BF16), the teacher's forward, and the KL with the second
+model's bookkeeping (QAD - QAT - teacher forward). Under data parallelism the gradient all-reduce
+is part of every trained variant.
+"""
+
+import argparse
+import contextlib
+import gc
+import statistics
+import time
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_qad import parallel, quantize
+from megatron_qad.config import load_config
+from megatron_qad.distill import DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step
+from megatron_qad.models import DTYPES, build_model_chunks, causal_attention_mask
+from megatron_qad.train.optimizer import build_optimizer, resolve_distributed_optimizer, wrap_ddp
+
+
+class Bench:
+    """Models, data and timing of one recipe on this rank."""
+
+    def __init__(self, config, context, steps: int, warmup: int):
+        self.config, self.device, self.steps, self.warmup = config, context.device, steps, warmup
+        t = config.training
+        self.dp_size = context.data_parallel_size
+        self.micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        if self.micro_batches * t.micro_batch_size * self.dp_size != t.global_batch_size:
+            raise SystemExit(f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                             f"micro_batch_size x data-parallel size ({t.micro_batch_size * self.dp_size})")
+        generator = torch.Generator().manual_seed(1000 + parallel_state.get_data_parallel_rank())
+        shape = (t.micro_batch_size, config.model.seq_length)
+        self.batches = [{"tokens": torch.randint(0, config.model.vocab_size, shape, generator=generator).to(self.device),
+                         "labels": torch.randint(0, config.model.vocab_size, shape, generator=generator).to(self.device),
+                         "loss_mask": torch.ones(shape, device=self.device)}
+                        for _ in range(self.micro_batches)]
+        self.tokens_per_step = t.global_batch_size * config.model.seq_length
+
+    def chunks(self):
+        return build_model_chunks(self.config.model, self.config.parallel, self.device)
+
+    def calibrated_student(self, teacher_chunks):
+        """The recipe's NVFP4 student of the teacher's weights, its static amaxes calibrated on the batches."""
+        students = self.chunks()
+        for student, teacher in zip(students, teacher_chunks):
+            student.load_state_dict(teacher.state_dict())
+        quantize.apply(students, self.config.quantization.to_policy())
+        stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teacher_chunks)]
+        with quantize.calibration(students):
+            self.run_step(stages, DistillationLoss("kl"), forward_only=True)
+        return students
+
+    def run_step(self, chunks, loss: DistillationLoss, forward_only: bool = False, reuse: bool = False):
+        hold = quantize.reuse_quantized_weights(chunks) if reuse else contextlib.nullcontext()
+        with hold:
+            return distillation_step(chunks, chunk_iterators(chunks, self.batches), self.micro_batches,
+                                     self.config.training.micro_batch_size, self.config.model.seq_length, loss,
+                                     forward_only=forward_only)
+
+    def time_training(self, chunks, loss: DistillationLoss, reuse: bool) -> dict:
+        """Median seconds of an optimizer step (zero grads, forward / backward of every micro-batch,
+        gradient reduction, Adam) and peak memory of ``chunks`` trained on ``loss``."""
+        use_dist_opt = resolve_distributed_optimizer(self.config.training, self.dp_size, self.device)
+        ddp_chunks = wrap_ddp(chunks, use_dist_opt)
+        optimizer, _ = build_optimizer(ddp_chunks, self.config.training, DTYPES[self.config.model.params_dtype],
+                                       use_dist_opt)
+
+        def step():
+            for chunk in ddp_chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            self.run_step(ddp_chunks, loss, reuse=reuse)
+            optimizer.step()
+
+        return self.time(step)
+
+    def time(self, step) -> dict:
+        torch.cuda.reset_peak_memory_stats()
+        seconds = []
+        for index in range(self.warmup + self.steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            if index >= self.warmup:
+                seconds.append(time.perf_counter() - start)
+        # Every rank takes the slowest rank's time of each step (one step ends when all ranks are done).
+        times = torch.tensor(seconds, device=self.device)
+        torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+        return {"seconds": statistics.median(times.tolist()),
+                "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def modelopt_student(bench: Bench, teacher_chunks):
+    """The teacher's weights under ModelOpt's NVFP4_DEFAULT_CFG fake quant, calibrated on the batches
+    (None, with the reason printed, if ModelOpt is missing or cannot quantize this model)."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as error:
+        print(f"ModelOpt unavailable: {error!r}")
+        return None
+    students = bench.chunks()
+    for student, teacher in zip(students, teacher_chunks):
+        student.load_state_dict(teacher.state_dict())
+    s = bench.config.model.seq_length
+    positions = torch.arange(s, device=bench.device).expand(bench.config.training.micro_batch_size, -1)
+    mask = causal_attention_mask(s, bench.device)
+
+    def forward_loop(model):
+        with torch.no_grad():
+            for batch in bench.batches:
+                model(batch["tokens"], positions, mask)
+
+    try:
+        if len(students) > 1 or parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError("the ModelOpt row needs pipeline-parallel size 1 (its calibration "
+                                      "loop here runs the whole model)")
+        return [mtq.quantize(students[0], mtq.NVFP4_DEFAULT_CFG, forward_loop=forward_loop)]
+    except Exception as error:  # the peer row is optional; report why it is missing
+        print(f"ModelOpt could not quantize the model: {error!r}")
+        return None
+
+
+def measure(bench: Bench) -> dict[str, dict]:
+    """Every variant's timing; each variant's trained model and optimizer are freed before the next."""
+    kl, ce = DistillationLoss("kl"), DistillationLoss("ce")
+    rows = {"BF16 training": bench.time_training(bench.chunks(), ce, reuse=False)}
+    free()
+    teachers = bench.chunks()
+    for teacher in teachers:
+        teacher.requires_grad_(False)
+    rows["teacher forward"] = bench.time(lambda: bench.run_step(teachers, ce, forward_only=True))
+    rows["NVFP4 QAT"] = bench.time_training(bench.calibrated_student(teachers), ce, reuse=True)
+    free()
+
+    def qad(students, reuse: bool) -> dict:
+        stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
+        return bench.time_training(stages, kl, reuse=reuse)
+
+    rows["QAD, weights quantized every micro-batch"] = qad(bench.calibrated_student(teachers), reuse=False)
+    free()
+    rows["QAD"] = qad(bench.calibrated_student(teachers), reuse=True)
+    free()
+    peer = modelopt_student(bench, teachers)
+    if peer is not None:
+        rows["QAD, ModelOpt student"] = qad(peer, reuse=False)
+    return rows
+
+
+def report(rows: dict[str, dict], tokens_per_step: int) -> str:
+    base = rows["BF16 training"]["seconds"]
+    lines = ["| step | ms | tokens/s | x BF16 step | peak GiB |", "|---|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['seconds'] * 1e3:.1f} | {tokens_per_step / row['seconds']:,.0f} | "
+                     f"{row['seconds'] / base:.3f}x | {row['peak GiB']:.1f} |")
+    qad, qat, teacher = rows["QAD"]["seconds"], rows["NVFP4 QAT"]["seconds"], rows["teacher forward"]["seconds"]
+    every = rows["QAD, weights quantized every micro-batch"]["seconds"]
+    lines += ["", "| where the QAD step's time goes | ms | share of QAD step |", "|---|---:|---:|"]
+    for name, seconds in (("BF16 training step of the student", base),
+                          ("NVFP4 fake quant (QAT - BF16)", qat - base),
+                          ("teacher forward", teacher),
+                          ("KL and the rest (QAD - QAT - teacher forward)", qad - qat - teacher)):
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / qad:.1%} |")
+    lines.append(f"\nReusing each weight's fake quant over the step's micro-batches: {every * 1e3:.1f} -> "
+                 f"{qad * 1e3:.1f} ms ({1 - qad / every:.1%} of the step saved).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="configs/qwen2_1p5b_shape.yaml")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key.path=value")
+    args = parser.parse_intermixed_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_qad_step.py measures GPU steps: no CUDA device here")
+    config = load_config(args.recipe, args.overrides)
+    context = parallel.initialize(config.parallel, seed=config.model.seed)
+    try:
+        bench = Bench(config, context, args.steps, args.warmup)
+        rows = measure(bench)
+        if context.rank == 0:
+            p = config.parallel
+            header = (f"{torch.cuda.get_device_name()} x {torch.distributed.get_world_size()}, "
+                      f"`{args.recipe}` {' '.join(args.overrides)} (TP={p.tensor_model_parallel_size}, "
+                      f"PP={p.pipeline_model_parallel_size}, DP={context.data_parallel_size}; "
+                      f"{bench.micro_batches} micro-batches of {config.training.micro_batch_size} x "
+                      f"{config.model.seq_length} tokens per step); median of {args.steps} steps after "
+                      f"{args.warmup}")
+            text = f"{header}\n\n{report(rows, bench.tokens_per_step)}\n"
+            print(text, flush=True)
+            if args.markdown:
+                with open(args.markdown, "w") as out:
+                    out.write(text)
+    finally:
+        parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()

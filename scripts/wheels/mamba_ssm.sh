@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Mamba-2 kernels for a GPU machine that cannot build CUDA extensions or reach PyPI.
+#
+#   scripts/wheels/mamba_ssm.sh OUT_DIR [VERSION]      # on a machine with internet and torch
+#
+# Writes OUT_DIR/mamba_ssm-VERSION-py3-none-any.whl: mamba-ssm built without its CUDA extensions
+# (MAMBA_SKIP_CUDA_BUILD), i.e. its Triton kernels only, which is what megatron.core's MambaMixer
+# trains Mamba2 layers with (mamba_chunk_scan_combined, the gated RMSNorm). Without causal-conv1d,
+# megatron_qad runs megatron.core's unfused Mamba path (torch conv1d, then the Triton scan).
+#
+# Also writes OUT_DIR/selective_scan_cuda.py: mamba_ssm/__init__.py imports Mamba-1's CUDA extension
+# selective_scan_cuda eagerly although Mamba2 never calls it; this module stands in for it and
+# raises ImportError on any use. On the GPU machine:
+#   pip install --no-deps --target SITE OUT_DIR/mamba_ssm-*.whl && cp OUT_DIR/selective_scan_cuda.py SITE/
+# (einops and huggingface_hub must be installed there too.)
+set -euo pipefail
+out=$(realpath -m "${1:?usage: $0 OUT_DIR [VERSION]}")
+version=${2:-2.3.2.post1}
+python=${PYTHON:-python3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$out"
+"$python" - "$version" "$work" <<'PY'
+import json, sys, urllib.parse, urllib.request
+version, work = sys.argv[1:]
+index = "https://pypi.org/pypi/mamba-ssm/json"
+project = json.load(urllib.request.urlopen(index))
+sdist = next(u for u in project["releases"][version] if u["packagetype"] == "sdist")
+urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), f"{work}/mamba_ssm.tar.gz")
+PY
+tar -xzf "$work/mamba_ssm.tar.gz" -C "$work"
+# FORCE_BUILD: build here instead of downloading a prebuilt CUDA wheel from GitHub.
+MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+  "$python" -m pip wheel --no-deps --no-build-isolation -w "$out" "$work"/mamba_ssm-"$version"
+cat > "$out/selective_scan_cuda.py" <<'PY'
+"""Stands in for mamba-ssm's Mamba-1 CUDA extension in a Triton-only build (mamba_ssm imports it
+eagerly; Mamba2 never calls it). Any use raises ImportError."""
+
+
+def __getattr__(name):
+    raise ImportError(f"selective_scan_cuda.{name}: this mamba-ssm was built without its CUDA "
+                      f"extensions (Mamba-1's selective scan); Mamba2 layers do not need it")
+PY
+echo "wrote $out"
