@@ -313,7 +313,7 @@ def build_hybrid_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         position_embedding_type=model_cfg.position_embedding_type,
         rotary_base=model_cfg.rotary_base,
     )
-    return model.to(device)
+    return _on_device_in_params_dtype(model, model_cfg, device)
 
 
 def _stage_arguments(vp_stage: int | None) -> dict:
@@ -377,7 +377,24 @@ def build_gpt_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         position_embedding_type=model_cfg.position_embedding_type,
         rotary_base=model_cfg.rotary_base,
     )
-    return model.to(device)
+    return _on_device_in_params_dtype(model, model_cfg, device)
+
+
+def _on_device_in_params_dtype(model: torch.nn.Module, model_cfg: ModelConfig, device: torch.device):
+    """``model`` on ``device`` with every parameter in ``model_cfg.params_dtype``, as Megatron-LM's
+    Float16Module leaves a bf16 model. megatron.core creates a few parameters in fp32 whatever
+    ``params_dtype`` says (the routers' weights, Mamba's A_log, D and dt_bias); its mixed-precision
+    optimizer maps checkpoint state to parameters as if all were bf16, so a bf16 model holding fp32
+    parameters could not save its optimizer. Buffers keep their dtype (the routers' fp32 expert bias).
+    The routers cast their weight to the input's dtype anyway; Mamba's A_log, D and dt_bias hold
+    bf16 values, as in Megatron-LM's bf16 models (the mixer computes with them in fp32, and the
+    optimizer's fp32 main weights keep full precision)."""
+    dtype = DTYPES[model_cfg.params_dtype]
+    model = model.to(device)
+    for parameter in model.parameters():
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    return model
 
 
 def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -170,6 +170,18 @@ def test_hybrid_initialisation_is_a_function_of_the_seed(cpu_process):
     assert all(torch.equal(first[k], again[k]) for k in tensors)
 
 
+def test_bf16_models_hold_every_parameter_in_bf16(cpu_process):
+    """megatron.core creates routers' weights and Mamba's A_log, D and dt_bias in fp32; the builders
+    cast them (megatron.core's mixed-precision optimizer could not checkpoint a mix), buffers stay."""
+    config = load_config(TINY_HYBRID, ["model.params_dtype=bfloat16"])
+    model = build_model(config.model, config.parallel, cpu_process.device)
+    names = {name for name, _ in model.named_parameters()}
+    assert any(name.endswith("mixer.A_log") for name in names) and any(name.endswith("router.weight") for name in names)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    expert_biases = [buffer for name, buffer in model.named_buffers() if name.endswith("router.expert_bias")]
+    assert expert_biases and all(bias.dtype == torch.float32 for bias in expert_biases)
+
+
 def test_gated_rms_norm_matches_the_per_group_formula():
     torch.manual_seed(0)
     norm = GatedRMSNorm(12, eps=1e-5, group_size=4, norm_before_gate=False, dtype=torch.float32)
