@@ -113,6 +113,23 @@ def test_unquantized_copy_has_zero_kl_and_zero_grads():
     assert all(grad is not None and grad.abs().max().item() < 1e-7 for grad in grads)
 
 
+def test_forward_only_builds_no_autograd_graph():
+    """Calibration and validation passes keep no graph alive across micro-batches (it would hold
+    every micro-batch's activations until the step ends)."""
+    cfg = small_config()
+    batches = micro_batches(cfg.model, count=2)
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = student_of(teacher.state_dict(), cfg)
+        tracked = []
+        student.output_layer.register_forward_hook(lambda module, inputs, output: tracked.append(output[0].requires_grad))
+        stage = TeacherStudentStage(student, teacher)
+        for forward_only in (True, False):
+            distillation_step(stage, iter(batches), 2, MICRO_BATCH_SIZE, cfg.model.seq_length,
+                              DistillationLoss("kl"), forward_only=forward_only)
+    assert tracked == [False, False, True, True]
+
+
 def test_teacher_frozen_through_an_optimizer_step():
     cfg = small_config()
     batches = micro_batches(cfg.model, count=2)

@@ -141,10 +141,14 @@ def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage
         prepare_pipeline_config(stage.config, device, interleaved=len(chunks) > 1)
     forward_step = functools.partial(_forward_step, loss, micro_batch_size, seq_length, device)
     forward_backward = get_forward_backward_func()
-    return forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=chunks,
-                            num_microbatches=num_microbatches, seq_length=seq_length,
-                            micro_batch_size=(2 if with_teacher else 1) * micro_batch_size,
-                            forward_only=forward_only)
+    # Forward-only passes (calibration, validation) build no autograd graph: megatron.core's
+    # schedules do not turn it off, and the graphs of all micro-batches would otherwise stay alive
+    # until the last one is done.
+    with torch.set_grad_enabled(not forward_only):
+        return forward_backward(forward_step_func=forward_step, data_iterator=iterators, model=chunks,
+                                num_microbatches=num_microbatches, seq_length=seq_length,
+                                micro_batch_size=(2 if with_teacher else 1) * micro_batch_size,
+                                forward_only=forward_only)
 
 
 def chunk_iterators(chunks: Sequence[torch.nn.Module], batches: Sequence[dict]) -> list[Iterator]:
