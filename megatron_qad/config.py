@@ -48,7 +48,10 @@ class ModelConfig:
     Sizes are element counts; ``seq_length`` is in tokens. ``num_moe_experts = 0`` builds dense
     MLPs; otherwise every layer's MLP is a MoE layer with ``num_moe_experts`` experts of width
     ``moe_ffn_hidden_size`` (None: same as ``ffn_hidden_size``), top-``moe_router_topk`` routing,
-    and a shared expert of width ``moe_shared_expert_intermediate_size`` (0: none).
+    and a shared expert of width ``moe_shared_expert_intermediate_size`` (0: none), whose output
+    ``moe_shared_expert_gate`` scales by ``sigmoid(x @ gate_weight.T)`` (a learned [1, hidden]
+    gate, kept in BF16 like the router; Qwen2-MoE has it, and a GPT-MoE student with a shared
+    expert exports as Qwen2-MoE only with it; Nemotron-H has none).
     Routing: ``moe_router_score_function`` "softmax" (megatron.core's default) or "sigmoid"
     (Nemotron-H / Nemotron 3 Nano, DeepSeek-V3), ``moe_router_enable_expert_bias`` adds a per-expert
     bias to the scores that pick the top-k (sigmoid only; saved in checkpoints),
@@ -56,8 +59,11 @@ class ModelConfig:
     ``moe_router_bias_update_rate`` is the step of megatron.core's aux-loss-free bias update after
     every optimizer step (0, the default here: the student keeps the teacher's bias and routing).
     ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP), which
-    the local spec cannot build (the builders raise ConfigError); false gives a SequentialMLP
-    of per-expert linear layers. The ``alltoall`` dispatcher needs a GPU.
+    neither the local spec builds nor the NVFP4 hooks cover (ConfigError); false gives a
+    SequentialMLP of per-expert linear layers. The ``alltoall`` dispatcher needs a GPU.
+    ``transformer_impl``: the layer spec of a GPT model, megatron.core's "local" one (any device)
+    or "transformer_engine" (Megatron-LM's default: TE linear, fused-norm linear, norm and
+    attention layers; needs Transformer Engine and a GPU; hybrid models are built local).
     ``activation``: "swiglu" is a gated SiLU MLP (fc1 has 2 x ffn outputs). ``params_dtype`` is
     the dtype of the parameters; ``seed`` fixes their initialisation (normal, std
     ``init_method_std``). ``kv_channels``: the attention head size (None: hidden_size / heads);
@@ -90,6 +96,7 @@ class ModelConfig:
     moe_router_bias_update_rate: float = 0.0
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int = 0
+    moe_shared_expert_gate: bool = False
     moe_grouped_gemm: bool = False
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
@@ -103,6 +110,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     seed: int = 1234
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
     hybrid_layer_pattern: str = ""
     mamba_state_dim: int = 128
     mamba_head_dim: int = 64
@@ -571,6 +579,9 @@ def _validate_quantization(q: QuantizationConfig) -> None:
 
 
 def _validate_hybrid(m: ModelConfig, p: ParallelConfig) -> None:
+    _require(not (m.is_hybrid and m.transformer_impl == "transformer_engine"),
+             "'model.transformer_impl: transformer_engine' builds GPT models; hybrid models "
+             "('model.hybrid_layer_pattern') are built from the local spec: set it to local")
     if not m.is_hybrid:
         return
     pattern = m.hybrid_layer_pattern
@@ -619,6 +630,10 @@ def _validate_hybrid(m: ModelConfig, p: ParallelConfig) -> None:
 
 
 def _validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
+    _require(not m.moe_shared_expert_gate or (m.is_moe and m.moe_shared_expert_intermediate_size > 0),
+             "'model.moe_shared_expert_gate' is true but the model has no shared expert "
+             "('model.num_moe_experts' or 'model.moe_shared_expert_intermediate_size' is 0); "
+             "give it a shared expert or set the gate to false")
     if not m.is_moe:
         _require(p.expert_model_parallel_size == 1,
                  f"'parallel.expert_model_parallel_size' is {p.expert_model_parallel_size} but the "

@@ -2,7 +2,8 @@
 one more to build (not run) the Mamba layers of a hybrid model, one for the small tensors that
 megatron.core's pipeline schedules and optimizer allocate on a hard-coded "cuda"
 (:func:`_cpu_hard_coded_cuda_tensors`), the optimizer's gradient clipping
-(:func:`_cpu_gradient_clipping`), and the no-op CUDA stream
+(:func:`_cpu_gradient_clipping`), the MoE router's GEMM where Transformer Engine is installed
+(:func:`_router_gemm_in_torch`), and the no-op CUDA stream
 and synchronize that megatron.core's DistributedDataParallel gradient reduction and
 dist_checkpointing's writer call (:class:`_CpuStream`, :func:`_cpu_synchronize`).
 
@@ -310,6 +311,15 @@ def _cpu_gradient_clipping() -> None:
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
 
 
+def _router_gemm_in_torch() -> None:
+    """The MoE router's logits GEMM in torch. With Transformer Engine installed, megatron.core's
+    ``moe_utils.RouterGatingLinearFunction`` runs it with TE's cuBLAS GEMM (``te_general_gemm``),
+    which needs a GPU; without that name it uses ``torch.mm`` (its own fallback)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None
+
+
 def apply() -> None:
     """Install the shims (idempotent); RuntimeError if this process can see a CUDA device."""
     if torch.cuda.is_available():
@@ -325,3 +335,4 @@ def apply() -> None:
     _allow_mamba_mixer_build()
     _cpu_hard_coded_cuda_tensors()
     _cpu_gradient_clipping()
+    _router_gemm_in_torch()

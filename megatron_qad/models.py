@@ -1,7 +1,8 @@
 """Build megatron.core GPT models (dense or MoE) and hybrid Mamba models from a
 :class:`~megatron_qad.config.ModelConfig`, and describe their decoder layers.
 
-Models use megatron.core's local layer spec (no Transformer Engine), with two adjustments that are
+GPT models use megatron.core's Transformer Engine spec with ``model.transformer_impl:
+transformer_engine`` (GPU only). Otherwise models use its local layer spec, with two adjustments that are
 plain spec choices: norms that accept sequence parallelism (:func:`sequence_parallel_torch_norm`)
 and, on the CPU, weights drawn on the CPU and scattered to tensor-parallel shards
 (``use_cpu_initialization``), which makes a model's function independent of its TP layout: at the
@@ -38,6 +39,7 @@ from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                       get_gpt_layer_local_submodules,
+                                                      get_gpt_layer_with_transformer_engine_spec,
                                                       get_mlp_module_spec_for_backend)
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -94,6 +96,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             moe_router_bias_update_rate=model_cfg.moe_router_bias_update_rate,
             moe_ffn_hidden_size=model_cfg.expert_ffn_hidden_size,
             moe_shared_expert_intermediate_size=model_cfg.moe_shared_expert_intermediate_size or None,
+            moe_shared_expert_gate=model_cfg.moe_shared_expert_gate,
             moe_grouped_gemm=model_cfg.moe_grouped_gemm,
             moe_token_dispatcher_type=model_cfg.moe_token_dispatcher_type,
         )
@@ -146,12 +149,19 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
 
 
 def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
-    """Raise ConfigError for settings the local spec (or the CPU) cannot build."""
+    """Raise ConfigError for settings the spec (or the device) cannot build."""
     if model_cfg.is_moe and model_cfg.moe_grouped_gemm:
         raise ConfigError(
-            "'model.moe_grouped_gemm: true' needs Transformer Engine's grouped-GEMM experts "
-            "(TEGroupedMLP); megatron-core 0.19's local spec builds per-expert SequentialMLP only. "
-            "Set model.moe_grouped_gemm=false")
+            "'model.moe_grouped_gemm: true' asks for Transformer Engine's grouped-GEMM experts "
+            "(TEGroupedMLP), which megatron-core 0.19's local spec cannot build and the NVFP4 hooks "
+            "do not cover. Set model.moe_grouped_gemm=false (per-expert SequentialMLP, in either spec)")
+    if model_cfg.transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+
+        if not HAVE_TE or device.type != "cuda":
+            missing = "Transformer Engine is not installed" if not HAVE_TE else "this is the CPU"
+            raise ConfigError(f"'model.transformer_impl: transformer_engine' needs Transformer Engine on a "
+                              f"GPU ({missing}); set model.transformer_impl=local")
     if model_cfg.is_moe and device.type == "cpu" and model_cfg.moe_token_dispatcher_type == "alltoall":
         raise ConfigError(
             "'model.moe_token_dispatcher_type: alltoall' creates a CUDA stream "
@@ -167,7 +177,15 @@ def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
 
 def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
                    vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """Local-spec layers (this pipeline stage's share) with sequence-parallel-capable norms."""
+    """This pipeline stage's layers: local-spec ones with sequence-parallel-capable norms, or
+    (``model.transformer_impl: transformer_engine``) megatron.core's Transformer Engine spec."""
+    layers = get_num_layers_to_build(config, vp_stage)
+    if model_cfg.transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts=model_cfg.num_moe_experts or None,
+                                                           moe_grouped_gemm=model_cfg.moe_grouped_gemm)
+        return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=TENorm)
     layer = get_gpt_layer_local_spec(
         num_experts=model_cfg.num_moe_experts or None,
         moe_grouped_gemm=model_cfg.moe_grouped_gemm,
@@ -177,8 +195,7 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
                                      input_layernorm=sequence_parallel_torch_norm,
                                      pre_mlp_layernorm=sequence_parallel_torch_norm)
     layer = dataclasses.replace(layer, submodules=submodules)
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
-                                      layer_norm=sequence_parallel_torch_norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=sequence_parallel_torch_norm)
 
 
 class LocalNormHybridStack(HybridStack):

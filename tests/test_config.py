@@ -131,6 +131,8 @@ def test_missing_key_missing_file_and_bad_sections(tmp_path):
      "'model.moe_router_enable_expert_bias' needs 'model.moe_router_score_function: sigmoid' (got 'softmax')"),
     (dict(num_moe_experts=4, moe_router_topk_scaling_factor=0.0), {},
      "'model.moe_router_topk_scaling_factor' must be > 0 or null"),
+    (dict(num_moe_experts=4, moe_shared_expert_gate=True), {},
+     "'model.moe_shared_expert_gate' is true but the model has no shared expert"),
     (dict(num_moe_experts=4), {"expert_model_parallel_size": 3},
      "'parallel.expert_model_parallel_size' (3) must divide 'model.num_moe_experts' (4)"),
     (dict(), {"expert_model_parallel_size": 2}, "the model is dense"),

@@ -21,8 +21,9 @@ from distributed_helpers import single_process
 from torchrun_helpers import torchrun
 from megatron_qad import quantize
 from megatron_qad.config import ConfigError, load_config
-from megatron_qad.export import export, write_checkpoint
+from megatron_qad.export import export, export_tensors, write_checkpoint
 from megatron_qad.export.hf_names import hf_config, module_map
+from megatron_qad.export.writer import FLOAT32_TENSORS
 from megatron_qad.models import build_model, transformer_config
 from megatron_qad.train import checkpointing, run
 
@@ -30,7 +31,8 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 TINY_HYBRID = Path(__file__).resolve().parents[1] / "configs" / "tiny_hybrid_cpu.yaml"
 SMALL = ["model.num_layers=2", "model.seq_length=32", "training.global_batch_size=4", "training.micro_batch_size=2",
          "training.eval_iters=1", "distill.calibration_iters=1", "data.sources=[{type: random}]",
-         "teacher.pretrain_iters=4"]
+         "teacher.pretrain_iters=4", "model.moe_shared_expert_gate=true"]
+"""The tiny recipe's GPT-MoE with its shared experts gated, as Qwen2-MoE's are."""
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -137,7 +139,10 @@ def test_export_metadata_and_bf16_layers(exported):
     hf = json.loads((out / "config.json").read_text())
     assert hf["quantization_config"]["quant_algo"] == "NVFP4"
     assert hf["num_hidden_layers"] == config.model.num_layers and hf["num_experts"] == config.model.num_moe_experts
-    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight", "model.layers.0.mlp.gate.weight"):
+    assert hf["model_type"] == "qwen2_moe" and hf["norm_topk_prob"] is True
+    assert hf["shared_expert_intermediate_size"] == config.model.moe_shared_expert_intermediate_size
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight", "model.layers.0.mlp.gate.weight",
+                 "model.layers.0.mlp.shared_expert_gate.weight"):
         assert tensors[name].dtype == torch.bfloat16, name
     assert not any(name.endswith(".tmp") for name in map(str, out.parent.iterdir()))
 
@@ -188,6 +193,171 @@ def test_a_large_export_is_sharded_with_the_hugging_face_index(exported, tmp_pat
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in single.values())
     for name, tensor in single.items():
         assert torch.equal(union[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-MoE students in Qwen2-MoE names: routing and the gated shared expert.
+
+GATED = ["model.num_layers=1", "model.moe_shared_expert_gate=true"]
+
+
+def megatron_config_of(config, **routing):
+    """The megatron.core TransformerConfig the student of ``config`` is built with, ``routing`` replaced."""
+    return dataclasses.replace(transformer_config(config.model, config.parallel, torch.device("cpu")), **routing)
+
+
+def qwen2_moe_routing(logits: torch.Tensor, topk: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face Qwen2-MoE's routing, written out: softmax over all experts' logits, the top-k,
+    divided by their sum when ``norm_topk_prob``. Returns (weights [tokens, topk], expert indices)."""
+    scores = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(scores, topk, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def qwen2_moe_block(x: torch.Tensor, tensors: dict, layer: int, hf: dict) -> torch.Tensor:
+    """Hugging Face ``Qwen2MoeSparseMoeBlock`` of layer ``layer``, written out on the exported tensors:
+    the routed experts' SwiGLU MLPs weighted by :func:`qwen2_moe_routing`, plus the shared expert
+    scaled by sigmoid(shared_expert_gate(x)). ``x``: [tokens, hidden]."""
+    block = f"model.layers.{layer}.mlp"
+
+    def mlp(prefix, inputs):
+        gate, up, down = (tensors[f"{prefix}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        return (torch.nn.functional.silu(inputs @ gate.T) * (inputs @ up.T)) @ down.T
+
+    weights, experts = qwen2_moe_routing(x @ tensors[f"{block}.gate.weight"].T, hf["num_experts_per_tok"],
+                                         hf["norm_topk_prob"])
+    out = torch.zeros_like(x)
+    for token in range(x.shape[0]):
+        for weight, expert in zip(weights[token], experts[token].tolist()):
+            out[token] += weight * mlp(f"{block}.experts.{expert}", x[token:token + 1])[0]
+    shared = torch.sigmoid(x @ tensors[f"{block}.shared_expert_gate.weight"].T) * mlp(f"{block}.shared_expert", x)
+    return out + shared
+
+
+@pytest.mark.parametrize("pre_softmax, norm_topk_prob", [(False, True), (True, False)])
+def test_qwen2_moe_norm_topk_prob_follows_the_megatron_router(pre_softmax, norm_topk_prob):
+    """Megatron's default router (softmax over the top-k logits) is Qwen2-MoE with renormalised
+    top-k weights; its pre-softmax router (softmax over all experts, as chosen) is Qwen2-MoE without."""
+    config = load_config(RECIPE, GATED)
+    hf = hf_config(config.model, megatron_config_of(config, moe_router_pre_softmax=pre_softmax))
+    assert hf["architectures"] == ["Qwen2MoeForCausalLM"] and hf["norm_topk_prob"] is norm_topk_prob
+    assert (hf["num_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"],
+            hf["shared_expert_intermediate_size"]) == (4, 2, 256, 256)
+    assert (hf["decoder_sparse_step"], hf["mlp_only_layers"], hf["qkv_bias"]) == (1, [], False)
+
+
+@pytest.mark.parametrize("pre_softmax", [False, True])
+def test_megatron_routing_is_qwen2_moe_routing_with_the_exported_norm_topk_prob(pre_softmax):
+    """The probabilities and routing map of a megatron.core router (the tiny student's layer-0 router
+    weights) equal Qwen2-MoE's routing, written out by hand, at the exported ``norm_topk_prob``."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    config = load_config(RECIPE, GATED)
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel).eval()
+        router = model.decoder.layers[0].mlp.router
+        megatron_config = dataclasses.replace(router.config, moe_router_pre_softmax=pre_softmax)
+        if pre_softmax:  # a megatron.core router of that config, with the student's weights
+            router = type(router)(config=megatron_config, pg_collection=get_default_pg_collection()).eval()
+            router.load_state_dict(model.decoder.layers[0].mlp.router.state_dict())
+        hidden = torch.randn(16, 2, config.model.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            probs, routing_map = router(hidden)
+        norm_topk_prob = hf_config(config.model, megatron_config)["norm_topk_prob"]
+        weights, experts = qwen2_moe_routing(hidden.reshape(-1, config.model.hidden_size) @ router.weight.T,
+                                             config.model.moe_router_topk, norm_topk_prob)
+    expected = torch.zeros_like(probs).scatter(1, experts, weights)
+    assert torch.equal(routing_map, expected > 0)
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)
+    if not pre_softmax:
+        assert torch.allclose(probs.sum(dim=-1), torch.ones(32))
+
+
+def test_a_gated_shared_expert_exports_as_qwen2_moe_shared_expert_gate(tmp_path):
+    """The quantized student's shared-expert gate is written, unquantized in BF16, as
+    ``shared_expert_gate.weight``: its megatron.core ``gate_weight``, which the quantization leaves alone."""
+    config = load_config(RECIPE, ["model.num_layers=2", "model.moe_shared_expert_gate=true"])
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        quantize.apply(model, config.quantization.to_policy())
+        gates = {i: layer.mlp.shared_experts.gate_weight.detach().clone()
+                 for i, layer in enumerate(model.decoder.layers)}
+        out = write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
+    tensors = load_file(out / "model.safetensors")
+    exclude = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert len(gates) == 2
+    for i, gate in gates.items():
+        name = f"model.layers.{i}.mlp.shared_expert_gate"
+        assert gate.shape == (1, config.model.hidden_size)
+        assert tensors[f"{name}.weight"].dtype == torch.bfloat16 and f"{name}.weight_scale" not in tensors
+        assert torch.equal(tensors[f"{name}.weight"], gate.bfloat16()), name
+        assert name not in exclude  # like the router: not a quantizable linear
+        assert tensors[f"model.layers.{i}.mlp.shared_expert.down_proj.weight"].dtype == torch.uint8  # NVFP4
+
+
+def test_the_exported_qwen2_moe_block_computes_the_megatron_moe_layer():
+    """One MoE layer of an unquantized student (fp32) against Hugging Face's Qwen2-MoE block written
+    out on its exported tensors: routing, routed experts and the gated shared expert agree."""
+    config = load_config(RECIPE, GATED)
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel).eval()
+        tensors, _ = export_tensors(model, config.model, torch.float32)
+        hf = hf_config(config.model, model.config)
+        hidden = torch.randn(8, 2, config.model.hidden_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            megatron, _ = model.decoder.layers[0].mlp(hidden)
+            shared = model.decoder.layers[0].mlp.shared_experts(hidden)
+    x = hidden.reshape(-1, config.model.hidden_size)
+    assert shared.abs().max() > 0.1 * megatron.abs().max()  # the shared expert weighs in the sum
+    torch.testing.assert_close(qwen2_moe_block(x, tensors, 0, hf), megatron.reshape(x.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing, message", [
+    ({"moe_router_score_function": "sigmoid"}, "'model.moe_router_score_function' is 'sigmoid'.*softmax"),
+    ({"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True},
+     "'model.moe_router_enable_expert_bias' is true"),
+    ({"moe_router_topk_scaling_factor": 2.5}, "'model.moe_router_topk_scaling_factor' is 2.5"),
+    ({"moe_router_num_groups": 2, "moe_router_group_topk": 1}, "moe_router_num_groups = 2"),
+    ({"moe_expert_capacity_factor": 1.0}, "moe_expert_capacity_factor = 1.0"),
+])
+def test_routers_qwen2_moe_cannot_express_are_refused(routing, message):
+    config = load_config(RECIPE, GATED)
+    with pytest.raises(ConfigError, match=message):
+        hf_config(config.model, megatron_config_of(config, **routing))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.moe_shared_expert_gate=false"],
+     "'model.moe_shared_expert_gate' is false.*model.moe_shared_expert_gate=true"),
+    (["model.activation=gelu"], "'model.activation' is 'gelu'.*swiglu"),
+    (["model.add_bias_linear=true"], "'model.add_bias_linear' is true"),
+])
+def test_gpt_moe_layouts_qwen2_moe_cannot_hold_are_refused_by_key(overrides, message):
+    config = load_config(RECIPE, [*GATED, *overrides])
+    with pytest.raises(ConfigError, match=message):
+        module_map(config.model)
+    with pytest.raises(ConfigError, match=message):
+        hf_config(config.model, megatron_config_of(config))
+
+
+def test_an_ungated_shared_expert_is_refused_before_anything_is_written(tmp_path):
+    config = load_config(RECIPE, ["model.num_layers=1"])
+    assert config.model.moe_shared_expert_intermediate_size and not config.model.moe_shared_expert_gate
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        quantize.apply(model, config.quantization.to_policy())
+        with pytest.raises(ConfigError, match="model.moe_shared_expert_gate=true"):
+            write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpt_moe_without_shared_expert_needs_no_gate():
+    config = load_config(RECIPE, ["model.num_layers=1", "model.moe_shared_expert_intermediate_size=0"])
+    hf = hf_config(config.model, megatron_config_of(config))
+    assert hf["shared_expert_intermediate_size"] == 0 and hf["norm_topk_prob"] is True
+    assert not any("shared_expert" in name for name in module_map(config.model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +508,8 @@ def test_hybrid_export_dequantizes_to_the_students_fake_quantized_weights(hybrid
 
 def test_hybrid_export_keeps_the_other_tensors_exactly(hybrid_export):
     """BF16 linears (QKV reassembled from q / k / v), norms, embedding, router, Mamba convolution
-    and SSM parameters equal the student's, in its dtypes (A_log, D and the expert bias are fp32)."""
+    and SSM parameters equal the student's: in its dtype, except A_log, D and the expert bias,
+    which the checkpoint holds in fp32 (HF Nemotron-H's dtype for them) with the same values."""
     config, out, fake_quantized, state = hybrid_export
     tensors = load_file(out / "model.safetensors")
     groups = config.model.num_query_groups
@@ -351,7 +522,8 @@ def test_hybrid_export_keeps_the_other_tensors_exactly(hybrid_export):
             exported = join_qkv(*(tensors[f"{mixer}.{p}_proj.weight"] for p in "qkv"), groups)
         else:
             exported = tensors[nemotron_h_name(name)]
-        assert exported.dtype == state[name].dtype and torch.equal(exported, state[name]), name
+        dtype = torch.float32 if nemotron_h_name(name).endswith(FLOAT32_TENSORS) else state[name].dtype
+        assert exported.dtype == dtype and torch.equal(exported, state[name].to(dtype)), name
 
 
 def test_hybrid_export_scales_are_the_students_amaxes(hybrid_export):
@@ -395,6 +567,8 @@ def test_hybrid_export_config_and_bf16_linears(hybrid_export):
     (["model.activation=swiglu"], "'model.activation' is 'swiglu'.*not gated"),
     (["model.moe_shared_expert_intermediate_size=0"], "every Nemotron-H MoE layer has a shared expert"),
     (["model.share_embeddings_and_output_weights=true"], "'model.share_embeddings_and_output_weights' is true"),
+    (["model.moe_shared_expert_gate=true"],
+     "'model.moe_shared_expert_gate' is true.*Nemotron-H shared experts have no gate"),
 ])
 def test_hybrid_layouts_nemotron_h_cannot_hold_are_refused_by_key(overrides, message):
     model_cfg = load_config(TINY_HYBRID, overrides).model

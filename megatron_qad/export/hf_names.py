@@ -19,9 +19,20 @@ decoder.layers.i.mlp.linear_fc2.*                 model.layers.i.mlp.down_proj.*
 decoder.layers.i.mlp.router.weight                model.layers.i.mlp.gate.weight
 ...mlp.experts.local_experts.e.linear_fc{1,2}.*   model.layers.i.mlp.experts.e.{gate,up,down}_proj.*
 ...mlp.shared_experts.linear_fc{1,2}.*            model.layers.i.mlp.shared_expert.{gate,up,down}_proj.*
+...mlp.shared_experts.gate_weight                 model.layers.i.mlp.shared_expert_gate.weight
 decoder.final_layernorm.weight                    model.norm.weight
 output_layer.weight                               lm_head.weight
 ================================================  ==============================================
+
+GPT-MoE models are written as ``Qwen2MoeForCausalLM`` checkpoints, which route and combine as
+megatron.core's softmax router does (see :func:`_qwen2_moe_keys`): Qwen2-MoE takes the top-k of
+softmax(logits) over all experts and, with ``norm_topk_prob``, renormalises them to sum 1, which
+is megatron.core's softmax over the top-k logits (its default, ``moe_router_pre_softmax`` false);
+without ``norm_topk_prob`` it is megatron.core's pre-softmax routing (softmax over all experts,
+no renormalisation). Its shared expert's output is always scaled by
+``sigmoid(shared_expert_gate(x))``, megatron.core's ``SharedExpertMLP`` gate
+(``sigmoid(x @ gate_weight.T)``, ``model.moe_shared_expert_gate``). Routers or shared experts
+that compute anything else are refused (ConfigError) rather than exported to route differently.
 
 Hybrid models (``model.hybrid_layer_pattern``) are written as ``NemotronHForCausalLM`` checkpoints
 (model_type "nemotron_h"), with the names of NVIDIA's Nemotron-H / Nemotron 3 Nano checkpoints on
@@ -144,6 +155,8 @@ def module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
 
 
 def _gpt_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
+    if model_cfg.is_moe:
+        _check_qwen2_moe_layout(model_cfg)
     gated = model_cfg.activation == "swiglu"
     pieces: dict[str, list[Piece]] = {"output_layer": [Piece("lm_head")]}
     for i in range(model_cfg.num_layers):
@@ -197,6 +210,9 @@ def _check_nemotron_h_layout(model_cfg: ModelConfig) -> None:
     if "E" in symbols and not m.moe_shared_expert_intermediate_size:
         problems.append("'model.moe_shared_expert_intermediate_size' is 0, but every Nemotron-H MoE layer has "
                         "a shared expert (mixer.shared_experts); give the student one")
+    if "E" in symbols and m.moe_shared_expert_gate:
+        problems.append("'model.moe_shared_expert_gate' is true, but Nemotron-H shared experts have no gate "
+                        "(their output is added unscaled); build the student with model.moe_shared_expert_gate=false")
     if problems:
         raise ConfigError(f"'model.hybrid_layer_pattern' is {m.hybrid_layer_pattern!r}: this hybrid model cannot "
                           f"be exported as a Hugging Face NemotronH checkpoint: " + "; ".join(problems))
@@ -207,6 +223,7 @@ _GPT_PLAIN = (
     (r"^decoder\.layers\.(\d+)\.input_layernorm\.weight$", r"model.layers.\1.input_layernorm.weight"),
     (r"^decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"^decoder\.layers\.(\d+)\.mlp\.router\.weight$", r"model.layers.\1.mlp.gate.weight"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.shared_experts\.gate_weight$", r"model.layers.\1.mlp.shared_expert_gate.weight"),
     (r"^decoder\.final_layernorm\.weight$", "model.norm.weight"))
 _NEMOTRON_H_PLAIN = (
     (r"^embedding\.word_embeddings\.weight$", "backbone.embeddings.weight"),
@@ -221,7 +238,8 @@ _NEMOTRON_H_PLAIN = (
 
 def plain_name(name: str, model_cfg: ModelConfig) -> str | None:
     """The HF name of a Megatron parameter or buffer that is not part of a linear module
-    (embedding, norms, router and its expert bias, the Mamba convolution and SSM parameters), or None."""
+    (embedding, norms, router and its expert bias, the shared experts' gate, the Mamba convolution
+    and SSM parameters), or None."""
     for pattern, replacement in _NEMOTRON_H_PLAIN if model_cfg.is_hybrid else _GPT_PLAIN:
         if re.match(pattern, name):
             return re.sub(pattern, replacement, name)
@@ -239,13 +257,14 @@ def take_rows(tensor, piece: Piece, num_query_groups: int):
 def hf_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
     """``config.json`` of the exported model: Nemotron-H for hybrid models, else Llama, Qwen2 (QKV
     biases) or Qwen2-MoE. ``megatron_config``: the student's megatron.core ``TransformerConfig``,
-    whose MoE routing settings (from the recipe's ``model.moe_router_*``) decide the Nemotron-H routing keys."""
+    whose MoE routing settings (from the recipe's ``model.moe_router_*``) decide the Nemotron-H and
+    Qwen2-MoE routing keys. Raises ConfigError for a model the target architecture cannot hold."""
     if model_cfg.is_hybrid:
         return _nemotron_h_config(model_cfg, megatron_config)
-    return _gpt_config(model_cfg)
+    return _gpt_config(model_cfg, megatron_config)
 
 
-def _gpt_config(model_cfg: ModelConfig) -> dict:
+def _gpt_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
     activation = {"swiglu": "silu", "gelu": "gelu", "squared_relu": "relu2"}[model_cfg.activation]
     config = {
         "hidden_size": model_cfg.hidden_size, "intermediate_size": model_cfg.ffn_hidden_size,
@@ -256,17 +275,77 @@ def _gpt_config(model_cfg: ModelConfig) -> dict:
         "tie_word_embeddings": model_cfg.share_embeddings_and_output_weights, "torch_dtype": "bfloat16",
     }
     if model_cfg.is_moe:
-        config.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
-                      num_experts=model_cfg.num_moe_experts, num_experts_per_tok=model_cfg.moe_router_topk,
-                      moe_intermediate_size=model_cfg.expert_ffn_hidden_size,
-                      shared_expert_intermediate_size=model_cfg.moe_shared_expert_intermediate_size,
-                      norm_topk_prob=False)
+        config.update(_qwen2_moe_keys(model_cfg, megatron_config))
     elif model_cfg.add_qkv_bias:
         config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     else:
         config.update(architectures=["LlamaForCausalLM"], model_type="llama",
                       attention_bias=model_cfg.add_bias_linear)
     return config
+
+
+def _check_qwen2_moe_layout(model_cfg: ModelConfig) -> None:
+    """Raise ConfigError for a GPT-MoE model whose layers ``Qwen2MoeForCausalLM`` cannot hold."""
+    m = model_cfg
+    problems = []
+    if m.moe_shared_expert_intermediate_size and not m.moe_shared_expert_gate:
+        problems.append(
+            "'model.moe_shared_expert_gate' is false, but a Qwen2-MoE shared expert's output is always scaled "
+            "by sigmoid(shared_expert_gate(x)), which no exported gate weight makes 1; build the teacher and "
+            "student with model.moe_shared_expert_gate=true (megatron.core's gate, the same formula), or "
+            "without a shared expert (model.moe_shared_expert_intermediate_size=0)")
+    if m.activation != "swiglu":
+        problems.append(f"'model.activation' is {m.activation!r}, but Qwen2-MoE experts are gated SiLU MLPs "
+                        f"(gate_proj, up_proj, down_proj); set model.activation=swiglu")
+    if m.add_bias_linear:
+        problems.append("'model.add_bias_linear' is true, but the Qwen2-MoE router, experts and output "
+                        "projection have no biases; set it to false (model.add_qkv_bias gives QKV biases)")
+    if problems:
+        raise ConfigError(f"'model.num_moe_experts' is {m.num_moe_experts}: this GPT-MoE model cannot be exported "
+                          f"as a Hugging Face Qwen2-MoE checkpoint: " + "; ".join(problems))
+
+
+def _qwen2_moe_keys(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
+    """The Qwen2-MoE keys of a GPT-MoE config. Qwen2-MoE routes by softmax(logits) over all
+    experts, takes the top-k and, with ``norm_topk_prob``, divides them by their sum: megatron.core's
+    default softmax routing (softmax of the top-k logits) when true, its ``moe_router_pre_softmax``
+    routing when false. Routers that score, scale or pick experts otherwise: ConfigError."""
+    _check_qwen2_moe_layout(model_cfg)
+    c = megatron_config
+    problems = []
+    if c.moe_router_score_function != "softmax":
+        problems.append(f"'model.moe_router_score_function' is {c.moe_router_score_function!r}, but Qwen2-MoE "
+                        f"routes by softmax scores; set model.moe_router_score_function=softmax")
+    if c.moe_router_enable_expert_bias:
+        problems.append("'model.moe_router_enable_expert_bias' is true, but a Qwen2-MoE router has no expert "
+                        "bias; set it to false")
+    if c.moe_router_topk_scaling_factor not in (None, 1.0):
+        problems.append(f"'model.moe_router_topk_scaling_factor' is {c.moe_router_topk_scaling_factor}, but "
+                        f"Qwen2-MoE does not scale its routing weights; set it to null")
+    if c.moe_router_num_groups or c.moe_router_group_topk:
+        problems.append(f"the routers pick experts by groups (megatron.core's moe_router_num_groups = "
+                        f"{c.moe_router_num_groups}, moe_router_group_topk = {c.moe_router_group_topk}), but "
+                        f"Qwen2-MoE takes the top-k over all experts; build the student without group-limited routing")
+    balancing = c.moe_router_load_balancing_type
+    balancing = [balancing] if isinstance(balancing, str) else list(balancing)
+    for kind in ("sinkhorn", "quantile_balancing"):
+        if kind in balancing:
+            problems.append(f"the routers balance load by {kind!r} (megatron.core's moe_router_load_balancing_type), "
+                            f"which changes which experts Qwen2-MoE's plain top-k would pick; use an auxiliary loss")
+    if c.moe_expert_capacity_factor is not None:
+        problems.append(f"the experts drop tokens above capacity (megatron.core's moe_expert_capacity_factor = "
+                        f"{c.moe_expert_capacity_factor}), which Qwen2-MoE never does; build the student without it")
+    if problems:
+        raise ConfigError("the student's MoE routers cannot be exported as Hugging Face Qwen2-MoE routers, "
+                          "which would route tokens differently: " + "; ".join(problems))
+    m = model_cfg
+    return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "num_experts": m.num_moe_experts, "num_experts_per_tok": m.moe_router_topk,
+            "moe_intermediate_size": m.expert_ffn_hidden_size,
+            "shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size,
+            "norm_topk_prob": not c.moe_router_pre_softmax,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+            "qkv_bias": m.add_qkv_bias}
 
 
 def _nemotron_h_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:

@@ -11,11 +11,12 @@ For every linear module whose weight is NVFP4 (HF names, see :mod:`.hf_names`):
 so that ``weight = e2m1(code) x weight_scale x weight_scale_2`` is exactly the student's fake-quantized
 weight. Attention modules get ``k_scale`` / ``v_scale`` (float32 [], amax / 448: the FP8 KV cache).
 Linear layers the policy keeps in BF16, and the output layer, are written in the export dtype and
-listed in ``exclude_modules``; the embedding, norms, router and the Mamba mixers' ``conv1d`` and
-``dt_bias`` are written in the export dtype too (unlisted: they are not quantizable linears).
-Tensors megatron.core keeps in float32 stay float32: the Mamba mixers' ``A_log`` and ``D``
-[heads] and the router's expert bias (``e_score_correction_bias`` [experts], which NemotronH keeps
-in float32 too). Files: ``model.safetensors`` (or, above the shard
+listed in ``exclude_modules``; the embedding, norms, router, the shared experts' gate (Qwen2-MoE's
+``shared_expert_gate``) and the Mamba mixers' ``conv1d`` and ``dt_bias`` are written in the export
+dtype too (unlisted: they are not quantizable linears).
+Written in float32, as HF Nemotron-H holds them: the Mamba mixers' ``A_log`` and ``D`` [heads]
+(BF16 values in a BF16 student, as in Megatron-LM's BF16 models) and the router's expert bias
+(``e_score_correction_bias`` [experts], a float32 buffer). Files: ``model.safetensors`` (or, above the shard
 size, ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, the Hugging Face
 layout), ``config.json`` (with ``quantization_config``) and ``hf_quant_config.json``, written to
 ``DIR.tmp`` and renamed.

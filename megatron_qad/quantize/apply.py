@@ -50,9 +50,9 @@ def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
     unsupported = [name for chunk in chunks for name in find_unsupported(chunk)]
     if unsupported:
         raise PolicyError(
-            "Transformer Engine layers are not hooked yet: " + ", ".join(unsupported[:4])
-            + (" ..." if len(unsupported) > 4 else "") + ". Build the model with megatron.core's local "
-            "spec (ColumnParallelLinear / RowParallelLinear, SequentialMLP experts)")
+            "these Transformer Engine layers have no NVFP4 hooks: " + ", ".join(unsupported[:4])
+            + (" ..." if len(unsupported) > 4 else "") + ". Build grouped-GEMM experts as per-expert "
+            "SequentialMLP (moe_grouped_gemm=False; TE or local linear layers are hooked)")
     whole_model_types = all_layer_types(chunks)
     linears = [linear for chunk in chunks for linear in linear_modules(chunk, whole_model_types)]
     for index, rule in enumerate(policy.rules):

@@ -22,10 +22,11 @@ from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from ..models import all_layer_types, decoder_layers
+from .te_layers import te_attention_types, te_linear_types
 
-LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
-"""Linear layers the hooks swap (the local spec). Transformer Engine layers are refused with a
-clear error until their hooks exist (see :func:`find_unsupported`)."""
+LOCAL_LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
+"""Linear layers of the local spec the hooks swap; with Transformer Engine installed,
+:func:`~.te_layers.te_linear_types` adds those of the TE spec."""
 
 _KIND_OF_ANCESTOR = (
     (LanguageModelEmbedding, "embedding"),
@@ -86,23 +87,27 @@ def linear_modules(model: torch.nn.Module, whole_model_types: list[str] | None =
     if whole_model_types is None:
         whole_model_types = all_layer_types(model)
     feeding = tuple(name + "." for name in _layers_feeding_attention(model, whole_model_types))
+    linear_types = LOCAL_LINEAR_TYPES + te_linear_types()
     linears = []
     for name, module in modules.items():
-        if isinstance(module, LINEAR_TYPES):
+        if isinstance(module, linear_types):
             kind = "output_layer" if id(module) in output_layers else _kind(name, modules)
             linears.append(LinearModule(name, module, kind, kind == "mamba_mixer" and name.startswith(feeding)))
     return linears
 
 
 def core_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The modules K and V enter in attention layers (``core_attention``), in module order."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, DotProductAttention)]
+    """The modules K and V enter in attention layers (``core_attention``: local or Transformer
+    Engine ``DotProductAttention``), in module order."""
+    attention_types = (DotProductAttention,) + te_attention_types()
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, attention_types)]
 
 
 def find_unsupported(model: torch.nn.Module) -> list[str]:
-    """Names of Transformer Engine linear / grouped-expert modules, which the hooks do not cover yet."""
+    """Names of the Transformer Engine modules the hooks do not cover: grouped-GEMM experts
+    (``TEGroupedMLP``), and any TE linear class other than :func:`~.te_layers.te_linear_types`."""
+    covered = te_linear_types()
     return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
             if isinstance(module, TEGroupedMLP)
             or (type(module).__module__.startswith("megatron.core.extensions.transformer_engine")
-                and "Linear" in type(module).__name__)]
+                and "Linear" in type(module).__name__ and not isinstance(module, covered))]

@@ -10,6 +10,10 @@ trains, saves and loads like the original; the quantizers add ``input_quantizer.
 
 K / V: core attention's class is swapped the same way; the subclass passes FP8 E4M3 fake quant
 of ``key`` and ``value`` (per-tensor amax each) to the original forward.
+
+Transformer Engine layers (TE-spec models) get the same quantizers; their linear layers have no
+``_forward_impl`` seam, so :mod:`.te_layers` gives them megatron.core's local forward on the
+fake-quantized operands, and ``TEDotProductAttention`` takes the K / V mixin as it is.
 """
 
 import torch
@@ -17,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .quantizer import TensorQuantizer
+from .te_layers import QuantizedTELinear, check_te_linear, te_linear_types
 
 
 class QuantizedLinear:
@@ -56,13 +61,21 @@ def data_parallel_group(is_expert: bool):
 
 def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, input_format: str,
                     input_amax: str) -> None:
-    """Make ``module`` (Column/RowParallelLinear) fake-quantize its weight and input in place.
+    """Make ``module`` (Column/RowParallelLinear, or a Transformer Engine linear: see
+    :mod:`.te_layers`) fake-quantize its weight and input in place.
 
     Formats: "nvfp4", "nvfp4_4over6" or "bf16" (not quantized). input_amax: "static" or "dynamic".
     """
-    tp_group = getattr(module, "tp_group", None)
-    dp_group = data_parallel_group(getattr(module, "is_expert", False))
-    module.__class__ = _quantized_class(type(module), QuantizedLinear)
+    if isinstance(module, te_linear_types()):
+        check_te_linear(module, name)
+        # megatron.core's TP group of the layer (the expert TP group for experts, whose TE layers
+        # get none of their own); experts' parameters are reduced over the expert DP group.
+        tp_group, is_expert = module._tp_group, not getattr(module.weight, "allreduce", True)
+        mixin = QuantizedTELinear
+    else:
+        tp_group, is_expert, mixin = getattr(module, "tp_group", None), getattr(module, "is_expert", False), QuantizedLinear
+    dp_group = data_parallel_group(is_expert)
+    module.__class__ = _quantized_class(type(module), mixin)
     device = module.weight.device
     module.weight_quantizer = (None if weight_format == "bf16" else
                                TensorQuantizer(weight_format, "dynamic", tp_group, owner=f"{name}.weight"))
@@ -72,7 +85,7 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, QuantizedLinear)
+    return isinstance(module, (QuantizedLinear, QuantizedTELinear))
 
 
 def unquantize_linear(module: torch.nn.Module) -> None:

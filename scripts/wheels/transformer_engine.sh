@@ -11,11 +11,14 @@
 #   transformer_engine_cuXX.sha256         its checksum
 #   transformer_engine_torch-*.tar.gz      the PyTorch extension's source (C++ only, no CUDA kernels)
 #   nvidia_cudnn_frontend-*.whl            headers the extension builds against
+#   deps/*.whl                             what `import transformer_engine.pytorch` needs besides torch
+#                                          and pydantic (einops, onnx, onnxscript and theirs)
 # The parts may travel in several transfers; install needs them all in DIR again.
 #
 # install joins and checks the core wheel, installs the wheels into SITE (pip --target), builds the
 # PyTorch extension against the installed torch (a few minutes on 16 cores; the built wheel is kept
-# in DIR/built and reused by a later install) and checks `import transformer_engine.pytorch`.
+# in DIR/built and reused by a later install: a wheel built on another machine against the same
+# torch and Python can be put there to skip the build) and checks `import transformer_engine.pytorch`.
 # Then: export PYTHONPATH=SITE:$PYTHONPATH.
 set -euo pipefail
 version=${TE_VERSION:-2.20.2}
@@ -27,9 +30,10 @@ fetch() {
   local dir=$1 part_mib=${2:-55}
   mkdir -p "$dir"
   local wheel_args=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-                    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$dir")
-  "$python" -m pip download "${wheel_args[@]}" "transformer_engine==$version" "$core==$version" \
+                    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64)
+  "$python" -m pip download "${wheel_args[@]}" -d "$dir" "transformer_engine==$version" "$core==$version" \
       "nvidia-cudnn-frontend>=1.29"
+  "$python" -m pip download "${wheel_args[@]}" -d "$dir/deps" einops onnx onnxscript onnx_ir ml_dtypes protobuf
   "$python" - "$version" "$dir" <<'PY'
 import json, sys, urllib.parse, urllib.request
 version, out = sys.argv[1:]
@@ -54,21 +58,24 @@ install() {
   wheel=${first%.part00}
   cat "$wheel".part?? > "$wheel"
   (cd "$dir" && sha256sum -c "$core.sha256")
-  "$python" -m pip install -q --no-index --no-deps --target "$site" "$dir"/transformer_engine-"$version"-*.whl \
-      "$wheel" "$dir"/nvidia_cudnn_frontend-*.whl
-  rm "$wheel"
-  export PYTHONPATH=$site:${PYTHONPATH:-}
+  local wheels=("$dir"/transformer_engine-"$version"-*.whl "$wheel" "$dir"/nvidia_cudnn_frontend-*.whl "$dir"/deps/*.whl)
   if ! ls "$dir"/built/transformer_engine_torch-"$version"-*.whl >/dev/null 2>&1; then
-    local src
+    local src build_site
     src=$(mktemp -d)
+    build_site=$(mktemp -d)
+    "$python" -m pip install -q --no-index --no-deps --target "$build_site" "${wheels[@]}"
     tar -xzf "$dir"/transformer_engine_torch-"$version".tar.gz -C "$src"
     # FORCE_BUILD: compile here rather than download a prebuilt extension.
-    NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} \
+    PYTHONPATH=$build_site:${PYTHONPATH:-} NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} \
       "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$dir/built" "$src"/transformer_engine_torch-"$version"
-    rm -rf "$src"
+    rm -rf "$src" "$build_site"
   fi
-  "$python" -m pip install -q --no-index --no-deps --target "$site" "$dir"/built/transformer_engine_torch-"$version"-*.whl
-  "$python" -c "import transformer_engine.pytorch as te; print('transformer_engine', te.__version__ if hasattr(te, '__version__') else '', 'ok')"
+  # One pip call: its wheels share the transformer_engine/ package directory, which a second
+  # `pip install --target` would not merge into.
+  "$python" -m pip install -q --no-index --no-deps --target "$site" "${wheels[@]}" \
+      "$dir"/built/transformer_engine_torch-"$version"-*.whl
+  rm "$wheel"
+  PYTHONPATH=$site:${PYTHONPATH:-} "$python" -c "import transformer_engine.pytorch; print('transformer_engine', transformer_engine.__version__, 'ok')"
 }
 
 case ${1:-} in

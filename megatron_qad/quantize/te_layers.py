@@ -1,0 +1,133 @@
+"""The emulated NVFP4 forward of Transformer Engine linear layers (models built from a TE spec).
+
+Transformer Engine's layers run their GEMM (and, in ``TELayerNormColumnParallelLinear``, the norm
+in front of it) inside TE's own kernels, with no seam where a fake-quantized weight or input can
+enter. A quantized TE layer therefore computes its forward the way megatron.core's local
+``ColumnParallelLinear`` / ``RowParallelLinear`` do, with megatron.core's own functions
+(``linear_with_grad_accumulation_and_async_allreduce`` and the tensor-parallel mappings), on
+fake-quantized input and weight: the same values, bit for bit, as the local-spec student for the
+same weights and input, under the same tensor and sequence parallelism. The module keeps its
+parameters, names and checkpoint format; removing the hooks gives back TE's own forward.
+
+The norm of ``TELayerNormColumnParallelLinear`` is computed as ``torch.nn.RMSNorm`` /
+``LayerNorm`` compute it (the local spec's norms), per token, on this rank's sequence shard.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
+from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
+                                                    reduce_scatter_to_sequence_parallel_region)
+
+from .policy import PolicyError
+
+
+def _te_extension():
+    """megatron.core's Transformer Engine module, or None when Transformer Engine is missing (then
+    megatron.core defines its TE classes as placeholders that no module is an instance of)."""
+    from megatron.core.extensions import transformer_engine as extension
+
+    return extension if extension.HAVE_TE else None
+
+
+def te_linear_types() -> tuple[type, ...]:
+    """Transformer Engine linear classes the hooks swap: ``TELinear`` (and its column / row
+    parallel subclasses) and ``TELayerNormColumnParallelLinear``; empty without TE."""
+    extension = _te_extension()
+    return () if extension is None else (extension.TELinear, extension.TELayerNormColumnParallelLinear)
+
+
+def te_attention_types() -> tuple[type, ...]:
+    """``TEDotProductAttention`` (where K and V get FP8 fake quant); empty without TE."""
+    extension = _te_extension()
+    return () if extension is None else (extension.TEDotProductAttention,)
+
+
+def is_te_layernorm_linear(module: torch.nn.Module) -> bool:
+    extension = _te_extension()
+    return extension is not None and isinstance(module, extension.TELayerNormColumnParallelLinear)
+
+
+def check_te_linear(module: torch.nn.Module, name: str) -> None:
+    """Raise PolicyError for TE settings the emulated forward cannot reproduce."""
+    if list(module.weight_names) != ["weight"]:
+        raise PolicyError(f"{name}: a Transformer Engine linear with split parameters "
+                          f"({module.weight_names}) cannot be quantized; build it with one weight")
+    config = getattr(module, "config", None)
+    for setting in ("fp8", "fp4"):
+        if getattr(config, setting, None):
+            raise PolicyError(f"{name}: the student is built with TransformerConfig.{setting}="
+                              f"{getattr(config, setting)!r}, Transformer Engine's own low-precision "
+                              f"training, which would quantize the NVFP4 student a second time; build "
+                              f"the student without it ('quantization.backend' picks how NVFP4 runs)")
+    if getattr(config, "delay_wgrad_compute", False):
+        raise PolicyError(f"{name}: delay_wgrad_compute defers weight gradients to Transformer Engine's "
+                          f"backward_dw, past the straight-through estimator of the NVFP4 weight; build "
+                          f"the student with delay_wgrad_compute=False")
+    if getattr(module, "return_layernorm_output", False):
+        raise PolicyError(f"{name}: return_layernorm_output=True is not supported by the NVFP4 hooks")
+
+
+def parallel_linear(module: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(output, output_bias)`` of the TE linear ``module`` computed as megatron.core's local
+    column / row parallel linear computes it.
+
+    input_: [s, b, in_features / tp] (row parallel) or [s / tp, b, in_features] (column parallel
+    under sequence parallelism; [s, b, in_features] without), the parameters' dtype. weight:
+    [out, in] of this rank; bias: its bias or None. TE's ``parallel_mode`` None (duplicated layers,
+    and experts whose communication the token dispatcher does) is a plain GEMM.
+    """
+    mode, group, tp_size = module.parallel_mode, module.tp_group, module.tp_size
+    sequence_parallel = module.sequence_parallel
+    separate_bias = bias is not None and module.return_bias
+    if mode == "column":
+        # The input's gradient is all-reduced over TP inside the GEMM's backward, or (sequence
+        # parallel) the input is all-gathered in front of it and its gradient reduce-scattered.
+        allreduce_dgrad = tp_size > 1 and not sequence_parallel
+        output = linear_with_grad_accumulation_and_async_allreduce(
+            input_, weight, None if separate_bias else bias, gradient_accumulation_fusion=False,
+            allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel, tp_group=group)
+        return output, bias if separate_bias else None
+    output = linear_with_grad_accumulation_and_async_allreduce(
+        input_, weight, None if mode == "row" or separate_bias else bias, gradient_accumulation_fusion=False,
+        allreduce_dgrad=False, sequence_parallel=False, tp_group=None)
+    if mode == "row":
+        if sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output, group=group)
+        elif tp_size > 1:
+            output = reduce_from_tensor_model_parallel_region(output, group=group)
+        if bias is not None and not separate_bias:
+            output = output + bias
+    return output, bias if separate_bias else None
+
+
+def te_norm(module: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+    """The norm of a ``TELayerNormColumnParallelLinear`` over the last dim of ``input_``, as
+    ``torch.nn.RMSNorm`` / ``LayerNorm`` (zero-centred gamma: ``1 + weight``) compute it."""
+    weight = module.layer_norm_weight
+    if module.zero_centered_gamma:
+        weight = weight + 1
+    shape = (input_.shape[-1],)
+    if module.normalization == "RMSNorm":
+        return F.rms_norm(input_, shape, weight, module.eps)
+    if module.normalization == "LayerNorm":
+        return F.layer_norm(input_, shape, weight, module.layer_norm_bias, module.eps)
+    raise PolicyError(f"normalization {module.normalization!r} of a TELayerNormColumnParallelLinear is not "
+                      f"supported by the NVFP4 hooks (RMSNorm, LayerNorm are)")
+
+
+class QuantizedTELinear:
+    """Mixin put in front of a Transformer Engine linear class (see ``layers.quantize_linear``):
+    the emulated forward of the module docstring."""
+
+    def forward(self, x, *args, **kwargs):
+        if is_te_layernorm_linear(self):
+            x = te_norm(self, x)
+        weight = self.weight
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.weight_quantizer is not None:
+            weight = self.weight_quantizer(weight)
+        bias = self.bias if self.use_bias else None
+        return parallel_linear(self, x, weight, bias)
