@@ -98,7 +98,10 @@ class Bench:
             self.run_step(ddp_chunks, loss, reuse=reuse)
             optimizer.step()
 
-        return self.time(step)
+        try:
+            return self.time(step)
+        finally:
+            release(ddp_chunks)
 
     def time(self, step) -> dict:
         torch.cuda.reset_peak_memory_stats()
@@ -115,6 +118,25 @@ class Bench:
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
         return {"seconds": statistics.median(times.tolist()),
                 "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def release(ddp_chunks) -> None:
+    """Free the parameters and gradient buffers of megatron.core DDP-wrapped ``ddp_chunks``.
+
+    megatron.core's DDP is never garbage collected: its gradient hooks live on autograd nodes,
+    which Python's collector cannot traverse (DDP -> grad_accs -> node -> hook -> DDP), so a model
+    trained under it keeps its weights and gradient buffers until the process ends. A benchmark
+    that trains several models in turn empties them instead (the optimizer, referenced by
+    nothing, is freed with its state).
+    """
+    for chunk in ddp_chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            buffer.grad_data = buffer.param_data = None
+            for bucket in buffer.buckets:
+                bucket.grad_data = bucket.param_data = None
+        for param in chunk.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+            param.grad = param.main_grad = None
 
 
 def free() -> None:
