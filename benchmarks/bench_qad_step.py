@@ -125,9 +125,9 @@ def release(ddp_chunks) -> None:
 
     megatron.core's DDP is never garbage collected: its gradient hooks live on autograd nodes,
     which Python's collector cannot traverse (DDP -> grad_accs -> node -> hook -> DDP), so a model
-    trained under it keeps its weights and gradient buffers until the process ends. A benchmark
-    that trains several models in turn empties them instead (the optimizer, referenced by
-    nothing, is freed with its state).
+    trained under it keeps its weights, gradient buffers and (through ``param.main_param``) the
+    mixed-precision optimizer's fp32 weights until the process ends. A benchmark that trains
+    several models in turn empties them instead.
     """
     for chunk in ddp_chunks:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
@@ -136,7 +136,12 @@ def release(ddp_chunks) -> None:
                 bucket.grad_data = bucket.param_data = None
         for param in chunk.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-            param.grad = param.main_grad = None
+            param.grad = None
+            # Tensors megatron.core hangs on the parameter: main_grad (a view of the gradient
+            # buffer) and the mixed-precision optimizer's fp32 copy, main_param.
+            for name, value in list(vars(param).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(param, name, None)
 
 
 def free() -> None:

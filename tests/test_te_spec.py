@@ -146,9 +146,12 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 
 def test_te_spec_student_quantizes_like_the_local_spec_student(gpu_parallel):
-    """The same layers quantize with the same fake-quantized weights; the two students differ by
-    no more than the two BF16 teachers do (TE's fused attention and norm kernels, and the MoE
-    routing choices their rounding flips, are not the local spec's)."""
+    """The same layers quantize with the same fake-quantized weights, and the TE student is as far
+    from its teacher as the local student is from its own. Whole models agree only up to that: TE's
+    attention and norm kernels differ from the local spec's at BF16 rounding level (the teachers'
+    KL is ~1e-6), and NVFP4 rounding turns such noise into whole-step flips of a few percent of the
+    elements, so the two students differ by a sizeable part of the quantization KL; the per-layer
+    test above is the bit-for-bit check."""
     cfg, local, te = _model_pair()
     (batch,) = _batch(cfg.model)
     seq = cfg.model.seq_length
@@ -172,11 +175,11 @@ def test_te_spec_student_quantizes_like_the_local_spec_student(gpu_parallel):
     assert te_report.nvfp4_params == local_report.nvfp4_params and te_report.kv_fp8_modules == len(attention)
 
     local_student, te_student = _logits(local, batch, seq), _logits(te, batch, seq)
-    teacher_spec_kl, student_spec_kl = _kl(local_teacher, te_teacher), _kl(local_student, te_student)
-    print(f"KL(TE teacher || TE student) {_kl(te_teacher, te_student):.3e}, between the specs: "
-          f"teachers {teacher_spec_kl:.3e}, students {student_spec_kl:.3e}")
-    assert _kl(te_teacher, te_student) > 1e-4
-    assert student_spec_kl < 3 * teacher_spec_kl + 1e-6
+    local_kl, te_kl = _kl(local_teacher, local_student), _kl(te_teacher, te_student)
+    print(f"KL(teacher || student): local spec {local_kl:.3e}, TE spec {te_kl:.3e}; between the specs: "
+          f"teachers {_kl(local_teacher, te_teacher):.3e}, students {_kl(local_student, te_student):.3e}")
+    assert local_kl > 1e-4
+    assert 0.5 < te_kl / local_kl < 2
 
 
 def test_te_spec_qad_step_trains_the_student_only(gpu_parallel):
