@@ -7,9 +7,11 @@
                 :func:`te_recipe_settings` describes.
   ``auto``      ``te`` where it can run, else ``emulated``.
 
-The native path needs a TE-spec student; megatron_qad builds megatron.core's local spec, which has
-no Transformer Engine layers, so today ``auto`` resolves to ``emulated`` and ``te`` is refused with
-the reason (see :func:`select_backend`).
+The native path needs a TE-spec student (``model.transformer_impl: transformer_engine``) on a
+Blackwell GPU with Transformer Engine; elsewhere ``auto`` resolves to ``emulated`` and ``te`` is
+refused with the reason (see :func:`select_backend`). Where everything is present the training
+loop still runs the emulated path: ``auto`` does so, and ``te`` is refused, because native NVFP4
+execution has not been run and tested on a Blackwell GPU yet.
 """
 
 from ..config import ConfigError

@@ -62,8 +62,14 @@ def check_runnable(config: QADConfig, device: torch.device) -> None:
     if device.type == "cpu" and config.training.use_distributed_optimizer:
         raise ConfigError("'training.use_distributed_optimizer: true' needs GPUs (megatron.core's distributed "
                           "optimizer accepts CUDA parameters only); set it to null or false on the CPU")
-    quantize.backend.select_backend(config.quantization.backend, device_capability(device),
-                                    installed_version("transformer_engine"), te_spec_model=False)
+    backend = quantize.backend.select_backend(config.quantization.backend, device_capability(device),
+                                              installed_version("transformer_engine"),
+                                              te_spec_model=config.model.transformer_impl == "transformer_engine")
+    if backend == "te" and config.quantization.backend == "te":
+        raise ConfigError("'quantization.backend: te': this machine can run native NVFP4 GEMMs, but the "
+                          "training loop does not run them yet (TE's NVFP4 recipe is built by "
+                          "megatron_qad.quantize.backend.te_recipe, untested without a Blackwell GPU); "
+                          "use 'auto' or 'emulated', which run the same NVFP4 values emulated")
     if config.teacher.checkpoint is None:
         raise ConfigError("'teacher.checkpoint' is not set: give the megatron.core dist checkpoint of the "
                           "BF16 teacher (or a directory to train a small one in, with teacher.pretrain_iters)")
