@@ -342,6 +342,12 @@ def test_gpt_moe_layouts_qwen2_moe_cannot_hold_are_refused_by_key(overrides, mes
         hf_config(config.model, megatron_config_of(config))
 
 
+def test_te_spec_students_are_refused():
+    config = load_config(RECIPE, [*GATED, "model.transformer_impl=transformer_engine"])
+    with pytest.raises(ConfigError, match="transformer_impl.*model.transformer_impl=local"):
+        module_map(config.model)
+
+
 def test_an_ungated_shared_expert_is_refused_before_anything_is_written(tmp_path):
     config = load_config(RECIPE, ["model.num_layers=1"])
     assert config.model.moe_shared_expert_intermediate_size and not config.model.moe_shared_expert_gate
