@@ -50,8 +50,8 @@ class ModelConfig:
     ``moe_ffn_hidden_size`` (None: same as ``ffn_hidden_size``), top-``moe_router_topk`` routing,
     and a shared expert of width ``moe_shared_expert_intermediate_size`` (0: none), whose output
     ``moe_shared_expert_gate`` scales by ``sigmoid(x @ gate_weight.T)`` (a learned [1, hidden]
-    gate, kept in BF16 like the router; Qwen2-MoE has it, and a GPT-MoE student with a shared
-    expert exports as Qwen2-MoE only with it; Nemotron-H has none).
+    gate, kept in BF16 like the router; Qwen2-MoE has it, and an ungated shared expert exports to
+    Qwen2-MoE exactly as a zero gate and a doubled down_proj; Nemotron-H has none).
     Routing: ``moe_router_score_function`` "softmax" (megatron.core's default) or "sigmoid"
     (Nemotron-H / Nemotron 3 Nano, DeepSeek-V3), ``moe_router_enable_expert_bias`` adds a per-expert
     bias to the scores that pick the top-k (sigmoid only; saved in checkpoints),

@@ -297,10 +297,12 @@ def test_a_gated_shared_expert_exports_as_qwen2_moe_shared_expert_gate(tmp_path)
         assert tensors[f"model.layers.{i}.mlp.shared_expert.down_proj.weight"].dtype == torch.uint8  # NVFP4
 
 
-def test_the_exported_qwen2_moe_block_computes_the_megatron_moe_layer():
+@pytest.mark.parametrize("gate", [True, False])
+def test_the_exported_qwen2_moe_block_computes_the_megatron_moe_layer(gate):
     """One MoE layer of an unquantized student (fp32) against Hugging Face's Qwen2-MoE block written
-    out on its exported tensors: routing, routed experts and the gated shared expert agree."""
-    config = load_config(RECIPE, GATED)
+    out on its exported tensors: routing, routed experts and the shared expert agree, gated (its
+    gate exported) or not (a zero gate, sigmoid 0 = 1/2, and a doubled down_proj)."""
+    config = load_config(RECIPE, ["model.num_layers=1", f"model.moe_shared_expert_gate={str(gate).lower()}"])
     with single_process(config.parallel):
         model = build_model(config.model, config.parallel).eval()
         tensors, _ = export_tensors(model, config.model, torch.float32)
@@ -329,8 +331,6 @@ def test_routers_qwen2_moe_cannot_express_are_refused(routing, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.moe_shared_expert_gate=false"],
-     "'model.moe_shared_expert_gate' is false.*model.moe_shared_expert_gate=true"),
     (["model.activation=gelu"], "'model.activation' is 'gelu'.*swiglu"),
     (["model.add_bias_linear=true"], "'model.add_bias_linear' is true"),
 ])
@@ -348,15 +348,26 @@ def test_te_spec_students_are_refused():
         module_map(config.model)
 
 
-def test_an_ungated_shared_expert_is_refused_before_anything_is_written(tmp_path):
+def test_an_ungated_shared_expert_exports_with_a_zero_gate_and_a_doubled_tensor_scale(tmp_path):
+    """NVFP4 student whose shared expert has no gate: the HF gate is zero and the shared down_proj's
+    tensor scale is twice the hooks' (its dequantized weight twice the fake-quantized one, bit for
+    bit). The layer's function is checked by the Qwen2-MoE block test above."""
     config = load_config(RECIPE, ["model.num_layers=1"])
     assert config.model.moe_shared_expert_intermediate_size and not config.model.moe_shared_expert_gate
     with single_process(config.parallel):
         model = build_model(config.model, config.parallel)
         quantize.apply(model, config.quantization.to_policy())
-        with pytest.raises(ConfigError, match="model.moe_shared_expert_gate=true"):
-            write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
-    assert list(tmp_path.iterdir()) == []
+        down = model.decoder.layers[0].mlp.shared_experts.linear_fc2
+        with torch.no_grad():
+            fake_quantized = down.weight_quantizer(down.weight).clone()
+        out = write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
+    tensors = load_file(out / "model.safetensors")
+    gate = tensors["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert gate.shape == (1, config.model.hidden_size) and not gate.any()
+    name = "model.layers.0.mlp.shared_expert.down_proj"
+    restored = decode_nvfp4(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"],
+                            tensors[f"{name}.weight_scale_2"])
+    assert torch.equal(restored, 2 * fake_quantized.float())
 
 
 def test_a_gpt_moe_without_shared_expert_needs_no_gate():

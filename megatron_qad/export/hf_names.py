@@ -20,6 +20,7 @@ decoder.layers.i.mlp.router.weight                model.layers.i.mlp.gate.weight
 ...mlp.experts.local_experts.e.linear_fc{1,2}.*   model.layers.i.mlp.experts.e.{gate,up,down}_proj.*
 ...mlp.shared_experts.linear_fc{1,2}.*            model.layers.i.mlp.shared_expert.{gate,up,down}_proj.*
 ...mlp.shared_experts.gate_weight                 model.layers.i.mlp.shared_expert_gate.weight
+(no gate: zeros, and down_proj doubled)           model.layers.i.mlp.shared_expert_gate.weight
 decoder.final_layernorm.weight                    model.norm.weight
 output_layer.weight                               lm_head.weight
 ================================================  ==============================================
@@ -31,8 +32,9 @@ is megatron.core's softmax over the top-k logits (its default, ``moe_router_pre_
 without ``norm_topk_prob`` it is megatron.core's pre-softmax routing (softmax over all experts,
 no renormalisation). Its shared expert's output is always scaled by
 ``sigmoid(shared_expert_gate(x))``, megatron.core's ``SharedExpertMLP`` gate
-(``sigmoid(x @ gate_weight.T)``, ``model.moe_shared_expert_gate``). Routers or shared experts
-that compute anything else are refused (ConfigError) rather than exported to route differently.
+(``sigmoid(x @ gate_weight.T)``, ``model.moe_shared_expert_gate``); a shared expert without the
+gate is written with a zero gate (sigmoid 0 = 1/2) and its down_proj doubled, which is exact.
+Routers that compute anything else are refused (ConfigError) rather than exported to route differently.
 
 Hybrid models (``model.hybrid_layer_pattern``) are written as ``NemotronHForCausalLM`` checkpoints
 (model_type "nemotron_h"), with the names of NVIDIA's Nemotron-H / Nemotron 3 Nano checkpoints on
@@ -78,6 +80,8 @@ per-block scales (blocks run along the columns).
 import re
 from dataclasses import dataclass
 
+import torch
+
 from megatron.core.transformer import TransformerConfig
 
 from ..config import ConfigError, ModelConfig
@@ -97,11 +101,14 @@ _NON_GATED_ACTIVATIONS = {"squared_relu": "relu2", "gelu": "gelu"}
 @dataclass(frozen=True)
 class Piece:
     """HF module ``name`` takes rows ``rows`` (a slice; all by default) of the Megatron tensor,
-    grouped per query group when ``per_group`` (QKV: the slice is within each group's row block)."""
+    grouped per query group when ``per_group`` (QKV: the slice is within each group's row block).
+    ``output_scale``: the HF module computes this power of two times the Megatron module's output
+    (its weight and bias scaled: exactly, in the NVFP4 tensor scale or the BF16 values)."""
 
     name: str
     rows: slice = slice(None)
     per_group: bool = False
+    output_scale: float = 1.0
 
 
 def head_dim(model_cfg: ModelConfig) -> int:
@@ -170,9 +177,30 @@ def _gpt_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
         pieces.update(_attention_pieces(f"{m}.self_attention", f"{h}.self_attn", model_cfg))
         if model_cfg.is_moe:
             pieces.update(_moe_pieces(f"{m}.mlp", f"{h}.mlp", "shared_expert", gated, model_cfg))
+            if ungated_shared_expert(model_cfg):
+                # HF scales the shared expert by sigmoid(shared_expert_gate(x)); a zero gate weight
+                # (constant_tensors) makes that 1/2, and a doubled down_proj undoes it exactly.
+                pieces[f"{m}.mlp.shared_experts.linear_fc2"] = [
+                    Piece(f"{h}.mlp.shared_expert.down_proj", output_scale=2.0)]
         else:
             pieces.update(_mlp_pieces(f"{m}.mlp", f"{h}.mlp", gated, model_cfg.ffn_hidden_size))
     return pieces
+
+
+def ungated_shared_expert(model_cfg: ModelConfig) -> bool:
+    """Whether a GPT-MoE model's shared expert has no gate (``model.moe_shared_expert_gate`` false),
+    which its Qwen2-MoE export expresses with a zero ``shared_expert_gate`` and a doubled down_proj."""
+    return (not model_cfg.is_hybrid and model_cfg.is_moe and bool(model_cfg.moe_shared_expert_intermediate_size)
+            and not model_cfg.moe_shared_expert_gate)
+
+
+def constant_tensors(model_cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF tensors with no Megatron counterpart: the zero ``shared_expert_gate.weight`` [1, hidden]
+    of each layer of a GPT-MoE model whose shared expert has no gate (see :func:`ungated_shared_expert`)."""
+    if not ungated_shared_expert(model_cfg):
+        return {}
+    return {f"model.layers.{i}.mlp.shared_expert_gate.weight": torch.zeros(1, model_cfg.hidden_size, dtype=dtype)
+            for i in range(model_cfg.num_layers)}
 
 
 def _nemotron_h_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
@@ -294,12 +322,6 @@ def _check_qwen2_moe_layout(model_cfg: ModelConfig) -> None:
     """Raise ConfigError for a GPT-MoE model whose layers ``Qwen2MoeForCausalLM`` cannot hold."""
     m = model_cfg
     problems = []
-    if m.moe_shared_expert_intermediate_size and not m.moe_shared_expert_gate:
-        problems.append(
-            "'model.moe_shared_expert_gate' is false, but a Qwen2-MoE shared expert's output is always scaled "
-            "by sigmoid(shared_expert_gate(x)), which no exported gate weight makes 1; build the teacher and "
-            "student with model.moe_shared_expert_gate=true (megatron.core's gate, the same formula), or "
-            "without a shared expert (model.moe_shared_expert_intermediate_size=0)")
     if m.activation != "swiglu":
         problems.append(f"'model.activation' is {m.activation!r}, but Qwen2-MoE experts are gated SiLU MLPs "
                         f"(gate_proj, up_proj, down_proj); set model.activation=swiglu")

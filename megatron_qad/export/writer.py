@@ -36,7 +36,7 @@ from ..config import ConfigError, ModelConfig
 from ..numerics import nvfp4
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, FOUR_OVER_SIX_E4M3_MAX, encode_scale
 from ..quantize import layers
-from .hf_names import hf_config, module_map, plain_name, take_rows
+from .hf_names import constant_tensors, hf_config, module_map, plain_name, take_rows
 
 QUANT_ALGO, KV_CACHE_ALGO, GROUP_SIZE = "NVFP4", "FP8", 16
 FLOAT32_TENSORS = (".mixer.A_log", ".mixer.D", ".gate.e_score_correction_bias")
@@ -96,14 +96,20 @@ def export_tensors(model: torch.nn.Module, model_cfg: ModelConfig,
         quantized = getattr(module, "weight_quantizer", None) is not None
         whole = (_nvfp4_tensors(module, module_name) if quantized
                  else {"weight": module.weight.detach().to(dtype)})
+        # What a Piece.output_scale (a power of two, so exactly) multiplies: the NVFP4 tensor
+        # scale or the BF16 weight, and the bias.
+        output_scaled = ("weight_scale_2", "bias") if quantized else ("weight", "bias")
         if getattr(module, "bias", None) is not None:
             whole["bias"] = module.bias.detach().to(dtype)
         for piece in pieces:
             if not quantized:
                 excluded.append(piece.name)
             for suffix, tensor in whole.items():
-                tensors[f"{piece.name}.{suffix}"] = (tensor.clone() if tensor.dim() == 0
-                                                     else take_rows(tensor, piece, groups))
+                tensor = tensor.clone() if tensor.dim() == 0 else take_rows(tensor, piece, groups)
+                if piece.output_scale != 1.0 and suffix in output_scaled:
+                    tensor = tensor * piece.output_scale
+                tensors[f"{piece.name}.{suffix}"] = tensor
+    tensors.update(constant_tensors(model_cfg, dtype))
     return tensors, excluded
 
 
