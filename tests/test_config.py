@@ -147,6 +147,8 @@ def test_missing_key_missing_file_and_bad_sections(tmp_path):
      "needs 'parallel.pipeline_model_parallel_size' > 1"),
     (dict(seq_length=33), {"tensor_model_parallel_size": 2}, "must divide 'model.seq_length' (33)"),
     (dict(num_layers=0), {}, "'model.num_layers' must be >= 1, got 0"),
+    (dict(hybrid_layer_pattern="M*", transformer_impl="transformer_engine"), {},
+     "'model.transformer_impl: transformer_engine' builds GPT models"),
 ])
 def test_inconsistent_sizes_name_the_keys(tmp_path, model, parallel, expected):
     assert expected in error_of(recipe(tmp_path, parallel=parallel, **model))

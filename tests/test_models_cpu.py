@@ -95,6 +95,9 @@ def test_settings_the_cpu_or_the_local_spec_cannot_build_are_config_errors(cpu_p
     config = load_config(TINY, ["model.moe_grouped_gemm=true"])
     with pytest.raises(ConfigError, match="TEGroupedMLP"):
         build_gpt_model(config.model, config.parallel, cpu_process.device)
+    config = load_config(TINY, ["model.transformer_impl=transformer_engine"])
+    with pytest.raises(ConfigError, match="needs Transformer Engine on a GPU.*model.transformer_impl=local"):
+        build_gpt_model(config.model, config.parallel, cpu_process.device)
 
 
 def _run_layout(overrides: list[str], state_dict_path: str | None) -> dict:
