@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .quantizer import TensorQuantizer
-from .te_layers import QuantizedTELinear, check_te_linear, te_linear_types
+from .te_layers import QuantizedTELinear, check_te_linear, quantized_te_mixin, te_linear_types
 
 
 class QuantizedLinear:
@@ -71,9 +71,10 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
         # megatron.core's TP group of the layer (the expert TP group for experts, whose TE layers
         # get none of their own); experts' parameters are reduced over the expert DP group.
         tp_group, is_expert = module._tp_group, not getattr(module.weight, "allreduce", True)
-        mixin = QuantizedTELinear
+        mixin = quantized_te_mixin(module)
     else:
-        tp_group, is_expert, mixin = getattr(module, "tp_group", None), getattr(module, "is_expert", False), QuantizedLinear
+        tp_group, is_expert = getattr(module, "tp_group", None), getattr(module, "is_expert", False)
+        mixin = QuantizedLinear
     dp_group = data_parallel_group(is_expert)
     module.__class__ = _quantized_class(type(module), mixin)
     device = module.weight.device

@@ -121,9 +121,12 @@ class QuantizedTELinear:
     """Mixin put in front of a Transformer Engine linear class (see ``layers.quantize_linear``):
     the emulated forward of the module docstring."""
 
+    def _gemm_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What enters the GEMM: the layer's input itself."""
+        return x
+
     def forward(self, x, *args, **kwargs):
-        if is_te_layernorm_linear(self):
-            x = te_norm(self, x)
+        x = self._gemm_input(x)
         weight = self.weight
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
@@ -131,3 +134,15 @@ class QuantizedTELinear:
             weight = self.weight_quantizer(weight)
         bias = self.bias if self.use_bias else None
         return parallel_linear(self, x, weight, bias)
+
+
+class QuantizedTELayerNormLinear(QuantizedTELinear):
+    """The mixin of ``TELayerNormColumnParallelLinear``: its norm (:func:`te_norm`) in front of the GEMM."""
+
+    def _gemm_input(self, x: torch.Tensor) -> torch.Tensor:
+        return te_norm(self, x)
+
+
+def quantized_te_mixin(module: torch.nn.Module) -> type:
+    """The mixin that quantizes the Transformer Engine linear ``module`` (one of :func:`te_linear_types`)."""
+    return QuantizedTELayerNormLinear if is_te_layernorm_linear(module) else QuantizedTELinear
