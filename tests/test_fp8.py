@@ -114,3 +114,11 @@ def test_gradient_is_identity(amax, dtype):
     (y * g).sum().backward()
     assert x.grad is not None and x.grad.dtype == dtype
     R.assert_equal_bits(x.grad, g, "gradient")
+
+
+def test_backend_is_checked():
+    x = torch.ones(4, 16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fp8.fake_quantize_e4m3(x, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        fp8.fake_quantize_e4m3(x, 1.0, backend="triton")

@@ -276,3 +276,24 @@ def test_fp8_cuda_matches_cpu_and_reference(amax, dtype):
     R.assert_equal_bits(out, fp8.fake_quantize_e4m3(x, torch.tensor(a, device=CUDA)), "fp8 CUDA tensor amax")
     small = x[:8, :64]
     R.assert_equal_bits(fp8.fake_quantize_e4m3(small, a), R.fp8_e4m3_reference(small, a), "fp8 CUDA vs spec")
+
+
+@DT
+@pytest.mark.parametrize("amax", [3.0, 0.0, 1e-30])
+def test_fp8_triton_kernel_equals_torch_formula_on_special_values(amax, dtype):
+    """The fused FP8 kernel and the torch formula on the same CUDA tensor: same bits for signed
+    zeros, values far above amax (saturation), tiny values, NaN and Inf, an odd element count and a
+    non-contiguous input (K and V arrive as views of the fused QKV projection)."""
+    x = R.heavy_tailed((3, 1001, 7), dtype, seed=111, device=CUDA).transpose(0, 1)
+    assert not x.is_contiguous()  # the input really is a strided view
+    special = torch.tensor([0.0, -0.0, 1e4, -1e4, 1e-7, -1e-7, float("nan"), float("inf"), float("-inf")],
+                           dtype=dtype, device=CUDA)
+    x[: special.numel(), 0, 0] = special
+    triton_out = fp8.fake_quantize_e4m3(x, amax, backend="triton")
+    torch_out = fp8.fake_quantize_e4m3(x, amax, backend="torch")
+    assert triton_out.shape == x.shape and triton_out.dtype == dtype
+    nan = torch.isnan(torch_out)
+    assert nan.any() and torch.equal(torch.isnan(triton_out), nan)  # NaN payloads may differ
+    zero = torch.zeros((), dtype=dtype, device=CUDA)
+    R.assert_equal_bits(torch.where(nan, zero, triton_out), torch.where(nan, zero, torch_out),
+                        f"fp8 triton vs torch (amax={amax})")

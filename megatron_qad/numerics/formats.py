@@ -59,7 +59,9 @@ def encode_scale(amax: torch.Tensor, target_max: float) -> torch.Tensor:
     NVFP4, 6 * 256 for Four Over Six, 448 for FP8. Returns fp32 of amax's shape. ``S_enc == 0``
     (amax infinite) also falls back to 1, as Transformer Engine's quantization kernels do.
     """
-    numerator = torch.tensor(target_max, dtype=torch.float32, device=amax.device)
+    # A fill, not torch.tensor(target_max, device=...): that copies from the host and, on a GPU,
+    # synchronises the device at every call.
+    numerator = amax.new_full((), target_max, dtype=torch.float32)
     scale = torch.div(numerator, amax).clamp(max=FLT_MAX)
     return torch.where((amax == 0) | (scale == 0), torch.ones_like(scale), scale)
 

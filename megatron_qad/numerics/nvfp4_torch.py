@@ -27,7 +27,7 @@ class BlockQuantization(NamedTuple):
 def _quantize_with_mapped_max(x_blocks, block_amax, mapped_max, s_enc, s_dec) -> BlockQuantization:
     """Quantize every block so that its amax maps to ``mapped_max`` (6, or 4 for Four Over Six)."""
     # A true division: on CUDA, ``tensor / python_float`` multiplies by the rounded reciprocal.
-    block_decode = torch.div(block_amax, block_amax.new_tensor(mapped_max)) * s_enc
+    block_decode = torch.div(block_amax, block_amax.new_full((), mapped_max)) * s_enc
     # min(min(a, FLT_MAX), 448) == min(a, 448): one clamp covers both bounds of the spec.
     scales = block_decode.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     scales_f32 = scales.to(torch.float32)
