@@ -2,17 +2,18 @@
 
 Logits follow megatron.core's layout: this tensor-parallel rank holds the contiguous vocabulary shard
 ``[rank * V/TP, (rank + 1) * V/TP)`` in the last dimension, ``[s, b, V/TP]`` in a GPTModel (any
-leading dimensions are accepted). Softmax statistics are reduced over the TP group the way
-``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` does it: all-reduce MAX of the
-per-token maxima, then all-reduce SUM of the partial sums of exponentials (and of any other per-token
-partial sum), so each rank only ever holds ``[tokens, V/TP]``.
+leading dimensions are accepted). Each rank computes every token's softmax statistics over its own
+shard (local maximum, sum of exponentials relative to it, and the KL's teacher-weighted sum); the
+ranks then combine them with one all-reduce MAX of the maxima and one all-reduce SUM of the sums,
+each rescaled to the global maximum, so each rank only ever holds ``[tokens, V/TP]``.
 
 Arithmetic is fp32 (fp64 when the logits are fp64), whatever the logits' dtype, and so are the
-per-token results. Tokens are processed in chunks of ``chunk_tokens``: the fp32 working set is a
-few ``chunk x V/TP`` buffers whatever the batch. The autograd functions save their inputs in their own dtype (a
-reference, not a copy: the caller's graph keeps the student logits alive anyway) plus two fp32
-scalars per token (log partition functions), and the backward recomputes the softmax chunk by
-chunk; it needs no collective.
+per-token results. On CUDA, fused Triton kernels (:mod:`.softmax_triton`) read each logits tensor
+once per pass; elsewhere torch processes tokens in chunks of ``chunk_tokens``, so the fp32 working
+set is a few ``chunk x V/TP`` buffers whatever the batch. The autograd functions save their inputs
+in their own dtype (a reference, not a copy: the caller's graph keeps the student logits alive
+anyway) plus two fp32 scalars per token (log partition functions), and the backward recomputes the
+softmax; it needs no collective.
 
 Each function takes ``tp_group``: None means megatron.core's tensor-model-parallel group when its
 parallel state is initialised, else a single rank (no torch.distributed needed).
@@ -95,6 +96,59 @@ def _chunks(num_tokens: int, chunk_tokens: int):
         yield start, min(start + chunk_tokens, num_tokens)
 
 
+def _use_triton(logits: torch.Tensor) -> bool:
+    """The fused kernels serve CUDA logits; fp64 (finite-difference checks) and CPU use torch."""
+    return logits.is_cuda and logits.dtype != torch.float64
+
+
+def _triton_kernels():
+    """:mod:`.softmax_triton`, imported on first GPU use so CPU-only installs never need Triton."""
+    from . import softmax_triton
+    return softmax_triton
+
+
+def _local_statistics(student_2d: torch.Tensor, teacher_2d: torch.Tensor | None, temperature: float,
+                      chunk_tokens: int) -> torch.Tensor:
+    """Each token's softmax statistics over this rank's shard: see ``softmax_triton.local_statistics``
+    (the same columns, in the compute dtype), computed with torch chunk by chunk off CUDA."""
+    if _use_triton(student_2d):
+        return _triton_kernels().local_statistics(student_2d, teacher_2d, temperature)
+    dtype = _compute_dtype(student_2d)
+    columns = 2 if teacher_2d is None else 5
+    stats = torch.empty(student_2d.shape[0], columns, dtype=dtype, device=student_2d.device)
+    for start, end in _chunks(student_2d.shape[0], chunk_tokens):
+        x_s = student_2d[start:end].to(dtype) / temperature
+        max_s = x_s.amax(dim=-1)
+        stats[start:end, 0] = max_s
+        stats[start:end, columns // 2] = torch.exp(x_s - max_s.unsqueeze(-1)).sum(dim=-1)
+        if teacher_2d is not None:
+            x_t = teacher_2d[start:end].to(dtype) / temperature
+            max_t = x_t.amax(dim=-1)
+            exp_t = torch.exp(x_t - max_t.unsqueeze(-1))
+            stats[start:end, 1] = max_t
+            stats[start:end, 3] = exp_t.sum(dim=-1)
+            stats[start:end, 4] = (exp_t * (x_t - x_s)).sum(dim=-1)
+            del x_t, exp_t
+        del x_s
+    return stats
+
+
+def _combine_over_ranks(maxima: torch.Tensor, sums: torch.Tensor, sum_owner: list[int | None], group):
+    """Global maxima and sums from every rank's local ones: ``(global maxima, global sums)``.
+
+    maxima: ``[tokens, M]`` local maxima (not modified); sums: ``[tokens, S]`` sums of exponentials
+    relative to the local maximum of column ``sum_owner[j]``, or sums unrelated to any maximum
+    (``sum_owner[j]`` None). One MAX and one SUM all-reduce for all columns together.
+    """
+    global_maxima = _all_reduce(maxima.clone(), dist.ReduceOp.MAX, group)
+    if _group_size(group) > 1:
+        rescale = torch.exp(maxima - global_maxima)
+        sums = torch.stack([sums[:, j] if owner is None else sums[:, j] * rescale[:, owner]
+                            for j, owner in enumerate(sum_owner)], dim=-1)
+        _all_reduce(sums, dist.ReduceOp.SUM, group)
+    return global_maxima, sums
+
+
 class _VocabParallelKL(torch.autograd.Function):
     """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per token, on vocab shards; grads to z_s only."""
 
@@ -103,29 +157,13 @@ class _VocabParallelKL(torch.autograd.Function):
         vocab_local = student.shape[-1]
         student_2d = student.reshape(-1, vocab_local)
         teacher_2d = teacher.reshape(-1, vocab_local)
-        num_tokens = student_2d.shape[0]
-        dtype = _compute_dtype(student)
-        kl = torch.empty(num_tokens, dtype=dtype, device=student.device)
-        log_z = torch.empty(num_tokens, 2, dtype=dtype, device=student.device)  # (student, teacher)
-        for start, end in _chunks(num_tokens, chunk_tokens):
-            # One MAX and one SUM all-reduce per chunk serve both models.
-            x_s = student_2d[start:end].to(dtype) / temperature
-            x_t = teacher_2d[start:end].to(dtype) / temperature
-            maximum = torch.stack([x_s.amax(dim=-1), x_t.amax(dim=-1)], dim=-1)
-            _all_reduce(maximum, dist.ReduceOp.MAX, group)
-            exp_t = torch.exp(x_t - maximum[:, 1:2])
-            sums = torch.stack([
-                torch.exp(x_s - maximum[:, 0:1]).sum(dim=-1),
-                exp_t.sum(dim=-1),
-                (exp_t * (x_t - x_s)).sum(dim=-1),  # sum_v exp(x_t - m_t) (x_t - x_s), not yet normalised
-            ], dim=-1)
-            del x_s, x_t, exp_t
-            _all_reduce(sums, dist.ReduceOp.SUM, group)
-            chunk_log_z = maximum + torch.log(sums[:, :2])
-            log_z[start:end] = chunk_log_z
-            # KL = sum_v p_t (x_t - x_s) - log Z_t + log Z_s
-            kl[start:end] = sums[:, 2] / sums[:, 1] + chunk_log_z[:, 0] - chunk_log_z[:, 1]
-        kl.mul_(temperature * temperature)
+        stats = _local_statistics(student_2d, teacher_2d, temperature, chunk_tokens)
+        # sums: exp(x_s - m_s), exp(x_t - m_t), exp(x_t - m_t) (x_t - x_s), not yet normalised
+        # Column slices, not index lists: a list index is copied to the GPU, which synchronises.
+        maxima, sums = _combine_over_ranks(stats[:, :2], stats[:, 2:], [0, 1, 1], group)
+        log_z = maxima + torch.log(sums[:, :2])  # (student, teacher)
+        # KL = sum_v p_t (x_t - x_s) - log Z_t + log Z_s
+        kl = (sums[:, 2] / sums[:, 1] + log_z[:, 0] - log_z[:, 1]) * (temperature * temperature)
         ctx.save_for_backward(student, teacher, log_z)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return kl.view(student.shape[:-1])
@@ -139,6 +177,9 @@ class _VocabParallelKL(torch.autograd.Function):
         teacher_2d = teacher.reshape(-1, vocab_local)
         dtype = log_z.dtype
         grad_2d = grad_kl.reshape(-1).to(dtype)
+        if _use_triton(student_2d):
+            grad_student = _triton_kernels().kl_gradient(student_2d, teacher_2d, log_z, grad_2d, temperature)
+            return grad_student.view(student.shape), None, None, None, None
         grad_student = torch.empty(student_2d.shape, dtype=student.dtype, device=student.device)
         for start, end in _chunks(student_2d.shape[0], chunk_tokens):
             p_s = torch.exp(student_2d[start:end].to(dtype) / temperature - log_z[start:end, 0:1])
@@ -165,9 +206,9 @@ def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
     loss_mask: optional, shape ``logits.shape[:-1]``; tokens where it is zero/False get KL 0 (and no
     gradient). temperature: > 0. tp_group: see the module
-    docstring. chunk_tokens: tokens per chunk; the fp32 working set is a few ``chunk_tokens x V/TP``
-    buffers, the saved state the two input tensors plus 8 bytes per token.
-    Collectives per chunk: one MAX and one SUM all-reduce for both models together.
+    docstring. chunk_tokens: tokens per chunk of the torch path (CPU); its fp32 working set is a
+    few ``chunk_tokens x V/TP`` buffers. The saved state is the two input tensors plus 8 bytes per
+    token. Collectives: one MAX and one SUM all-reduce for both models and all tokens together.
     """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
@@ -198,20 +239,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.long) - vocab_start
         on_shard = (local_labels >= 0) & (local_labels < vocab_local)
         local_labels = torch.where(on_shard, local_labels, torch.zeros_like(local_labels))
-        num_tokens = logits_2d.shape[0]
         dtype = _compute_dtype(logits)
-        loss = torch.empty(num_tokens, dtype=dtype, device=logits.device)
-        log_z = torch.empty(num_tokens, dtype=dtype, device=logits.device)
-        for start, end in _chunks(num_tokens, chunk_tokens):
-            x = logits_2d[start:end].to(dtype)
-            maximum = _all_reduce(x.amax(dim=-1), dist.ReduceOp.MAX, group)
-            target = x.gather(-1, local_labels[start:end].unsqueeze(-1)).squeeze(-1)
-            target = torch.where(on_shard[start:end], target, target.new_zeros(()))
-            sums = torch.stack([torch.exp(x - maximum.unsqueeze(-1)).sum(dim=-1), target], dim=-1)
-            del x
-            _all_reduce(sums, dist.ReduceOp.SUM, group)
-            log_z[start:end] = maximum + torch.log(sums[:, 0])
-            loss[start:end] = log_z[start:end] - sums[:, 1]
+        stats = _local_statistics(logits_2d, None, 1.0, chunk_tokens)
+        target = logits_2d.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).to(dtype)
+        target = torch.where(on_shard, target, target.new_zeros(()))
+        sums = torch.stack([stats[:, 1], target], dim=-1)
+        maximum, sums = _combine_over_ranks(stats[:, :1], sums, [0, None], group)
+        log_z = maximum[:, 0] + torch.log(sums[:, 0])
+        loss = log_z - sums[:, 1]
         ctx.save_for_backward(logits, local_labels, on_shard, log_z)
         ctx.chunk_tokens = chunk_tokens
         return loss.view(logits.shape[:-1])
@@ -223,6 +258,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits_2d = logits.reshape(-1, vocab_local)
         dtype = log_z.dtype
         grad_2d = grad_loss.reshape(-1).to(dtype)
+        if _use_triton(logits_2d):
+            labels_here = torch.where(on_shard, local_labels, torch.full_like(local_labels, -1))
+            grad_logits = _triton_kernels().cross_entropy_gradient(logits_2d, log_z, labels_here, grad_2d)
+            return grad_logits.view(logits.shape), None, None, None
         grad_logits = torch.empty(logits_2d.shape, dtype=logits.dtype, device=logits.device)
         for start, end in _chunks(logits_2d.shape[0], ctx.chunk_tokens):
             softmax = torch.exp(logits_2d[start:end].to(dtype) - log_z[start:end].unsqueeze(-1))
