@@ -1,7 +1,8 @@
 """What a QAD optimizer step costs next to a BF16 training step of the same model, in one run.
 
     python benchmarks/bench_qad_step.py [--recipe configs/qwen2_1p5b_shape.yaml] [--steps 10]
-                                        [--warmup 3] [--markdown FILE] [key.path=value ...]
+                                        [--warmup 3] [--markdown FILE] [--profile DIR]
+                                        [key.path=value ...]
     torchrun --nproc-per-node 2 benchmarks/bench_qad_step.py ...   # any layout of the recipe
 
 Every variant builds its models from the recipe (same seed, same layout), wraps the trained one in
@@ -24,12 +25,14 @@ same for every variant. Variants:
 Rank 0 prints a Markdown table (ms per step, tokens/s, ratio to BF16, peak memory) and where the
 QAD step's time goes: quantization (QAT - BF16), the teacher's forward, and the KL with the second
 model's bookkeeping (QAD - QAT - teacher forward). Under data parallelism the gradient all-reduce
-is part of every trained variant.
+is part of every trained variant. ``--profile DIR`` also runs one more step of each variant under
+torch.profiler and writes its GPU kernels, heaviest first, to ``DIR/<variant>.txt`` (rank 0).
 """
 
 import argparse
 import contextlib
 import gc
+import os
 import statistics
 import time
 
@@ -46,8 +49,9 @@ from megatron_qad.train.optimizer import build_optimizer, resolve_distributed_op
 class Bench:
     """Models, data and timing of one recipe on this rank."""
 
-    def __init__(self, config, context, steps: int, warmup: int):
+    def __init__(self, config, context, steps: int, warmup: int, profile_dir: str | None = None):
         self.config, self.device, self.steps, self.warmup = config, context.device, steps, warmup
+        self.profile_dir = profile_dir
         t = config.training
         self.dp_size = context.data_parallel_size
         self.micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
@@ -83,7 +87,7 @@ class Bench:
                                      self.config.training.micro_batch_size, self.config.model.seq_length, loss,
                                      forward_only=forward_only)
 
-    def time_training(self, chunks, loss: DistillationLoss, reuse: bool) -> dict:
+    def time_training(self, name: str, chunks, loss: DistillationLoss, reuse: bool) -> dict:
         """Median seconds of an optimizer step (zero grads, forward / backward of every micro-batch,
         gradient reduction, Adam) and peak memory of ``chunks`` trained on ``loss``."""
         use_dist_opt = resolve_distributed_optimizer(self.config.training, self.dp_size, self.device)
@@ -99,12 +103,14 @@ class Bench:
             optimizer.step()
 
         try:
-            return self.time(step)
+            return self.time(name, step)
         finally:
             release(ddp_chunks)
 
-    def time(self, step) -> dict:
+    def time(self, name: str, step) -> dict:
+        """Median seconds and peak memory of ``step()``; profiled once more when asked."""
         torch.cuda.reset_peak_memory_stats()
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         seconds = []
         for index in range(self.warmup + self.steps):
             torch.cuda.synchronize()
@@ -116,8 +122,27 @@ class Bench:
         # Every rank takes the slowest rank's time of each step (one step ends when all ranks are done).
         times = torch.tensor(seconds, device=self.device)
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
-        return {"seconds": statistics.median(times.tolist()),
-                "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+        timing = {"seconds": statistics.median(times.tolist()),
+                  "peak GiB": torch.cuda.max_memory_allocated() / 2**30,
+                  # cudaMalloc failures the caching allocator answered by freeing its cache and
+                  # retrying: each synchronises the device, so a step near the memory limit slows down.
+                  "alloc retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries}
+        if self.profile_dir:
+            self.profile(name, step)
+        return timing
+
+    def profile(self, name: str, step) -> None:
+        """Write the operators of one ``step()``, by GPU time and by host time, to ``profile_dir/<name>.txt``."""
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profiler:
+            step()
+            torch.cuda.synchronize()
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(self.profile_dir, exist_ok=True)
+            averages = profiler.key_averages()
+            with open(os.path.join(self.profile_dir, name.replace(" ", "_").replace(",", "") + ".txt"), "w") as out:
+                for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                    out.write(f"by {key}\n{averages.table(sort_by=key, row_limit=40, max_name_column_width=90)}\n")
 
 
 def release(ddp_chunks) -> None:
@@ -182,35 +207,35 @@ def modelopt_student(bench: Bench, teacher_chunks):
 def measure(bench: Bench) -> dict[str, dict]:
     """Every variant's timing; each variant's trained model and optimizer are freed before the next."""
     kl, ce = DistillationLoss("kl"), DistillationLoss("ce")
-    rows = {"BF16 training": bench.time_training(bench.chunks(), ce, reuse=False)}
+    rows = {"BF16 training": bench.time_training("BF16 training", bench.chunks(), ce, reuse=False)}
     free()
     teachers = bench.chunks()
     for teacher in teachers:
         teacher.requires_grad_(False)
-    rows["teacher forward"] = bench.time(lambda: bench.run_step(teachers, ce, forward_only=True))
-    rows["NVFP4 QAT"] = bench.time_training(bench.calibrated_student(teachers), ce, reuse=True)
+    rows["teacher forward"] = bench.time("teacher forward", lambda: bench.run_step(teachers, ce, forward_only=True))
+    rows["NVFP4 QAT"] = bench.time_training("NVFP4 QAT", bench.calibrated_student(teachers), ce, reuse=True)
     free()
 
-    def qad(students, reuse: bool) -> dict:
+    def qad(name: str, students, reuse: bool) -> None:
         stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
-        return bench.time_training(stages, kl, reuse=reuse)
+        rows[name] = bench.time_training(name, stages, kl, reuse=reuse)
 
-    rows["QAD, weights quantized every micro-batch"] = qad(bench.calibrated_student(teachers), reuse=False)
+    qad("QAD, weights quantized every micro-batch", bench.calibrated_student(teachers), reuse=False)
     free()
-    rows["QAD"] = qad(bench.calibrated_student(teachers), reuse=True)
+    qad("QAD", bench.calibrated_student(teachers), reuse=True)
     free()
     peer = modelopt_student(bench, teachers)
     if peer is not None:
-        rows["QAD, ModelOpt student"] = qad(peer, reuse=False)
+        qad("QAD, ModelOpt student", peer, reuse=False)
     return rows
 
 
 def report(rows: dict[str, dict], tokens_per_step: int) -> str:
     base = rows["BF16 training"]["seconds"]
-    lines = ["| step | ms | tokens/s | x BF16 step | peak GiB |", "|---|---:|---:|---:|---:|"]
+    lines = ["| step | ms | tokens/s | x BF16 step | peak GiB | alloc retries |", "|---|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['seconds'] * 1e3:.1f} | {tokens_per_step / row['seconds']:,.0f} | "
-                     f"{row['seconds'] / base:.3f}x | {row['peak GiB']:.1f} |")
+                     f"{row['seconds'] / base:.3f}x | {row['peak GiB']:.1f} | {row['alloc retries']} |")
     qad, qat, teacher = rows["QAD"]["seconds"], rows["NVFP4 QAT"]["seconds"], rows["teacher forward"]["seconds"]
     every = rows["QAD, weights quantized every micro-batch"]["seconds"]
     lines += ["", "| where the QAD step's time goes | ms | share of QAD step |", "|---|---:|---:|"]
@@ -230,6 +255,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--profile", metavar="DIR", help="also profile one step of each variant into DIR")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key.path=value")
     args = parser.parse_intermixed_args()
     if not torch.cuda.is_available():
@@ -237,7 +263,7 @@ def main() -> None:
     config = load_config(args.recipe, args.overrides)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
-        bench = Bench(config, context, args.steps, args.warmup)
+        bench = Bench(config, context, args.steps, args.warmup, args.profile)
         rows = measure(bench)
         if context.rank == 0:
             p = config.parallel
