@@ -4,8 +4,8 @@ Each Transformer Engine linear layer, quantized, must give the local-spec layer'
 gradients bit for bit for the same weights and input (the emulated forward of
 ``megatron_qad.quantize.te_layers``); whole TE-spec models (GPT-MoE with shared expert, the tiny
 recipe) quantize every layer the local spec quantizes, agree with the local-spec student up to the
-attention kernels, train through megatron.core's schedule, and pass K / V to
-``TEDotProductAttention`` as FP8 values.
+attention kernels, train through megatron.core's schedule, pass K / V to ``TEDotProductAttention``
+as FP8 values, and write checkpoints that the local spec (which export builds) loads.
 """
 
 from pathlib import Path
@@ -28,6 +28,7 @@ from megatron_qad.distill import DistillationLoss, TeacherStudentStage, distilla
 from megatron_qad.numerics.formats import E4M3_MAX  # noqa: E402
 from megatron_qad.quantize import layers  # noqa: E402
 from megatron_qad.quantize.te_layers import QuantizedTELinear  # noqa: E402
+from megatron_qad.train import checkpointing  # noqa: E402
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
 OVERRIDES = ["model.params_dtype=bfloat16", "model.seq_length=64", "quantization.input_amax=dynamic"]
@@ -238,3 +239,33 @@ def test_grouped_gemm_experts_are_refused(gpu_parallel):
     config = load_config(TINY, OVERRIDES + TE + ["model.moe_grouped_gemm=true"])
     with pytest.raises(ConfigError, match="moe_grouped_gemm=false"):
         models.build_gpt_model(config.model, config.parallel, "cuda")
+
+
+def test_a_te_spec_checkpoint_loads_into_the_local_spec_that_export_builds(gpu_parallel, tmp_path):
+    """A calibrated TE-spec student's dist checkpoint loads, strictly, into a quantized local-spec
+    model: every weight, fused norm and amax arrives under its local name, unchanged."""
+    cfg, _, te = _model_pair()
+    static = load_config(TINY, [*OVERRIDES, *TE, "quantization.input_amax=static"])
+    quantize.apply(te, static.quantization.to_policy())
+    with quantize.calibration(te):
+        _logits(te, _batch(cfg.model)[0], cfg.model.seq_length)
+    checkpointing.save_model([te], tmp_path / "te")
+    local_cfg = load_config(TINY, [*OVERRIDES, "quantization.input_amax=static"])
+    local = models.build_gpt_model(local_cfg.model, local_cfg.parallel, "cuda")
+    quantize.apply(local, local_cfg.quantization.to_policy())
+    checkpointing.load_model([local], tmp_path / "te")
+
+    expected = {name: value for name, value in _local_to_te_names_inverse(te.state_dict()).items()
+                if not name.endswith("_extra_state")}
+    loaded = {name: value for name, value in local.state_dict().items() if not name.endswith("_extra_state")}
+    assert expected.keys() == loaded.keys()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+    assert any(name.endswith("input_quantizer.amax") for name in loaded)
+    assert any(name.endswith("key_quantizer.amax") for name in loaded)
+
+
+def _local_to_te_names_inverse(state: dict) -> dict:
+    """A TE-spec GPT state dict under the local spec's names (the inverse of :func:`_local_to_te_names`)."""
+    return {name.replace(".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"): value
+            for name, value in state.items()}

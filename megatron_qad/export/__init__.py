@@ -15,7 +15,13 @@ def export(config: QADConfig) -> Path:
     """Load the run's newest student (``checkpoint.save``: latest training checkpoint, else its
     PTQ checkpoint) into one process at TP = PP = EP = 1 (dist checkpoints reshard, so any
     training layout works), and write its export to ``export.dir`` (default
-    ``checkpoint.save/hf_nvfp4``). Returns the directory."""
+    ``checkpoint.save/hf_nvfp4``). Returns the directory.
+
+    The student is always built with megatron.core's local spec, on any device: a student trained
+    with the TE spec (``model.transformer_impl: transformer_engine``) has the same dist-checkpoint
+    tensors, because the local layers give their norms the sharded keys of TE's fused ones
+    (``input_layernorm.weight`` is ``self_attention.linear_qkv.layer_norm_weight``), and both specs
+    quantize the same layers with the same scales."""
     from .. import parallel, quantize
     from ..models import DTYPES, build_model
     from ..train import checkpointing
@@ -25,15 +31,16 @@ def export(config: QADConfig) -> Path:
     single = dataclasses.replace(config.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                  virtual_pipeline_model_parallel_size=1, expert_model_parallel_size=1,
                                  context_parallel_size=1)
+    model_cfg = dataclasses.replace(config.model, transformer_impl="local")
     source = checkpointing.student_checkpoint(config.checkpoint.save)
     context = parallel.initialize(single, seed=config.model.seed)
     try:
-        model = build_model(config.model, single, context.device)
-        hf_config(config.model, model.config)  # ConfigError for what the HF architecture cannot hold, before loading
+        model = build_model(model_cfg, single, context.device)
+        hf_config(model_cfg, model.config)  # ConfigError for what the HF architecture cannot hold, before loading
         quantize.apply(model, config.quantization.to_policy())
         checkpointing.load_model([model], source)
         out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
-        return write_checkpoint(model, config.model, out_dir, DTYPES[config.export.dtype],
+        return write_checkpoint(model, model_cfg, out_dir, DTYPES[config.export.dtype],
                                 max_shard_bytes=int(config.export.max_shard_gib * 2**30))
     finally:
         parallel.destroy()

@@ -156,12 +156,7 @@ def _moe_pieces(megatron: str, hf: str, shared_expert: str, gated: bool,
 def module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
     """Megatron module name (without ``.weight``) -> its HF pieces, for every linear module and
     core attention (K / V scales) of a model of ``model_cfg`` (GPT, or hybrid in Nemotron-H names).
-    The names are the local spec's: a TE-spec student is refused (ConfigError)."""
-    if model_cfg.transformer_impl != "local":
-        raise ConfigError("'model.transformer_impl' is transformer_engine: the export maps the local spec's "
-                          "names (a TE-spec model fuses the norms into linear_qkv / linear_fc1 as "
-                          "layer_norm_weight) and does not map TE-spec checkpoints yet; train the student "
-                          "with model.transformer_impl=local to export it")
+    The names are the local spec's, which :func:`megatron_qad.export.export` builds for any student."""
     if model_cfg.is_hybrid:
         return _nemotron_h_module_map(model_cfg)
     return _gpt_module_map(model_cfg)
