@@ -107,14 +107,19 @@ def test_te_linear_matches_local_linear_bit_for_bit(gpu_parallel, kind, bias, sk
     assert torch.equal(_forward_backward(te, x, grad)[0], unquantized), "remove() restores TE's own forward"
 
 
+# The tiny recipe's layers are MoE layers, whose pre-MLP norm TE keeps apart: only the norm in
+# front of QKV is fused, into linear_qkv as ``layer_norm_weight``.
+_LOCAL_NORM, _TE_NORM = ".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"
+
+
 def _local_to_te_names(state: dict) -> dict:
-    """A local-spec GPT state dict under the TE spec's names: the norms in front of QKV (and of a
-    dense MLP's fc1) are fused into those layers as ``layer_norm_weight``."""
-    renamed = {}
-    for name, value in state.items():
-        name = name.replace(".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight")
-        renamed[name] = value
-    return renamed
+    """A local-spec GPT-MoE state dict under the TE spec's names."""
+    return {name.replace(_LOCAL_NORM, _TE_NORM): value for name, value in state.items()}
+
+
+def _te_to_local_names(state: dict) -> dict:
+    """A TE-spec GPT-MoE state dict under the local spec's names (the inverse of :func:`_local_to_te_names`)."""
+    return {name.replace(_TE_NORM, _LOCAL_NORM): value for name, value in state.items()}
 
 
 def _model_pair():
@@ -255,7 +260,7 @@ def test_a_te_spec_checkpoint_loads_into_the_local_spec_that_export_builds(gpu_p
     quantize.apply(local, local_cfg.quantization.to_policy())
     checkpointing.load_model([local], tmp_path / "te")
 
-    expected = {name: value for name, value in _local_to_te_names_inverse(te.state_dict()).items()
+    expected = {name: value for name, value in _te_to_local_names(te.state_dict()).items()
                 if not name.endswith("_extra_state")}
     loaded = {name: value for name, value in local.state_dict().items() if not name.endswith("_extra_state")}
     assert expected.keys() == loaded.keys()
@@ -263,9 +268,3 @@ def test_a_te_spec_checkpoint_loads_into_the_local_spec_that_export_builds(gpu_p
         assert torch.equal(loaded[name], value), name
     assert any(name.endswith("input_quantizer.amax") for name in loaded)
     assert any(name.endswith("key_quantizer.amax") for name in loaded)
-
-
-def _local_to_te_names_inverse(state: dict) -> dict:
-    """A TE-spec GPT state dict under the local spec's names (the inverse of :func:`_local_to_te_names`)."""
-    return {name.replace(".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"): value
-            for name, value in state.items()}

@@ -136,16 +136,17 @@ def _local_statistics(student_2d: torch.Tensor, teacher_2d: torch.Tensor | None,
 def _combine_over_ranks(maxima: torch.Tensor, sums: torch.Tensor, sum_owner: list[int | None], group):
     """Global maxima and sums from every rank's local ones: ``(global maxima, global sums)``.
 
-    maxima: ``[tokens, M]`` local maxima (not modified); sums: ``[tokens, S]`` sums of exponentials
+    maxima: ``[tokens, M]`` local maxima (not modified; returned as they are on one rank); sums: ``[tokens, S]`` sums of exponentials
     relative to the local maximum of column ``sum_owner[j]``, or sums unrelated to any maximum
     (``sum_owner[j]`` None). One MAX and one SUM all-reduce for all columns together.
     """
+    if _group_size(group) == 1:
+        return maxima, sums
     global_maxima = _all_reduce(maxima.clone(), dist.ReduceOp.MAX, group)
-    if _group_size(group) > 1:
-        rescale = torch.exp(maxima - global_maxima)
-        sums = torch.stack([sums[:, j] if owner is None else sums[:, j] * rescale[:, owner]
-                            for j, owner in enumerate(sum_owner)], dim=-1)
-        _all_reduce(sums, dist.ReduceOp.SUM, group)
+    rescale = torch.exp(maxima - global_maxima)
+    sums = torch.stack([sums[:, j] if owner is None else sums[:, j] * rescale[:, owner]
+                        for j, owner in enumerate(sum_owner)], dim=-1)
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
     return global_maxima, sums
 
 

@@ -9,26 +9,15 @@ import torch
 
 from .formats import E4M3_MAX, encode_scale
 from .straight_through import straight_through
-from .validation import as_amax_tensor, check_floating
+from .validation import KERNEL_BACKENDS as BACKENDS, as_amax_tensor, check_floating, resolve_backend
 
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["BACKENDS", "fake_quantize_e4m3"]
 
 
 def _quantize_dequantize(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     scale = encode_scale(amax, E4M3_MAX)
     codes = (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return torch.div(codes.float(), scale).to(x.dtype)
-
-
-def _resolve_backend(x: torch.Tensor, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
-    if backend == "triton" and not x.is_cuda:
-        raise ValueError(f"backend='triton' runs on CUDA tensors only, got a tensor on {x.device}; "
-                         f"use backend='torch' or 'auto'")
-    return backend
 
 
 def fake_quantize_e4m3(x: torch.Tensor, amax, *, backend: str = "auto") -> torch.Tensor:
@@ -39,7 +28,7 @@ def fake_quantize_e4m3(x: torch.Tensor, amax, *, backend: str = "auto") -> torch
     """
     check_floating(x, "fp8.fake_quantize_e4m3")
     amax = as_amax_tensor(amax, x.device, "FP8 amax")
-    if _resolve_backend(x, backend) == "triton":
+    if resolve_backend(x, backend) == "triton":
         from . import fp8_triton
         return straight_through(x, lambda inp: fp8_triton.fake_quantize_e4m3(inp, amax))
     return straight_through(x, lambda inp: _quantize_dequantize(inp, amax))

@@ -15,11 +15,11 @@ import torch
 from . import nvfp4_torch
 from .formats import BLOCK_SIZE, pack_e2m1, unpack_e2m1
 from .straight_through import straight_through
-from .validation import as_amax_tensor, check_finite, check_floating, check_nvfp4_shape
+from .validation import (KERNEL_BACKENDS as BACKENDS, as_amax_tensor, check_finite, check_floating,
+                         check_nvfp4_shape, resolve_backend)
 
 __all__ = ["BLOCK_SIZE", "NVFP4Tensor", "quantize", "fake_quantize", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -64,22 +64,11 @@ def _triton_backend():
     return _triton_module
 
 
-def _resolve_backend(x: torch.Tensor, backend: str) -> str:
-    if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and not x.is_cuda:
-        raise ValueError(f"backend='triton' runs on CUDA tensors only, got a tensor on {x.device}; "
-                         f"use backend='torch' or 'auto'")
-    return backend
-
-
 def _prepare(x: torch.Tensor, global_amax, backend: str, check_input: bool, what: str):
     """Validate x; return (contiguous x, fp32 0-d amax on x's device, backend name)."""
     check_floating(x, what)
     check_nvfp4_shape(x)
-    backend = _resolve_backend(x, backend)
+    backend = resolve_backend(x, backend)
     if not x.is_contiguous():
         x = x.contiguous()
     if global_amax is not None:

@@ -4,6 +4,22 @@ import torch
 
 from .formats import BLOCK_SIZE, SUPPORTED_DTYPES
 
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+"""Implementations of a quantizer: "torch" (any device), "triton" (CUDA), "auto" (Triton on CUDA)."""
+
+
+def resolve_backend(x: torch.Tensor, backend: str) -> str:
+    """"torch" or "triton" for ``backend`` (one of :data:`KERNEL_BACKENDS`) on x's device; ValueError
+    for an unknown name or for "triton" off CUDA."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if backend == "triton" and not x.is_cuda:
+        raise ValueError(f"backend='triton' runs on CUDA tensors only, got a tensor on {x.device}; "
+                         f"use backend='torch' or 'auto'")
+    return backend
+
 
 def check_floating(x: torch.Tensor, what: str) -> None:
     """Raise TypeError unless x is fp32, bf16 or fp16."""
