@@ -58,9 +58,10 @@ class ModelConfig:
     ``moe_router_topk_scaling_factor`` multiplies the routing weights (None: 1), and
     ``moe_router_bias_update_rate`` is the step of megatron.core's aux-loss-free bias update after
     every optimizer step (0, the default here: the student keeps the teacher's bias and routing).
-    ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP), which
-    neither the local spec builds nor the NVFP4 hooks cover (ConfigError); false gives a
-    SequentialMLP of per-expert linear layers. The ``alltoall`` dispatcher needs a GPU.
+    ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP; TE spec
+    only, the local spec cannot build them: ConfigError); false gives a SequentialMLP of per-expert
+    linear layers. Both quantize to the same NVFP4 experts and write the same checkpoint tensors.
+    The ``alltoall`` dispatcher needs a GPU.
     ``transformer_impl``: the layer spec of a GPT model, megatron.core's "local" one (any device)
     or "transformer_engine" (Megatron-LM's default: TE linear, fused-norm linear, norm and
     attention layers; needs Transformer Engine and a GPU; hybrid models are built local).

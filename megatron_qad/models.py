@@ -150,11 +150,12 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
 
 def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
     """Raise ConfigError for settings the spec (or the device) cannot build."""
-    if model_cfg.is_moe and model_cfg.moe_grouped_gemm:
+    if model_cfg.is_moe and model_cfg.moe_grouped_gemm and model_cfg.transformer_impl != "transformer_engine":
         raise ConfigError(
             "'model.moe_grouped_gemm: true' asks for Transformer Engine's grouped-GEMM experts "
-            "(TEGroupedMLP), which megatron-core 0.19's local spec cannot build and the NVFP4 hooks "
-            "do not cover. Set model.moe_grouped_gemm=false (per-expert SequentialMLP, in either spec)")
+            "(TEGroupedMLP), which megatron-core 0.19's local spec cannot build. Set "
+            "model.moe_grouped_gemm=false (per-expert SequentialMLP, in either spec), or "
+            "model.transformer_impl=transformer_engine (on a GPU with Transformer Engine)")
     if model_cfg.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import HAVE_TE
 

@@ -342,16 +342,19 @@ def test_gpt_moe_layouts_qwen2_moe_cannot_hold_are_refused_by_key(overrides, mes
         hf_config(config.model, megatron_config_of(config))
 
 
-def test_a_te_spec_recipe_exports_on_the_cpu_what_the_local_spec_exports(exported, tmp_path):
-    """Export builds megatron.core's local spec whatever ``model.transformer_impl`` says, so a
-    TE-spec recipe exports on a machine without a GPU or Transformer Engine, and writes the same
-    tensors. (That a TE-spec student's checkpoint holds the local spec's tensors is checked with
+@pytest.mark.parametrize("experts", ["per_expert", "grouped_gemm"])
+def test_a_te_spec_recipe_exports_on_the_cpu_what_the_local_spec_exports(exported, tmp_path, experts):
+    """Export builds megatron.core's local spec (per-expert SequentialMLP) whatever
+    ``model.transformer_impl`` and ``model.moe_grouped_gemm`` say, so a TE-spec recipe exports on a
+    machine without a GPU or Transformer Engine, and writes the same tensors. (That a TE-spec
+    student's checkpoint, grouped experts included, holds the local spec's tensors is checked with
     Transformer Engine on the GPU, in test_te_spec.py.)"""
     config, out, _, _ = exported
     if config.quantization.format != "nvfp4":
         pytest.skip("one format suffices")
     overrides = [*SMALL, f"teacher.checkpoint={config.teacher.checkpoint}", f"checkpoint.save={config.checkpoint.save}",
-                 "model.transformer_impl=transformer_engine", f"export.dir={tmp_path / 'te'}"]
+                 "model.transformer_impl=transformer_engine", f"export.dir={tmp_path / 'te'}",
+                 f"model.moe_grouped_gemm={str(experts == 'grouped_gemm').lower()}"]
     te_spec = load_file(export(load_config(RECIPE, overrides)) / "model.safetensors")
     local = load_file(out / "model.safetensors")
     assert te_spec.keys() == local.keys()

@@ -230,3 +230,31 @@ def test_a_checkpoint_of_an_uncalibrated_student_loads_as_uncalibrated(cpu_proce
     restored.load_state_dict(model.state_dict(), strict=True)
     with pytest.raises(RuntimeError, match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.input: .*not calibrated"):
         logits(restored, make_batches(model_cfg, count=1)[0])
+
+
+def test_an_moe_checkpoint_in_te_spec_names_loads_into_the_local_spec(cpu_process, cpu_dist_checkpointing, tmp_path):
+    """megatron.core's TE spec keeps an MoE layer's pre-MLP norm apart (``pre_mlp_layernorm.weight``);
+    its local spec names it as a dense layer's fused norm (``mlp.linear_fc1.layer_norm_weight``).
+    A checkpoint written under the TE names (here: the local student's, renamed as the TE spec's
+    ``gpt_layer_specs`` name them) loads into the local spec, strictly, every tensor unchanged.
+    (Real TE-spec checkpoints, both ways, are loaded in test_te_spec.py on the GPU.)"""
+    from megatron_qad.train import checkpointing
+
+    model, model_cfg = build(FP32, policy="transformer")
+    quantize.calibrate(model, make_batches(model_cfg))
+    sharded = model.sharded_state_dict()
+    renamed = [value for value in sharded.values() if ".mlp.linear_fc1.layer_norm_" in value.key]
+    assert {value.key for value in renamed} == {"decoder.layers.mlp.linear_fc1.layer_norm_weight"}
+    for value in renamed:
+        value.key = value.key.replace(".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm.")
+    dist_checkpointing.save(sharded, str(tmp_path))
+    assert "decoder.layers.pre_mlp_layernorm.weight" in dist_checkpointing.load_tensors_metadata(str(tmp_path))
+
+    restored, _ = build(FP32, seed=OTHER_SEED, policy="transformer")
+    checkpointing.load_model([restored], tmp_path)
+    expected = model.state_dict()
+    for key, value in restored.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, expected[key]), key
+    batch = make_batches(model_cfg, count=1, seed=1)[0]
+    assert torch.equal(logits(restored, batch), logits(model, batch))

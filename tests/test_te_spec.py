@@ -5,8 +5,12 @@ gradients bit for bit for the same weights and input (the emulated forward of
 ``megatron_qad.quantize.te_layers``); whole TE-spec models (GPT-MoE with shared expert, the tiny
 recipe) quantize every layer the local spec quantizes, agree with the local-spec student up to the
 attention kernels, train through megatron.core's schedule, pass K / V to ``TEDotProductAttention``
-as FP8 values, and write checkpoints that the local spec (which export builds) loads.
+as FP8 values, and write checkpoints that the local spec (which export builds) loads. Grouped-GEMM
+experts (``TEGroupedLinear``) equal per-expert local layers bit for bit, and a student built with
+them equals the per-expert (SequentialMLP) student, trains, and saves the per-expert checkpoint.
 """
+
+import re
 
 from pathlib import Path
 
@@ -16,18 +20,19 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 pytest.importorskip("transformer_engine.pytorch", reason="needs Transformer Engine")
 
-from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,  # noqa: E402
-                                                         TEDotProductAttention,
+from megatron.core.extensions.transformer_engine import (TEColumnParallelGroupedLinear,  # noqa: E402
+                                                         TEColumnParallelLinear, TEDotProductAttention,
                                                          TELayerNormColumnParallelLinear,
-                                                         TERowParallelLinear)
+                                                         TERowParallelGroupedLinear, TERowParallelLinear)
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 
 from megatron_qad import models, parallel, quantize  # noqa: E402
-from megatron_qad.config import ConfigError, load_config  # noqa: E402
+from megatron_qad.config import load_config  # noqa: E402
 from megatron_qad.distill import DistillationLoss, TeacherStudentStage, distillation_step, sum_reports  # noqa: E402
 from megatron_qad.numerics.formats import E4M3_MAX  # noqa: E402
 from megatron_qad.quantize import layers  # noqa: E402
-from megatron_qad.quantize.te_layers import QuantizedTELinear  # noqa: E402
+from megatron_qad.quantize.policy import PolicyError  # noqa: E402
+from megatron_qad.quantize.te_layers import QuantizedTEGroupedLinear, QuantizedTELinear  # noqa: E402
 from megatron_qad.train import checkpointing  # noqa: E402
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
@@ -240,15 +245,215 @@ def test_fp8_kv_values_enter_te_attention(gpu_parallel):
         assert not torch.equal(quantized, raw)
 
 
-def test_grouped_gemm_experts_are_refused(gpu_parallel):
-    config = load_config(TINY, OVERRIDES + TE + ["model.moe_grouped_gemm=true"])
-    with pytest.raises(ConfigError, match="moe_grouped_gemm=false"):
-        models.build_gpt_model(config.model, config.parallel, "cuda")
+def _grouped_pair(kind: str, bias: bool, skip_bias_add: bool, experts: int = 3):
+    """(per-expert local layers, TE grouped layer of ``experts`` GEMMs) with the same bf16 weights."""
+    recipe = load_config(TINY, OVERRIDES)
+    config = models.transformer_config(recipe.model, recipe.parallel, torch.device("cuda"))
+    n_in, n_out = 256, 96
+    common = dict(config=config, init_method=config.init_method, bias=bias, skip_bias_add=skip_bias_add,
+                  is_expert=True)
+    if kind == "row":
+        local = [RowParallelLinear(n_in, n_out, input_is_parallel=True, **common) for _ in range(experts)]
+        grouped = TERowParallelGroupedLinear(experts, n_in, n_out, **common)
+    else:
+        local = [ColumnParallelLinear(n_in, n_out, gather_output=False, **common) for _ in range(experts)]
+        grouped = TEColumnParallelGroupedLinear(experts, n_in, n_out, **common)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    with torch.no_grad():
+        for expert, layer in enumerate(local):
+            scale = 0.05 + expert / 50  # experts of different ranges
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, device="cuda") * scale)
+            getattr(grouped, f"weight{expert}").copy_(layer.weight)
+            if bias:
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator, device="cuda"))
+                getattr(grouped, f"bias{expert}").copy_(layer.bias)
+    return local, grouped
+
+
+def _run_local_experts(local, x, splits):
+    """(output, per-expert output biases or None) of per-expert layers on the tokens ``x`` split as
+    ``splits`` (the grouped layer's ``forward(x, splits)`` returns the same)."""
+    results = [layer(tokens) for layer, tokens in zip(local, torch.split(x, splits))]
+    return torch.cat([out for out, _ in results]), (None if results[0][1] is None else [b for _, b in results])
+
+
+def _experts_forward_backward(run, x, grad):
+    """(output, output biases, input gradient) of ``run(x)`` and a backward pass of ``grad``."""
+    x = x.detach().clone().requires_grad_(True)
+    output, biases = run(x)
+    output.backward(grad)
+    return output.detach(), biases, x.grad
+
+
+@pytest.mark.parametrize("input_amax", ["dynamic", "static"])
+@pytest.mark.parametrize("weight_format", ["nvfp4", "nvfp4_4over6"])
+@pytest.mark.parametrize("bias, skip_bias_add", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_grouped_expert_layer_matches_per_expert_local_layers_bit_for_bit(gpu_parallel, kind, bias, skip_bias_add,
+                                                                          weight_format, input_amax):
+    """Each expert's tokens and weight get their own scales, as in SequentialMLP's expert layers; an
+    expert routed no tokens gives no rows (and a static amax of 0)."""
+    local, grouped = _grouped_pair(kind, bias, skip_bias_add)
+    splits = [5, 0, 11]
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(16, 256, generator=generator, device="cuda").to(torch.bfloat16)
+    x[:5] *= 4  # experts see inputs of different ranges
+    grad = torch.randn(16, 96, generator=generator, device="cuda").to(torch.bfloat16)
+
+    def run_grouped(tokens):
+        return grouped(tokens, splits)
+
+    def run_local(tokens):
+        return _run_local_experts(local, tokens, splits)
+
+    unquantized, _, _ = _experts_forward_backward(run_grouped, x, grad)
+    grouped.zero_grad()
+    for expert, layer in enumerate(local):
+        layers.quantize_linear(layer, f"local{expert}", weight_format, weight_format, input_amax)
+    layers.quantize_linear(grouped, "grouped", weight_format, weight_format, input_amax)
+    assert isinstance(grouped, QuantizedTEGroupedLinear) and len(layers.weight_quantizers(grouped)) == 3
+    if input_amax == "static":
+        for model, run in ((torch.nn.ModuleList(local), run_local), (grouped, run_grouped)):
+            with quantize.calibration(model), torch.no_grad():
+                run(x)
+        for layer, quantizer in zip(local, grouped.input_quantizers):
+            assert torch.equal(quantizer.amax, layer.input_quantizer.amax)
+        assert grouped.input_quantizers[1].amax.item() == 0 and grouped.input_quantizers[0].amax.item() > 0
+    local_out, local_biases, local_dx = _experts_forward_backward(run_local, x, grad)
+    grouped_out, grouped_biases, grouped_dx = _experts_forward_backward(run_grouped, x, grad)
+    assert torch.equal(grouped_out, local_out)
+    assert not torch.equal(grouped_out, unquantized), "the quantized grouped layer computed the unquantized output"
+    assert (grouped_biases is None) == (local_biases is None) == (not skip_bias_add)
+    if skip_bias_add:
+        assert all(torch.equal(g, l) for g, l in zip(grouped_biases, local_biases))
+    assert torch.equal(grouped_dx, local_dx)
+    for expert, layer in enumerate(local):
+        assert torch.equal(getattr(grouped, f"weight{expert}").grad, layer.weight.grad), expert
+        if bias and not skip_bias_add:
+            assert torch.equal(getattr(grouped, f"bias{expert}").grad, layer.bias.grad), expert
+    layers.unquantize_linear(grouped)
+    assert torch.equal(_experts_forward_backward(run_grouped, x, grad)[0], unquantized)
+
+
+GROUPED = ["model.moe_grouped_gemm=true"]
+_GROUPED_NAME = re.compile(r"(\.mlp\.experts)\.(linear_fc[12])\.(weight|input_quantizers\.)(\d+)(\.amax)?$")
+
+
+def _per_expert_name(name: str) -> str:
+    """The SequentialMLP name of a grouped-GEMM expert tensor (``...experts.linear_fc1.weight3`` ->
+    ``...experts.local_experts.3.linear_fc1.weight``, ``...input_quantizers.3.amax`` ->
+    ``...local_experts.3.linear_fc1.input_quantizer.amax``); other names unchanged."""
+    match = _GROUPED_NAME.search(name)
+    if not match:
+        return name
+    scope, layer, role, expert, _ = match.groups()
+    suffix = "weight" if role == "weight" else "input_quantizer.amax"
+    return f"{name[:match.start()]}{scope}.local_experts.{expert}.{layer}.{suffix}"
+
+
+def _grouped_to_local_names(state: dict) -> dict:
+    """A TE-spec grouped-GEMM state dict under the local spec's names (per-expert experts, the
+    unfused norm); TE's ``_extra_state`` entries dropped."""
+    return {_per_expert_name(name).replace(_TE_NORM, _LOCAL_NORM): value for name, value in state.items()
+            if "_extra_state" not in name}
+
+
+def _grouped_model_pair():
+    """(recipe, TE-spec model with per-expert SequentialMLP, TE-spec model with grouped-GEMM
+    experts), the same weights."""
+    cfg = load_config(TINY, OVERRIDES + TE)
+    per_expert = models.build_gpt_model(cfg.model, cfg.parallel, "cuda")
+    grouped_cfg = load_config(TINY, OVERRIDES + TE + GROUPED)
+    grouped = models.build_gpt_model(grouped_cfg.model, grouped_cfg.parallel, "cuda")
+    source = {name: value for name, value in per_expert.state_dict().items() if "_extra_state" not in name}
+    names = {name: _per_expert_name(name) for name in grouped.state_dict() if "_extra_state" not in name}
+    assert set(names.values()) == source.keys(), set(names.values()) ^ source.keys()
+    missing, unexpected = grouped.load_state_dict({name: source[per_expert_name]
+                                                   for name, per_expert_name in names.items()}, strict=False)
+    assert not unexpected and all("_extra_state" in name for name in missing), (missing, unexpected)
+    return grouped_cfg, per_expert, grouped
+
+
+def test_grouped_gemm_student_equals_the_per_expert_student(gpu_parallel):
+    """Same weights, same quantized logits bit for bit; the report counts the same NVFP4 parameters
+    and weight error; both move the same way under one QAD step's gradients."""
+    cfg, per_expert, grouped = _grouped_model_pair()
+    (batch,) = _batch(cfg.model)
+    seq = cfg.model.seq_length
+    policy = cfg.quantization.to_policy()
+    per_expert_report, grouped_report = quantize.apply(per_expert, policy), quantize.apply(grouped, policy)
+    grouped_layers = [m for m in grouped.modules() if isinstance(m, QuantizedTEGroupedLinear)]
+    assert len(grouped_layers) == 2 * cfg.model.num_layers
+    assert grouped_report.nvfp4_params == per_expert_report.nvfp4_params
+    assert grouped_report.mean_rel_mse() == pytest.approx(per_expert_report.mean_rel_mse(), rel=1e-12)
+    per_expert_logits, grouped_logits = _logits(per_expert, batch, seq), _logits(grouped, batch, seq)
+    assert torch.equal(grouped_logits, per_expert_logits), (grouped_logits - per_expert_logits).abs().max()
+
+
+def test_grouped_gemm_qad_step_trains_every_expert(gpu_parallel):
+    cfg, _, teacher = _grouped_model_pair()
+    student = models.build_gpt_model(cfg.model, cfg.parallel, "cuda")
+    student.load_state_dict(teacher.state_dict())
+    teacher.requires_grad_(False)
+    quantize.apply(student, cfg.quantization.to_policy())
+    reports = distillation_step(TeacherStudentStage(student, teacher), iter(_batch(cfg.model, count=2)), 2, 2,
+                                cfg.model.seq_length, DistillationLoss("kl"))
+    kl_sum, _ = sum_reports(reports)["kl"]
+    assert 0 < kl_sum.item() < float("inf")
+    expert_weights = {name: p for name, p in student.named_parameters()
+                      if re.search(r"linear_fc[12]\.weight\d+$", name)}
+    assert len(expert_weights) == 2 * cfg.model.num_layers * cfg.model.num_moe_experts
+    for name, weight in expert_weights.items():
+        assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.any(), name
+
+
+def test_a_grouped_gemm_checkpoint_loads_into_the_per_expert_local_spec(gpu_parallel, tmp_path):
+    """A calibrated grouped-GEMM student's dist checkpoint: every expert's weight and static input
+    amax arrives in the local spec's SequentialMLP (what export builds) under its per-expert name, and
+    a grouped student loads it back unchanged (resume)."""
+    cfg, _, grouped = _grouped_model_pair()
+    static = load_config(TINY, [*OVERRIDES, *TE, *GROUPED, "quantization.input_amax=static"])
+    quantize.apply(grouped, static.quantization.to_policy())
+    with quantize.calibration(grouped):
+        _logits(grouped, _batch(cfg.model)[0], cfg.model.seq_length)
+    amaxes = [q.amax for m in grouped.modules() if isinstance(m, QuantizedTEGroupedLinear) for q in m.input_quantizers]
+    assert len(amaxes) == 2 * cfg.model.num_layers * cfg.model.num_moe_experts
+    assert len({float(a) for a in amaxes}) > 1, "experts should see different inputs"
+    checkpointing.save_model([grouped], tmp_path / "grouped")
+
+    local_cfg = load_config(TINY, [*OVERRIDES, "quantization.input_amax=static"])
+    local = models.build_gpt_model(local_cfg.model, local_cfg.parallel, "cuda")
+    quantize.apply(local, local_cfg.quantization.to_policy())
+    checkpointing.load_model([local], tmp_path / "grouped")
+    expected = _grouped_to_local_names(grouped.state_dict())
+    loaded = {name: value for name, value in local.state_dict().items() if not name.endswith("_extra_state")}
+    assert expected.keys() == loaded.keys()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+    again = models.build_gpt_model(cfg.model, cfg.parallel, "cuda")
+    quantize.apply(again, static.quantization.to_policy())
+    checkpointing.load_model([again], tmp_path / "grouped")
+    resumed = again.state_dict()
+    for name, value in grouped.state_dict().items():
+        if "_extra_state" not in name:
+            assert torch.equal(resumed[name], value), name
+
+
+def test_grouped_gemm_settings_the_hooks_cannot_keep_are_refused(gpu_parallel):
+    cfg = load_config(TINY, OVERRIDES + TE + GROUPED)
+    model = models.build_gpt_model(cfg.model, cfg.parallel, "cuda")
+    grouped = next(m for m in model.modules() if isinstance(m, TEColumnParallelGroupedLinear))
+    grouped.config.use_transformer_engine_op_fuser = True  # as TEGroupedMLP's fused path would be built
+    with pytest.raises(PolicyError, match="use_transformer_engine_op_fuser=False"):
+        quantize.apply(model, cfg.quantization.to_policy())
+    assert not any(layers.is_quantized_linear(m) for m in model.modules()), "nothing changes before the refusal"
 
 
 def test_a_te_spec_checkpoint_loads_into_the_local_spec_that_export_builds(gpu_parallel, tmp_path):
     """A calibrated TE-spec student's dist checkpoint loads, strictly, into a quantized local-spec
-    model: every weight, fused norm and amax arrives under its local name, unchanged."""
+    model: every weight, norm (fused or, the MoE pre-MLP norm, apart) and amax arrives under its
+    local name, unchanged; and the local model's checkpoint loads back into a TE-spec student."""
     cfg, _, te = _model_pair()
     static = load_config(TINY, [*OVERRIDES, *TE, "quantization.input_amax=static"])
     quantize.apply(te, static.quantization.to_policy())
@@ -268,3 +473,13 @@ def test_a_te_spec_checkpoint_loads_into_the_local_spec_that_export_builds(gpu_p
         assert torch.equal(loaded[name], value), name
     assert any(name.endswith("input_quantizer.amax") for name in loaded)
     assert any(name.endswith("key_quantizer.amax") for name in loaded)
+
+    checkpointing.save_model([local], tmp_path / "local")
+    back = models.build_gpt_model(static.model, static.parallel, "cuda")
+    quantize.apply(back, static.quantization.to_policy())
+    checkpointing.load_model([back], tmp_path / "local")
+    returned = {name: value for name, value in _te_to_local_names(back.state_dict()).items()
+                if not name.endswith("_extra_state")}
+    assert returned.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(returned[name], value), name

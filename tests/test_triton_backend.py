@@ -105,6 +105,15 @@ def test_odd_shapes(shape, dtype, four_over_six):
 
 
 @FOS
+def test_no_rows(four_over_six):
+    """An empty [0, K] input (an expert routed no tokens) launches nothing: empty outputs."""
+    x = torch.empty(0, 64, dtype=torch.bfloat16, device=CUDA)
+    fake = nvfp4.fake_quantize(x, torch.zeros((), device=CUDA), four_over_six, backend="triton")
+    packed = nvfp4.quantize(x, 1.0, four_over_six, backend="triton")
+    assert fake.shape == (0, 64) and packed.data.shape == (0, 32) and packed.scale.shape == (0, 4)
+
+
+@FOS
 @DT
 def test_3d_large(dtype, four_over_six):
     """A 3-D [8, 256, 1024] heavy-tailed tensor: triton == torch."""

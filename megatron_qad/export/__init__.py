@@ -20,8 +20,11 @@ def export(config: QADConfig) -> Path:
     The student is always built with megatron.core's local spec, on any device: a student trained
     with the TE spec (``model.transformer_impl: transformer_engine``) has the same dist-checkpoint
     tensors, because the local layers give their norms the sharded keys of TE's fused ones
-    (``input_layernorm.weight`` is ``self_attention.linear_qkv.layer_norm_weight``), and both specs
-    quantize the same layers with the same scales."""
+    (``input_layernorm.weight`` is ``self_attention.linear_qkv.layer_norm_weight``; an MoE layer's
+    pre-MLP norm, the one name that differs, is read under TE's: see ``train.checkpointing``), and
+    both specs quantize the same layers with the same scales. Grouped-GEMM experts
+    (``model.moe_grouped_gemm``, TE spec) load as the local spec's per-expert layers, which share
+    their sharded keys."""
     from .. import parallel, quantize
     from ..models import DTYPES, build_model
     from ..train import checkpointing
@@ -31,7 +34,7 @@ def export(config: QADConfig) -> Path:
     single = dataclasses.replace(config.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                  virtual_pipeline_model_parallel_size=1, expert_model_parallel_size=1,
                                  context_parallel_size=1)
-    model_cfg = dataclasses.replace(config.model, transformer_impl="local")
+    model_cfg = dataclasses.replace(config.model, transformer_impl="local", moe_grouped_gemm=False)
     source = checkpointing.student_checkpoint(config.checkpoint.save)
     context = parallel.initialize(single, seed=config.model.seed)
     try:

@@ -102,6 +102,8 @@ def _nvfp4_kernel(x_ptr, amax_ptr, out_ptr, data_ptr, scale_ptr, n_blocks,
 def _launch(x, amax, four_over_six, out=None, data=None, scales=None, *,
             blocks: int = _BLOCKS_PER_PROGRAM, num_warps: int = _NUM_WARPS):
     n_blocks = x.numel() // BLOCK_SIZE
+    if n_blocks == 0:  # e.g. the tokens of an expert that was routed none
+        return
     _nvfp4_kernel[(triton.cdiv(n_blocks, blocks),)](
         x, amax, out, data, scales, n_blocks,
         SCALE_MAX=FOUR_OVER_SIX_E4M3_MAX if four_over_six else E4M3_MAX,

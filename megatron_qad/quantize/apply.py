@@ -51,8 +51,8 @@ def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
     if unsupported:
         raise PolicyError(
             "these Transformer Engine layers have no NVFP4 hooks: " + ", ".join(unsupported[:4])
-            + (" ..." if len(unsupported) > 4 else "") + ". Build grouped-GEMM experts as per-expert "
-            "SequentialMLP (moe_grouped_gemm=False; TE or local linear layers are hooked)")
+            + (" ..." if len(unsupported) > 4 else "") + ". Build the student from megatron.core's TE "
+            "or local spec, whose linear, fused-norm linear and grouped-GEMM expert layers are hooked")
     whole_model_types = all_layer_types(chunks)
     linears = [linear for chunk in chunks for linear in linear_modules(chunk, whole_model_types)]
     for index, rule in enumerate(policy.rules):
@@ -72,9 +72,11 @@ def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
     for linear, weight_format, input_format in formats:
         if weight_format == input_format == "bf16":
             continue
-        k = linear.module.weight.shape[-1]
+        layers.check_quantizable(linear.module, linear.name)
+        weight = layers.gemm_weights(linear.module)[0]
+        k = weight.shape[-1]
         if k % BLOCK_SIZE:
-            raise PolicyError(f"{linear.name}: its weight {tuple(linear.module.weight.shape)} has K = {k} "
+            raise PolicyError(f"{linear.name}: its weight {tuple(weight.shape)} has K = {k} "
                               f"(per tensor-parallel rank), not a multiple of {BLOCK_SIZE}, so NVFP4 blocks "
                               f"do not fit; keep it in BF16 with a rule {{modules: [{linear.name!r}], "
                               f"weight: bf16}} or change the model's sizes")
@@ -172,8 +174,8 @@ def reuse_quantized_weights(model: torch.nn.Module | Sequence[torch.nn.Module]) 
     costs one quantized copy of the weights (the parameters' dtype) until the block ends. The
     weights must not be modified inside the block (the optimizer steps outside it).
     """
-    quantizers = [module.weight_quantizer for module in torch.nn.ModuleList(_chunks(model)).modules()
-                  if layers.is_quantized_linear(module) and module.weight_quantizer is not None]
+    quantizers = [quantizer for module in torch.nn.ModuleList(_chunks(model)).modules()
+                  if layers.is_quantized_linear(module) for quantizer in layers.weight_quantizers(module)]
     for quantizer in quantizers:
         quantizer.start_holding()
     try:

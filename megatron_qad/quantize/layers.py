@@ -13,7 +13,9 @@ of ``key`` and ``value`` (per-tensor amax each) to the original forward.
 
 Transformer Engine layers (TE-spec models) get the same quantizers; their linear layers have no
 ``_forward_impl`` seam, so :mod:`.te_layers` gives them megatron.core's local forward on the
-fake-quantized operands, and ``TEDotProductAttention`` takes the K / V mixin as it is.
+fake-quantized operands, and ``TEDotProductAttention`` takes the K / V mixin as it is. Grouped-GEMM
+experts (``TEGroupedLinear``) get one input and one weight quantizer per expert
+(``input_quantizers``, ``weight_quantizers``).
 """
 
 import torch
@@ -21,7 +23,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .quantizer import TensorQuantizer
-from .te_layers import QuantizedTELinear, check_te_linear, quantized_te_mixin, te_linear_types
+from .te_layers import (QuantizedTEGroupedLinear, QuantizedTELinear, check_te_grouped_linear, check_te_linear,
+                        quantized_te_mixin, te_grouped_linear_types, te_linear_types)
 
 
 class QuantizedLinear:
@@ -59,6 +62,15 @@ def data_parallel_group(is_expert: bool):
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
+def check_quantizable(module: torch.nn.Module, name: str) -> None:
+    """Raise PolicyError for a Transformer Engine linear layer whose settings the hooks cannot keep
+    (see :mod:`.te_layers`); megatron.core's local layers pass."""
+    if isinstance(module, te_grouped_linear_types()):
+        check_te_grouped_linear(module, name)
+    elif isinstance(module, te_linear_types()):
+        check_te_linear(module, name)
+
+
 def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, input_format: str,
                     input_amax: str) -> None:
     """Make ``module`` (Column/RowParallelLinear, or a Transformer Engine linear: see
@@ -66,8 +78,11 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
 
     Formats: "nvfp4", "nvfp4_4over6" or "bf16" (not quantized). input_amax: "static" or "dynamic".
     """
-    if isinstance(module, te_linear_types()):
-        check_te_linear(module, name)
+    check_quantizable(module, name)
+    grouped = isinstance(module, te_grouped_linear_types())
+    if grouped:
+        tp_group, is_expert, mixin = module._tp_group, True, QuantizedTEGroupedLinear
+    elif isinstance(module, te_linear_types()):
         # megatron.core's TP group of the layer (the expert TP group for experts, whose TE layers
         # get none of their own); experts' parameters are reduced over the expert DP group.
         tp_group, is_expert = module._tp_group, not getattr(module.weight, "allreduce", True)
@@ -76,24 +91,52 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
         tp_group, is_expert = getattr(module, "tp_group", None), getattr(module, "is_expert", False)
         mixin = QuantizedLinear
     dp_group = data_parallel_group(is_expert)
+    device = gemm_weights(module)[0].device
     module.__class__ = _quantized_class(type(module), mixin)
-    device = module.weight.device
-    module.weight_quantizer = (None if weight_format == "bf16" else
-                               TensorQuantizer(weight_format, "dynamic", tp_group, owner=f"{name}.weight"))
-    module.input_quantizer = (None if input_format == "bf16" else
-                              TensorQuantizer(input_format, input_amax, tp_group, dp_group, owner=f"{name}.input",
-                                              device=device))
+
+    def weight_quantizer(owner: str) -> TensorQuantizer:
+        return TensorQuantizer(weight_format, "dynamic", tp_group, owner=owner)
+
+    def input_quantizer(owner: str) -> TensorQuantizer:
+        return TensorQuantizer(input_format, input_amax, tp_group, dp_group, owner=owner, device=device)
+
+    if grouped:
+        experts = range(module.num_gemms)
+        module.weight_quantizers = (None if weight_format == "bf16" else
+                                    torch.nn.ModuleList(weight_quantizer(f"{name}.weight{i}") for i in experts))
+        module.input_quantizers = (None if input_format == "bf16" else
+                                   torch.nn.ModuleList(input_quantizer(f"{name}.input{i}") for i in experts))
+    else:
+        module.weight_quantizer = None if weight_format == "bf16" else weight_quantizer(f"{name}.weight")
+        module.input_quantizer = None if input_format == "bf16" else input_quantizer(f"{name}.input")
+
+
+def gemm_weights(module: torch.nn.Module) -> list[torch.Tensor | None]:
+    """The weight of each GEMM of a linear layer: ``[weight]`` (None for an output layer tied to the
+    embedding), or one per local expert of a grouped layer (``weight0``, ``weight1``, ...)."""
+    if isinstance(module, te_grouped_linear_types()):
+        return [getattr(module, f"weight{expert}") for expert in range(module.num_gemms)]
+    return [module.weight]
+
+
+def weight_quantizers(module: torch.nn.Module) -> list[TensorQuantizer]:
+    """The weight quantizers of a quantized linear layer, in the order of :func:`gemm_weights`
+    (empty when its weight stays BF16)."""
+    if isinstance(module, QuantizedTEGroupedLinear):
+        return [] if module.weight_quantizers is None else list(module.weight_quantizers)
+    return [] if module.weight_quantizer is None else [module.weight_quantizer]
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, (QuantizedLinear, QuantizedTELinear))
+    return isinstance(module, (QuantizedLinear, QuantizedTELinear, QuantizedTEGroupedLinear))
 
 
 def unquantize_linear(module: torch.nn.Module) -> None:
     """Undo :func:`quantize_linear`: the original class, no quantizers."""
+    grouped = isinstance(module, QuantizedTEGroupedLinear)
     module.__class__ = module.original_class
-    del module.weight_quantizer
-    del module.input_quantizer
+    for role in ("weight_quantizers", "input_quantizers") if grouped else ("weight_quantizer", "input_quantizer"):
+        delattr(module, role)
 
 
 class QuantizedCoreAttention:

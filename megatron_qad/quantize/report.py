@@ -85,23 +85,32 @@ def _relative_mse(weight: torch.Tensor, amax: torch.Tensor, four_over_six: bool)
     return float(error.sum(dtype=torch.float64) / norm) if norm > 0 else 0.0
 
 
+def _mean_relative_mse(scaled: list[tuple[torch.Tensor, torch.Tensor]], four_over_six: bool) -> float:
+    """Parameter-weighted mean of :func:`_relative_mse` over ``scaled`` = [(weight, fp32 0-d amax)]."""
+    total = sum(weight.numel() for weight, _ in scaled)
+    return sum(weight.numel() * _relative_mse(weight, amax, four_over_six) for weight, amax in scaled) / total
+
+
 def build_report(model: torch.nn.Module, formats, policy) -> QuantReport:
     """The report of ``model`` after ``apply`` with ``formats`` = [(LinearModule, weight, input)].
 
     Weight errors use the amax the layer's weight quantizer would use (MAX-reduced over its
-    tensor-parallel group), so every rank must build the report (``apply`` does).
+    tensor-parallel group), so every rank must build the report (``apply`` does). A grouped-GEMM
+    expert layer is one row: its local experts' parameters, and the parameter-weighted mean of their
+    errors (so the report's mean equals that of the same experts as per-expert layers).
     An output layer tied to the embedding (``share_embeddings_and_output_weights``) owns no weight:
     its row has 0 parameters and no weight error.
     """
     rows = []
     for linear, weight_format, input_format in formats:
-        weight = linear.module.weight
+        weights = [weight for weight in layers.gemm_weights(linear.module) if weight is not None]
         errors = (None, None)
-        if weight_format in QUANTIZED_FORMATS and weight is not None:
-            amax = linear.module.weight_quantizer.current_amax(weight)
-            errors = (_relative_mse(weight, amax, False), _relative_mse(weight, amax, True))
+        if weight_format in QUANTIZED_FORMATS and weights:
+            scaled = [(weight, quantizer.current_amax(weight))
+                      for weight, quantizer in zip(weights, layers.weight_quantizers(linear.module))]
+            errors = (_mean_relative_mse(scaled, False), _mean_relative_mse(scaled, True))
         rows.append(LayerRow(linear.name, linear.kind, weight_format, input_format,
-                             0 if weight is None else weight.numel(), *errors))
+                             sum(weight.numel() for weight in weights), *errors))
     kv_modules = sum(1 for module in model.modules() if layers.has_kv_quantization(module))
     return QuantReport(policy=policy.name, rows=rows,
                        total_params=sum(p.numel() for p in model.parameters()), kv_fp8_modules=kv_modules)

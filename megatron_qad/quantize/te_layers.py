@@ -11,6 +11,12 @@ parameters, names and checkpoint format; removing the hooks gives back TE's own 
 
 The norm of ``TELayerNormColumnParallelLinear`` is computed as ``torch.nn.RMSNorm`` /
 ``LayerNorm`` compute it (the local spec's norms), per token, on this rank's sequence shard.
+
+Grouped-GEMM experts (``TEGroupedMLP``) keep one weight per local expert in each of their two
+``TEGroupedLinear`` layers (``weight0``, ``weight1``, ...). Quantized, such a layer has one input
+and one weight quantizer per expert, and runs each expert's GEMM on that expert's tokens as the
+expert's own linear layer in ``SequentialMLP`` does: the same values, amaxes and checkpoint keys
+as the per-expert student.
 """
 
 import torch
@@ -18,6 +24,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
 from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
                                                     reduce_scatter_to_sequence_parallel_region)
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from .policy import PolicyError
 
@@ -37,6 +45,14 @@ def te_linear_types() -> tuple[type, ...]:
     return () if extension is None else (extension.TELinear, extension.TELayerNormColumnParallelLinear)
 
 
+def te_grouped_linear_types() -> tuple[type, ...]:
+    """``TEGroupedLinear`` (the column / row parallel per-expert GEMMs of ``TEGroupedMLP``); empty
+    without TE."""
+    extension = _te_extension()
+    grouped = None if extension is None else getattr(extension, "TEGroupedLinear", None)
+    return () if grouped is None else (grouped,)
+
+
 def te_attention_types() -> tuple[type, ...]:
     """``TEDotProductAttention`` (where K and V get FP8 fake quant); empty without TE."""
     extension = _te_extension()
@@ -48,11 +64,8 @@ def is_te_layernorm_linear(module: torch.nn.Module) -> bool:
     return extension is not None and isinstance(module, extension.TELayerNormColumnParallelLinear)
 
 
-def check_te_linear(module: torch.nn.Module, name: str) -> None:
-    """Raise PolicyError for TE settings the emulated forward cannot reproduce."""
-    if list(module.weight_names) != ["weight"]:
-        raise PolicyError(f"{name}: a Transformer Engine linear with split parameters "
-                          f"({module.weight_names}) cannot be quantized; build it with one weight")
+def _check_te_config(module: torch.nn.Module, name: str) -> None:
+    """Raise PolicyError for TransformerConfig settings of a TE layer the emulated forward cannot keep."""
     config = getattr(module, "config", None)
     for setting in ("fp8", "fp4"):
         if getattr(config, setting, None):
@@ -60,12 +73,34 @@ def check_te_linear(module: torch.nn.Module, name: str) -> None:
                               f"{getattr(config, setting)!r}, Transformer Engine's own low-precision "
                               f"training, which would quantize the NVFP4 student a second time; build "
                               f"the student without it ('quantization.backend' picks how NVFP4 runs)")
-    if getattr(config, "delay_wgrad_compute", False):
+    if getattr(config, "delay_wgrad_compute", False) or getattr(module, "delay_wgrad_compute", False):
         raise PolicyError(f"{name}: delay_wgrad_compute defers weight gradients to Transformer Engine's "
                           f"backward_dw, past the straight-through estimator of the NVFP4 weight; build "
-                          f"the student with delay_wgrad_compute=False")
+                          f"the student with delay_wgrad_compute=False (and "
+                          f"overlap_dispatch_backward_with_experts_wgrad=False)")
+
+
+def check_te_linear(module: torch.nn.Module, name: str) -> None:
+    """Raise PolicyError for TE settings the emulated forward cannot reproduce."""
+    if list(module.weight_names) != ["weight"]:
+        raise PolicyError(f"{name}: a Transformer Engine linear with split parameters "
+                          f"({module.weight_names}) cannot be quantized; build it with one weight")
+    _check_te_config(module, name)
     if getattr(module, "return_layernorm_output", False):
         raise PolicyError(f"{name}: return_layernorm_output=True is not supported by the NVFP4 hooks")
+
+
+def check_te_grouped_linear(module: torch.nn.Module, name: str) -> None:
+    """Raise PolicyError for grouped-GEMM expert settings the per-expert emulated forward cannot keep."""
+    if getattr(module, "single_grouped_weight", False) or getattr(module, "single_grouped_bias", False):
+        raise PolicyError(f"{name}: its experts' weights are one grouped tensor (moe_single_grouped_weight / "
+                          f"moe_single_grouped_bias), which cannot be quantized per expert; build the "
+                          f"student with both False")
+    if getattr(module.config, "use_transformer_engine_op_fuser", False):
+        raise PolicyError(f"{name}: use_transformer_engine_op_fuser runs the experts in Transformer "
+                          f"Engine's fused operations, past the layer's forward where NVFP4 enters; "
+                          f"build the student with use_transformer_engine_op_fuser=False")
+    _check_te_config(module, name)
 
 
 def parallel_linear(module: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor,
@@ -141,6 +176,65 @@ class QuantizedTELayerNormLinear(QuantizedTELinear):
 
     def _gemm_input(self, x: torch.Tensor) -> torch.Tensor:
         return te_norm(self, x)
+
+
+class QuantizedTEGroupedLinear:
+    """Mixin put in front of ``TEGroupedLinear`` (see ``layers.quantize_linear``): per local expert
+    ``i``, ``input_quantizers[i]`` and ``weight_quantizers[i]`` (ModuleLists, or None for a BF16
+    role) fake-quantize the expert's tokens and ``weight{i}``, and its GEMM runs as
+    :func:`parallel_linear`, the expert's local linear layer."""
+
+    input_quantizers: torch.nn.ModuleList | None
+    weight_quantizers: torch.nn.ModuleList | None
+
+    def forward(self, x: torch.Tensor, m_splits):
+        """x: [tokens, in_features] bf16, the local experts' tokens one expert after another;
+        m_splits: the token count of each local expert (list of ints, or an int tensor on the host).
+        Returns ``(output [tokens, out_features], biases)``: the per-expert biases as a list when the
+        layer returns them apart (``return_bias``), else None, as TE's ``TEGroupedLinear`` does."""
+        if isinstance(m_splits, torch.Tensor):
+            m_splits = m_splits.tolist()
+        if len(m_splits) != self.num_gemms:
+            raise ValueError(f"{len(m_splits)} token counts for {self.num_gemms} experts")
+        outputs, biases = [], []
+        for expert, tokens in enumerate(torch.split(x, m_splits)):
+            weight = getattr(self, f"weight{expert}")
+            bias = getattr(self, f"bias{expert}") if self.use_bias else None
+            if self.input_quantizers is not None:
+                tokens = self.input_quantizers[expert](tokens)
+            if self.weight_quantizers is not None:
+                weight = self.weight_quantizers[expert](weight)
+            output, output_bias = parallel_linear(self, tokens, weight, bias)
+            outputs.append(output)
+            biases.append(output_bias)
+        return torch.cat(outputs), (biases if self.use_bias and self.return_bias else None)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """TE's per-expert tensors plus each expert's static input amax, under the sharded key of
+        ``SequentialMLP``'s expert layers (``<prefix>input_quantizer.amax`` with the global expert
+        axis), so either expert layout loads the other's checkpoint. TE's own builds its dict from
+        a fixed list of names and would drop them."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        quantizers = self.input_quantizers
+        if quantizers is None or quantizers[0].amax_mode != "static":
+            return sharded
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = self._pg_collection
+        num_global_experts = get_pg_size(groups.ep) * self.num_gemms
+        first_expert = get_pg_rank(groups.ep) * self.num_gemms
+        for local_expert, quantizer in enumerate(quantizers):
+            expert = first_expert + local_expert
+            if metadata.get("singleton_local_shards", False):
+                key_prefix, offsets = f"{expert}.{prefix}", sharded_offsets
+            else:
+                key_prefix, offsets = prefix, (*sharded_offsets, (len(sharded_offsets), expert, num_global_experts))
+            (amax,) = make_sharded_tensors_for_checkpoint(
+                {"input_quantizer.amax": quantizer.amax}, key_prefix, {}, offsets, tp_group=self._tp_group,
+                dp_cp_group=metadata["dp_cp_group"]).values()
+            # Replicated over the expert data-parallel group, as SequentialMLP marks its experts' tensors.
+            amax.replica_id = (*amax.replica_id[:2], get_pg_rank(groups.expt_dp))
+            sharded[f"{prefix}input_quantizers.{local_expert}.amax"] = amax
+        return sharded
 
 
 def quantized_te_mixin(module: torch.nn.Module) -> type:

@@ -12,6 +12,15 @@ previous checkpoint and ``latest.txt`` untouched (a stale ``.tmp`` is removed by
 
 Tensors are stored under their global (layout-free) names, so a checkpoint written at one TP / PP /
 EP layout loads at another. A model checkpoint (the teacher) holds the chunks' weights only.
+
+A model checkpoint also loads across megatron.core's two layer specs. They name every tensor alike
+in dist checkpoints (the local spec's norms take the names of TE's fused ones, per-expert and
+grouped-GEMM experts share theirs) but one: the pre-MLP norm of an MoE layer, a separate norm in
+the TE spec (``pre_mlp_layernorm.weight``), which the local spec names as a dense layer's fused norm
+(``mlp.linear_fc1.layer_norm_weight``). :func:`load_model` reads a tensor the checkpoint lacks
+under the other spec's name (:data:`SPEC_KEY_ALIASES`), and leaves Transformer Engine's per-module
+extra state (``_extra_state``: FP8 metadata, which a local-spec checkpoint has none of) as it is
+where the checkpoint has none.
 """
 
 import json
@@ -23,6 +32,8 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from ..config import ConfigError
 from ..distill import TeacherStudentStage, innermost
@@ -41,6 +52,30 @@ def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
     plain model."""
     chunk = innermost(chunk)
     return chunk.student if isinstance(chunk, TeacherStudentStage) else chunk
+
+
+SPEC_KEY_ALIASES = (("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),)
+"""Pairs of dist-checkpoint key parts that name one tensor in megatron.core's TE and local specs."""
+
+
+def _read_under_spec_aliases(chunk_state: dict, saved_keys: set[str]) -> None:
+    """Point each tensor of ``chunk_state`` (a sharded state dict) that the checkpoint (its keys:
+    ``saved_keys``) lacks at its name in the other layer spec, where the checkpoint has that."""
+    for value in chunk_state.values():
+        key = getattr(value, "key", None)
+        if key is None or key in saved_keys:
+            continue
+        for te_part, local_part in SPEC_KEY_ALIASES:
+            for ours, theirs in ((te_part, local_part), (local_part, te_part)):
+                alias = key.replace(f".{ours}", f".{theirs}", 1)
+                if alias != key and alias in saved_keys:
+                    value.key = alias
+
+
+def _lacking_extra_states(chunk_state: dict, saved_keys: set[str]) -> set[str]:
+    """The entries of ``chunk_state`` that are Transformer Engine extra states the checkpoint lacks."""
+    return {name for name, value in chunk_state.items()
+            if isinstance(value, ShardedObject) and value.key.endswith("_extra_state") and value.key not in saved_keys}
 
 
 def _model_state(chunks) -> dict:
@@ -82,20 +117,29 @@ def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
     into ``chunks`` at this run's layout. Every rank of the job must call it.
 
     ``strict=False`` skips tensors the checkpoint does not have (a BF16 teacher's weights loaded
-    into a quantized student keep the student's amax buffers)."""
+    into a quantized student keep the student's amax buffers). The checkpoint may come from a
+    model of the other layer spec (see the module doc)."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise ConfigError(f"no megatron.core dist checkpoint at '{directory}' (metadata.json missing); "
                           f"check 'teacher.checkpoint', or set 'teacher.pretrain_iters' to train one there")
     state = _model_state(chunks)
-    if not strict:
-        saved = dist_checkpointing.load_tensors_metadata(str(directory))
-        state = {name: {key: value for key, value in chunk_state.items()
-                        if getattr(value, "key", None) in saved}
-                 for name, chunk_state in state.items()}
+    saved_keys = {value.key for value in load_sharded_metadata(str(directory)).values()}
+    lacking = {}
+    for name, chunk_state in state.items():
+        _read_under_spec_aliases(chunk_state, saved_keys)
+        lacking[name] = _lacking_extra_states(chunk_state, saved_keys)
+        kept = {key: value for key, value in chunk_state.items()
+                if key not in lacking[name] and (strict or getattr(value, "key", None) in saved_keys)}
+        state[name] = kept
     loaded = dist_checkpointing.load(state, str(directory))
     for index, chunk in enumerate(chunks):
-        bare_model(chunk).load_state_dict(loaded[f"model{index}"], strict=strict)
+        name = f"model{index}"
+        result = bare_model(chunk).load_state_dict(loaded[name], strict=False)
+        missing = [key for key in result.missing_keys if key not in lacking[name]]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint '{directory}' does not match the model: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
 
 
 def save_training(run_dir: str | Path, iteration: int, chunks, optimizer, scheduler) -> Path:
