@@ -178,7 +178,8 @@ class QuantizationConfig:
     applied after the built-in's, later ones winning; ``kv_cache``: "fp8" or "bf16";
     ``input_amax``: "static" (calibrated, saved in checkpoints) or "dynamic" (every call);
     ``backend``: "emulated" (fake quant + BF16 GEMMs, any device), "te" (Transformer Engine's native
-    NVFP4 GEMMs on compute capability >= 10.0) or "auto" (see ``megatron_qad.quantize.backend``);
+    NVFP4 GEMMs in a TE-spec student on compute capability >= 10.0; not yet run on such a GPU) or
+    "auto" (te where it can run, else emulated; see ``megatron_qad.quantize.backend``);
     ``reuse_quantized_weights``: fake-quantize each weight once per optimizer step and reuse it in
     every micro-batch and validation pass (same numerics; holds one quantized copy of the weights
     during the step).

@@ -289,6 +289,21 @@ def test_unknown_builtin_and_applying_twice_are_errors(cpu_process):
         quantize.apply(model, kv_only)
 
 
+def test_native_backend_on_a_local_spec_model_and_unknown_backends_are_refused(cpu_process):
+    """``backend="te"`` runs NVFP4 GEMMs in Transformer Engine layers: a local-spec model is refused
+    before any module changes, with the setting that fixes it."""
+    model, _ = build()
+    classes = module_classes(model)
+    with pytest.raises(PolicyError, match=r"decoder\.layers\.0\.self_attention\.linear_proj: 'quantization\.backend: "
+                                          r"te' runs NVFP4 GEMMs in Transformer Engine layers.*"
+                                          r"model\.transformer_impl=transformer_engine"):
+        quantize.apply(model, "transformer", backend="te")
+    assert_untouched(model, classes)
+    with pytest.raises(PolicyError, match=r"backend must be one of \('emulated', 'te'\), got 'auto'"):
+        quantize.apply(model, "transformer", backend="auto")
+    assert_untouched(model, classes)
+
+
 def test_remove_restores_the_classes_and_the_exact_bf16_outputs(cpu_process):
     model, model_cfg = build(SMALL)  # BF16 parameters
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -10,6 +10,7 @@ experts (``TEGroupedLinear``) equal per-expert local layers bit for bit, and a s
 them equals the per-expert (SequentialMLP) student, trains, and saves the per-expert checkpoint.
 """
 
+import importlib
 import re
 
 from pathlib import Path
@@ -483,3 +484,115 @@ def test_a_te_spec_checkpoint_loads_into_the_local_spec_that_export_builds(gpu_p
     assert returned.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(returned[name], value), name
+
+
+# quantization.backend: te. No GPU here has FP4 tensor cores, so TE's FP8 current-scaling recipe
+# stands in for its NVFP4 recipe: the mechanism (TE's own forward under the recipe, the weight
+# quantized again after every change, calibration on the BF16 values) is the same.
+def _stand_in_recipe():
+    from transformer_engine.common.recipe import Float8CurrentScaling
+
+    return Float8CurrentScaling()
+
+
+@pytest.mark.parametrize("kind", ["column", "row", "layernorm_column", "grouped"])
+def test_native_layers_run_te_own_forward_under_the_recipe(gpu_parallel, kind):
+    from transformer_engine.pytorch import autocast
+
+    from megatron_qad.quantize.te_layers import te_norm
+
+    def pair():
+        if kind == "grouped":
+            return _grouped_pair("column", False, False)[1]
+        return _layer_pair(kind, False, False)[2]
+
+    native, reference = pair(), pair()  # the same weights (seeded)
+    reference.disable_parameter_transpose_cache = True  # TE's plain semantics: no weight cache
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    if kind == "grouped":
+        x = torch.randn(64, 256, generator=generator, device="cuda").to(torch.bfloat16)
+        args = ([16, 16, 32],)
+    else:
+        x = torch.randn(16, 2, 256, generator=generator, device="cuda").to(torch.bfloat16)
+        args = ()
+    recipe = _stand_in_recipe()
+
+    def reference_output():
+        with autocast(enabled=True, recipe=recipe):
+            return reference(x, *args)[0]
+
+    bf16 = native(x, *args)[0].detach()
+    layers.quantize_linear(native, "native", "nvfp4", "nvfp4", "static", native_recipe=recipe)
+    assert layers.is_native_linear(native) and layers.is_quantized_linear(native)
+    with quantize.calibration(native), torch.no_grad():  # calibration runs on the BF16 values
+        torch.testing.assert_close(native(x, *args)[0], bf16, rtol=2e-2, atol=2e-2)
+    gemm_input = te_norm(native, x) if kind == "layernorm_column" else x
+    quantizers = native.input_quantizers if kind == "grouped" else [native.input_quantizer]
+    if kind == "grouped":
+        expected = [chunk.abs().max().float() for chunk in torch.split(gemm_input, args[0])]
+    else:
+        expected = [gemm_input.abs().max().float()]
+    assert all(torch.equal(q.amax, e) for q, e in zip(quantizers, expected))
+
+    output = native(x, *args)[0]
+    assert torch.equal(output, reference_output()) and not torch.equal(output, bf16)
+    with torch.no_grad():  # an optimizer step: the next forward quantizes the new weight
+        for name, weight in native.named_parameters():
+            if name.startswith("weight"):
+                weight.add_(0.01)
+                dict(reference.named_parameters())[name].add_(0.01)
+    output = native(x, *args)[0]
+    assert torch.equal(output, reference_output())
+    if kind == "grouped":  # token counts TE's kernels cannot take: zero rows pad each expert to 32
+        tokens, splits = x[:16], [5, 0, 11]
+        padded = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, -len(t) % 32)) for t in torch.split(tokens, splits)])
+        with autocast(enabled=True, recipe=recipe):
+            expected = reference(padded, [32, 0, 32])[0]
+        assert torch.equal(native(tokens, splits)[0], torch.cat([expected[:5], expected[32:43]]))
+    output.float().square().sum().backward()
+    weights = [p for name, p in native.named_parameters() if name.startswith("weight")]
+    assert all(w.grad is not None and torch.isfinite(w.grad).all() and w.grad.any() for w in weights)
+    layers.unquantize_linear(native)
+    assert not hasattr(native, "native_recipe") and not layers.is_quantized_linear(native)
+
+
+def test_native_backend_student_trains(gpu_parallel, monkeypatch):
+    """``apply(..., backend="te")``: every quantized TE layer runs natively with the recipe that
+    ``te_recipe`` gives its format (here the stand-in); the student's QAD step trains."""
+    apply_module = importlib.import_module("megatron_qad.quantize.apply")  # the package's `apply` is the function
+
+    recipes = []
+
+    def stand_in(weight_format):
+        recipes.append(weight_format)
+        return _stand_in_recipe()
+
+    monkeypatch.setattr(apply_module, "te_recipe", stand_in)
+    cfg, _, teacher = _model_pair()
+    te_cfg = load_config(TINY, OVERRIDES + TE)
+    student = models.build_gpt_model(te_cfg.model, te_cfg.parallel, "cuda")
+    student.load_state_dict(teacher.state_dict())
+    teacher.requires_grad_(False)
+    report = quantize.apply(student, cfg.quantization.to_policy(), backend="te")
+    assert recipes == ["nvfp4"]
+    quantized = [m for m in student.modules() if layers.is_quantized_linear(m)]
+    assert quantized and all(layers.is_native_linear(m) for m in quantized)
+    assert report.nvfp4_params > 0
+    (batch,) = _batch(cfg.model)
+    seq = cfg.model.seq_length
+    assert not torch.equal(_logits(student, batch, seq), _logits(teacher, batch, seq))
+    reports = distillation_step(TeacherStudentStage(student, teacher), iter(_batch(cfg.model, count=2)), 2, 2,
+                                seq, DistillationLoss("kl"))
+    kl_sum, _ = sum_reports(reports)["kl"]
+    assert 0 < kl_sum.item() < float("inf")
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_native_backend_refuses_a_weight_only_rule(gpu_parallel):
+    cfg = load_config(TINY, OVERRIDES + TE)
+    model = models.build_gpt_model(cfg.model, cfg.parallel, "cuda")
+    policy = quantize.policy_from_dict({"policy": None, "rules": [{"kinds": ["attention"], "weight": "nvfp4",
+                                                                   "input": "bf16"}]})
+    with pytest.raises(PolicyError, match="quantizes a GEMM's weight and input alike.*make the rule's input 'nvfp4'"):
+        quantize.apply(model, policy, backend="te")
+    assert not any(layers.is_quantized_linear(m) for m in model.modules())

@@ -14,10 +14,14 @@ import torch
 from ..numerics.formats import BLOCK_SIZE
 from ..models import all_layer_types
 from . import layers
+from .backend import te_recipe
 from .kinds import LinearModule, core_attention_modules, find_unsupported, linear_modules
 from .policy import BUILTIN_POLICIES, QUANTIZABLE_KINDS, Policy, PolicyError
 from .quantizer import TensorQuantizer
 from .report import QuantReport, build_report
+
+NVFP4_BACKENDS = ("emulated", "te")
+"""How :func:`apply` runs the quantized GEMMs (``backend.select_backend`` resolves "auto" to one)."""
 
 
 def _as_policy(policy: Policy | str) -> Policy:
@@ -41,11 +45,13 @@ def _chunks(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[torch.nn
     return chunks
 
 
-def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
-         policy: Policy) -> list[tuple[LinearModule, str, str]]:
+def plan(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy,
+         backend: str = "emulated") -> list[tuple[LinearModule, str, str]]:
     """(linear module, weight format, input format) for every linear layer of ``model`` (a model
     or this rank's list of virtual-pipeline chunks); validates everything that can be checked
-    before a weight is touched."""
+    before a weight is touched, for the NVFP4 ``backend`` ("emulated" or "te")."""
+    if backend not in NVFP4_BACKENDS:
+        raise PolicyError(f"backend must be one of {NVFP4_BACKENDS}, got {backend!r}")
     chunks = _chunks(model)
     unsupported = [name for chunk in chunks for name in find_unsupported(chunk)]
     if unsupported:
@@ -73,6 +79,8 @@ def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
         if weight_format == input_format == "bf16":
             continue
         layers.check_quantizable(linear.module, linear.name)
+        if backend == "te":
+            _check_native(linear, weight_format, input_format)
         weight = layers.gemm_weights(linear.module)[0]
         k = weight.shape[-1]
         if k % BLOCK_SIZE:
@@ -87,23 +95,43 @@ def plan(model: torch.nn.Module | Sequence[torch.nn.Module],
     return formats
 
 
-def apply(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | str = "transformer") -> QuantReport:
+def _check_native(linear: LinearModule, weight_format: str, input_format: str) -> None:
+    """Raise PolicyError where the native backend cannot run a layer as the policy says."""
+    if not layers.is_te_linear(linear.module):
+        raise PolicyError(f"{linear.name}: 'quantization.backend: te' runs NVFP4 GEMMs in Transformer Engine "
+                          f"layers, and this is megatron.core's local {type(linear.module).__name__}; build the "
+                          f"student with model.transformer_impl=transformer_engine, or use backend emulated")
+    if weight_format != input_format:
+        raise PolicyError(f"{linear.name}: 'quantization.backend: te' quantizes a GEMM's weight and input alike, "
+                          f"and the policy gives it a {weight_format} weight and a {input_format} input; make "
+                          f"the rule's input {weight_format!r} or use backend emulated")
+
+
+def apply(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | str = "transformer",
+          backend: str = "emulated") -> QuantReport:
     """Quantize ``model`` in place as ``policy`` says (a Policy or a built-in's name).
 
     ``model``: a model, or this rank's list of virtual-pipeline chunks (one report for all).
     Linear layers get NVFP4 fake quant of weight and input (or stay BF16); with ``kv_cache: fp8``
     core attention gets FP8 fake quant of K and V. Every check runs before any module changes.
     Static input / KV amaxes start uncalibrated: run :func:`calibrate` or load a checkpoint.
+    ``backend``: "emulated", or "te" for Transformer Engine's native NVFP4 GEMMs in the quantized
+    TE layers (``backend.select_backend`` says where they can run).
     """
     policy = _as_policy(policy)
     chunks = _chunks(model)
     whole = torch.nn.ModuleList(chunks)  # a view over the chunks' own modules, for the report
     if any(layers.is_quantized_linear(m) or layers.has_kv_quantization(m) for m in whole.modules()):
         raise PolicyError("the model is already quantized; call megatron_qad.quantize.remove(model) first")
-    formats = plan(chunks, policy)
+    formats = plan(chunks, policy, backend)
+    recipes = {}  # weight format -> Transformer Engine recipe, for the native backend
     for linear, weight_format, input_format in formats:
-        if weight_format != "bf16" or input_format != "bf16":
-            layers.quantize_linear(linear.module, linear.name, weight_format, input_format, policy.input_amax)
+        if weight_format == input_format == "bf16":
+            continue
+        if backend == "te" and weight_format not in recipes:
+            recipes[weight_format] = te_recipe(weight_format)
+        layers.quantize_linear(linear.module, linear.name, weight_format, input_format, policy.input_amax,
+                               native_recipe=recipes.get(weight_format))
     if policy.kv_cache == "fp8":
         for chunk in chunks:
             device = next(chunk.parameters()).device

@@ -9,9 +9,13 @@
 
 The native path needs a TE-spec student (``model.transformer_impl: transformer_engine``) on a
 Blackwell GPU with Transformer Engine; elsewhere ``auto`` resolves to ``emulated`` and ``te`` is
-refused with the reason (see :func:`select_backend`). Where everything is present the training
-loop still runs the emulated path: ``auto`` does so, and ``te`` is refused, because native NVFP4
-execution has not been run and tested on a Blackwell GPU yet.
+refused with the reason (see :func:`select_backend`). Where it runs, ``quantize.apply(...,
+backend="te")`` gives each quantized TE layer Transformer Engine's own forward inside TE's
+``autocast`` with :func:`te_recipe` (``te_layers.NativeNVFP4``). Differences from the emulated path:
+TE scales each activation with its own per-tensor amax at every call (its recipe has no static
+activation scale; the calibrated input amaxes still go to the export), and TE's GEMMs accumulate in
+their own order. No Blackwell GPU was available to run it: the selection, the recipe and the
+mechanism (with TE's FP8 recipe in the NVFP4 recipe's place, on Hopper) are tested.
 """
 
 from ..config import ConfigError

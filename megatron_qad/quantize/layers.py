@@ -15,7 +15,8 @@ Transformer Engine layers (TE-spec models) get the same quantizers; their linear
 ``_forward_impl`` seam, so :mod:`.te_layers` gives them megatron.core's local forward on the
 fake-quantized operands, and ``TEDotProductAttention`` takes the K / V mixin as it is. Grouped-GEMM
 experts (``TEGroupedLinear``) get one input and one weight quantizer per expert
-(``input_quantizers``, ``weight_quantizers``).
+(``input_quantizers``, ``weight_quantizers``). With a native recipe (``quantization.backend: te``)
+a TE layer runs Transformer Engine's own NVFP4 GEMMs instead (``te_layers.NativeNVFP4``).
 """
 
 import torch
@@ -23,8 +24,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from .quantizer import TensorQuantizer
-from .te_layers import (QuantizedTEGroupedLinear, QuantizedTELinear, check_te_grouped_linear, check_te_linear,
-                        quantized_te_mixin, te_grouped_linear_types, te_linear_types)
+from .policy import PolicyError
+from .te_layers import (NativeNVFP4, QuantizedTEGroupedLinear, QuantizedTELinear, check_te_grouped_linear,
+                        check_te_linear, quantized_te_mixin, te_grouped_linear_types, te_linear_types)
 
 
 class QuantizedLinear:
@@ -72,27 +74,34 @@ def check_quantizable(module: torch.nn.Module, name: str) -> None:
 
 
 def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, input_format: str,
-                    input_amax: str) -> None:
+                    input_amax: str, native_recipe=None) -> None:
     """Make ``module`` (Column/RowParallelLinear, or a Transformer Engine linear: see
     :mod:`.te_layers`) fake-quantize its weight and input in place.
 
     Formats: "nvfp4", "nvfp4_4over6" or "bf16" (not quantized). input_amax: "static" or "dynamic".
+    native_recipe: a Transformer Engine recipe (``backend.te_recipe``) to run a TE layer's GEMM in
+    natively instead (``quantization.backend: te``); None emulates.
     """
     check_quantizable(module, name)
     grouped = isinstance(module, te_grouped_linear_types())
-    if grouped:
-        tp_group, is_expert, mixin = module._tp_group, True, QuantizedTEGroupedLinear
-    elif isinstance(module, te_linear_types()):
+    is_te = is_te_linear(module)
+    if native_recipe is not None and not is_te:
+        raise PolicyError(f"{name}: native NVFP4 GEMMs run in Transformer Engine layers; this is "
+                          f"megatron.core's local {type(module).__name__}")
+    if is_te:
         # megatron.core's TP group of the layer (the expert TP group for experts, whose TE layers
         # get none of their own); experts' parameters are reduced over the expert DP group.
-        tp_group, is_expert = module._tp_group, not getattr(module.weight, "allreduce", True)
-        mixin = quantized_te_mixin(module)
+        tp_group = module._tp_group
+        is_expert = grouped or not getattr(module.weight, "allreduce", True)
+        mixin = quantized_te_mixin(module, native=native_recipe is not None)
     else:
         tp_group, is_expert = getattr(module, "tp_group", None), getattr(module, "is_expert", False)
         mixin = QuantizedLinear
     dp_group = data_parallel_group(is_expert)
     device = gemm_weights(module)[0].device
     module.__class__ = _quantized_class(type(module), mixin)
+    if native_recipe is not None:
+        module.native_recipe = native_recipe
 
     def weight_quantizer(owner: str) -> TensorQuantizer:
         return TensorQuantizer(weight_format, "dynamic", tp_group, owner=owner)
@@ -109,6 +118,11 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
     else:
         module.weight_quantizer = None if weight_format == "bf16" else weight_quantizer(f"{name}.weight")
         module.input_quantizer = None if input_format == "bf16" else input_quantizer(f"{name}.input")
+
+
+def is_te_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a Transformer Engine linear layer the hooks cover (grouped ones included)."""
+    return isinstance(module, te_linear_types() + te_grouped_linear_types())
 
 
 def gemm_weights(module: torch.nn.Module) -> list[torch.Tensor | None]:
@@ -131,9 +145,16 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, (QuantizedLinear, QuantizedTELinear, QuantizedTEGroupedLinear))
 
 
+def is_native_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs its NVFP4 GEMMs natively in Transformer Engine (``backend: te``)."""
+    return isinstance(module, NativeNVFP4)
+
+
 def unquantize_linear(module: torch.nn.Module) -> None:
     """Undo :func:`quantize_linear`: the original class, no quantizers."""
     grouped = isinstance(module, QuantizedTEGroupedLinear)
+    if is_native_linear(module):
+        del module.native_recipe
     module.__class__ = module.original_class
     for role in ("weight_quantizers", "input_quantizers") if grouped else ("weight_quantizer", "input_quantizer"):
         delattr(module, role)

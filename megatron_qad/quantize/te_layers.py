@@ -17,6 +17,11 @@ Grouped-GEMM experts (``TEGroupedMLP``) keep one weight per local expert in each
 and one weight quantizer per expert, and runs each expert's GEMM on that expert's tokens as the
 expert's own linear layer in ``SequentialMLP`` does: the same values, amaxes and checkpoint keys
 as the per-expert student.
+
+With ``quantization.backend: te`` (Blackwell) a quantized TE layer instead runs Transformer Engine's
+own forward inside TE's ``autocast`` with the NVFP4 recipe of ``backend.te_recipe``
+(:class:`NativeNVFP4`): its GEMMs on FP4 tensor cores. Its quantizers stay: they calibrate the static
+input amaxes export writes, and give the report its weight errors.
 """
 
 import torch
@@ -28,6 +33,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from .policy import PolicyError
+from .quantizer import TensorQuantizer
 
 
 def _te_extension():
@@ -237,6 +243,71 @@ class QuantizedTEGroupedLinear:
         return sharded
 
 
-def quantized_te_mixin(module: torch.nn.Module) -> type:
-    """The mixin that quantizes the Transformer Engine linear ``module`` (one of :func:`te_linear_types`)."""
-    return QuantizedTELayerNormLinear if is_te_layernorm_linear(module) else QuantizedTELinear
+NATIVE_ROW_MULTIPLE = 32
+"""Token rows TE's low-precision GEMMs need a multiple of (NVFP4: 32, FP8: 16). Expert layers get a
+token count the router chose, so their rows are padded with zeros to it: zeros change neither a
+per-tensor amax nor the other rows' 1 x 16 blocks, and their outputs are dropped."""
+
+
+def _padded_rows(x: torch.Tensor) -> torch.Tensor:
+    """x: [rows, features], with zero rows appended up to a multiple of :data:`NATIVE_ROW_MULTIPLE`."""
+    return F.pad(x, (0, 0, 0, -x.shape[0] % NATIVE_ROW_MULTIPLE))
+
+
+class NativeNVFP4:
+    """Put in front of a quantized TE layer's mixin for ``quantization.backend: te``: outside
+    calibration the layer runs Transformer Engine's own forward inside TE's ``autocast`` with
+    ``native_recipe`` (its NVFP4 recipe), under an amax reduction over the layer's TP group; while
+    its quantizers calibrate, the emulated mixin's forward (BF16 values, static amaxes observed)."""
+
+    native_recipe: object
+
+    def forward(self, *args, **kwargs):
+        if any(isinstance(m, TensorQuantizer) and m.calibrating for m in self.modules()):
+            return super().forward(*args, **kwargs)
+        from transformer_engine.pytorch import autocast
+
+        # TE keeps a layer's quantized weight from one call to the next unless told that a call is
+        # the first micro-batch of a step, which megatron.core only does for its own FP8 / FP4
+        # training: say so at every call, so each forward quantizes the current weight.
+        self.is_first_microbatch = True
+        with autocast(enabled=True, recipe=self.native_recipe, amax_reduction_group=self._tp_group):
+            return self._native_forward(*args, **kwargs)
+
+    def _native_forward(self, x: torch.Tensor, *args, **kwargs):
+        """TE's own forward; a 2-D input ([tokens, features]: an expert's tokens) row-padded."""
+        if x.dim() != 2:
+            return self.original_class.forward(self, x, *args, **kwargs)
+        output, bias = self.original_class.forward(self, _padded_rows(x), *args, **kwargs)
+        return output[: x.shape[0]], bias
+
+
+class NativeTELinear(NativeNVFP4, QuantizedTELinear):
+    """Native NVFP4 ``TELinear`` (column / row parallel)."""
+
+
+class NativeTELayerNormLinear(NativeNVFP4, QuantizedTELayerNormLinear):
+    """Native NVFP4 ``TELayerNormColumnParallelLinear`` (TE's fused norm, then the NVFP4 GEMM)."""
+
+
+class NativeTEGroupedLinear(NativeNVFP4, QuantizedTEGroupedLinear):
+    """Native NVFP4 grouped-GEMM experts; the static input amaxes keep the per-expert checkpoint keys."""
+
+    def _native_forward(self, x: torch.Tensor, m_splits):
+        """TE's grouped forward with each expert's rows padded (see :data:`NATIVE_ROW_MULTIPLE`)."""
+        if isinstance(m_splits, torch.Tensor):
+            m_splits = m_splits.tolist()
+        padded = [_padded_rows(tokens) for tokens in torch.split(x, m_splits)]
+        output, biases = self.original_class.forward(self, torch.cat(padded), [len(p) for p in padded])
+        pieces = torch.split(output, [len(p) for p in padded])
+        return torch.cat([piece[:rows] for piece, rows in zip(pieces, m_splits)]), biases
+
+
+def quantized_te_mixin(module: torch.nn.Module, native: bool = False) -> type:
+    """The mixin that quantizes the Transformer Engine linear ``module`` (one of
+    :func:`te_linear_types` or :func:`te_grouped_linear_types`): emulated, or ``native`` NVFP4."""
+    if isinstance(module, te_grouped_linear_types()):
+        return NativeTEGroupedLinear if native else QuantizedTEGroupedLinear
+    if is_te_layernorm_linear(module):
+        return NativeTELayerNormLinear if native else QuantizedTELayerNormLinear
+    return NativeTELinear if native else QuantizedTELinear

@@ -54,6 +54,14 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
+def nvfp4_backend(config: QADConfig, device: torch.device) -> str:
+    """The backend ("emulated" or "te") that runs the student's NVFP4 GEMMs on ``device``, from
+    ``quantization.backend``; ConfigError for "te" where it cannot run."""
+    return quantize.backend.select_backend(config.quantization.backend, device_capability(device),
+                                           installed_version("transformer_engine"),
+                                           te_spec_model=config.model.transformer_impl == "transformer_engine")
+
+
 def check_runnable(config: QADConfig, device: torch.device) -> None:
     """Errors a run would otherwise hit late, named by key."""
     if device.type == "cpu" and config.model.params_dtype != "float32":
@@ -62,14 +70,7 @@ def check_runnable(config: QADConfig, device: torch.device) -> None:
     if device.type == "cpu" and config.training.use_distributed_optimizer:
         raise ConfigError("'training.use_distributed_optimizer: true' needs GPUs (megatron.core's distributed "
                           "optimizer accepts CUDA parameters only); set it to null or false on the CPU")
-    backend = quantize.backend.select_backend(config.quantization.backend, device_capability(device),
-                                              installed_version("transformer_engine"),
-                                              te_spec_model=config.model.transformer_impl == "transformer_engine")
-    if backend == "te" and config.quantization.backend == "te":
-        raise ConfigError("'quantization.backend: te': this machine can run native NVFP4 GEMMs, but the "
-                          "training loop does not run them yet (TE's NVFP4 recipe is built by "
-                          "megatron_qad.quantize.backend.te_recipe, untested without a Blackwell GPU); "
-                          "use 'auto' or 'emulated', which run the same NVFP4 values emulated")
+    nvfp4_backend(config, device)
     if config.teacher.checkpoint is None:
         raise ConfigError("'teacher.checkpoint' is not set: give the megatron.core dist checkpoint of the "
                           "BF16 teacher (or a directory to train a small one in, with teacher.pretrain_iters)")
@@ -205,8 +206,12 @@ class Run:
 
         students = self.build_chunks()
         checkpointing.load_model(students, teacher_dir)
-        report = quantize.apply(students, config.quantization.to_policy())
+        backend = nvfp4_backend(config, self.device)
+        report = quantize.apply(students, config.quantization.to_policy(), backend=backend)
         self.log.print(report.format_table().splitlines()[-1])
+        if backend == "te":
+            self.log.print("NVFP4 GEMMs: Transformer Engine's, on FP4 tensor cores (activation scales per call; "
+                           "the calibrated input amaxes are kept for export)")
         stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
 
         run_dir = config.checkpoint.save
