@@ -22,12 +22,11 @@ from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from ..models import all_layer_types, decoder_layers
-from .te_layers import te_attention_types, te_grouped_linear_types, te_linear_types
+from .te_layers import hooked_te_linear_types, te_attention_types
 
 LOCAL_LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
 """Linear layers of the local spec the hooks swap; with Transformer Engine installed,
-:func:`~.te_layers.te_linear_types` and :func:`~.te_layers.te_grouped_linear_types` add those of
-the TE spec."""
+:func:`~.te_layers.hooked_te_linear_types` adds those of the TE spec."""
 
 _KIND_OF_ANCESTOR = (
     (LanguageModelEmbedding, "embedding"),
@@ -88,7 +87,7 @@ def linear_modules(model: torch.nn.Module, whole_model_types: list[str] | None =
     if whole_model_types is None:
         whole_model_types = all_layer_types(model)
     feeding = tuple(name + "." for name in _layers_feeding_attention(model, whole_model_types))
-    linear_types = LOCAL_LINEAR_TYPES + te_linear_types() + te_grouped_linear_types()
+    linear_types = LOCAL_LINEAR_TYPES + hooked_te_linear_types()
     linears = []
     for name, module in modules.items():
         if isinstance(module, linear_types):
@@ -106,9 +105,8 @@ def core_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.M
 
 def find_unsupported(model: torch.nn.Module) -> list[str]:
     """Names of the Transformer Engine linear modules the hooks do not cover: any TE class with
-    "Linear" in its name other than :func:`~.te_layers.te_linear_types` and
-    :func:`~.te_layers.te_grouped_linear_types`."""
-    covered = te_linear_types() + te_grouped_linear_types()
+    "Linear" in its name other than :func:`~.te_layers.hooked_te_linear_types`."""
+    covered = hooked_te_linear_types()
     return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
             if type(module).__module__.startswith("megatron.core.extensions.transformer_engine")
             and "Linear" in type(module).__name__ and not isinstance(module, covered)]

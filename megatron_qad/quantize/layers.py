@@ -26,7 +26,8 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from .quantizer import TensorQuantizer
 from .policy import PolicyError
 from .te_layers import (NativeNVFP4, QuantizedTEGroupedLinear, QuantizedTELinear, check_te_grouped_linear,
-                        check_te_linear, quantized_te_mixin, te_grouped_linear_types, te_linear_types)
+                        check_te_linear, hooked_te_linear_types, quantized_te_mixin, te_grouped_linear_types,
+                        te_linear_types)
 
 
 class QuantizedLinear:
@@ -122,7 +123,7 @@ def quantize_linear(module: torch.nn.Module, name: str, weight_format: str, inpu
 
 def is_te_linear(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a Transformer Engine linear layer the hooks cover (grouped ones included)."""
-    return isinstance(module, te_linear_types() + te_grouped_linear_types())
+    return isinstance(module, hooked_te_linear_types())
 
 
 def gemm_weights(module: torch.nn.Module) -> list[torch.Tensor | None]:

@@ -59,6 +59,12 @@ def te_grouped_linear_types() -> tuple[type, ...]:
     return () if grouped is None else (grouped,)
 
 
+def hooked_te_linear_types() -> tuple[type, ...]:
+    """Every Transformer Engine linear class the hooks cover: :func:`te_linear_types` and
+    :func:`te_grouped_linear_types`; empty without TE."""
+    return te_linear_types() + te_grouped_linear_types()
+
+
 def te_attention_types() -> tuple[type, ...]:
     """``TEDotProductAttention`` (where K and V get FP8 fake quant); empty without TE."""
     extension = _te_extension()
@@ -184,6 +190,16 @@ class QuantizedTELayerNormLinear(QuantizedTELinear):
         return te_norm(self, x)
 
 
+def _token_counts(m_splits, num_gemms: int) -> list[int]:
+    """The per-expert token counts ``m_splits`` (a list of ints or an int tensor on the host) as a
+    list, one per local expert of a layer of ``num_gemms`` experts."""
+    if isinstance(m_splits, torch.Tensor):
+        m_splits = m_splits.tolist()
+    if len(m_splits) != num_gemms:
+        raise ValueError(f"{len(m_splits)} token counts for {num_gemms} experts")
+    return m_splits
+
+
 class QuantizedTEGroupedLinear:
     """Mixin put in front of ``TEGroupedLinear`` (see ``layers.quantize_linear``): per local expert
     ``i``, ``input_quantizers[i]`` and ``weight_quantizers[i]`` (ModuleLists, or None for a BF16
@@ -198,10 +214,7 @@ class QuantizedTEGroupedLinear:
         m_splits: the token count of each local expert (list of ints, or an int tensor on the host).
         Returns ``(output [tokens, out_features], biases)``: the per-expert biases as a list when the
         layer returns them apart (``return_bias``), else None, as TE's ``TEGroupedLinear`` does."""
-        if isinstance(m_splits, torch.Tensor):
-            m_splits = m_splits.tolist()
-        if len(m_splits) != self.num_gemms:
-            raise ValueError(f"{len(m_splits)} token counts for {self.num_gemms} experts")
+        m_splits = _token_counts(m_splits, self.num_gemms)
         outputs, biases = [], []
         for expert, tokens in enumerate(torch.split(x, m_splits)):
             weight = getattr(self, f"weight{expert}")
@@ -295,8 +308,7 @@ class NativeTEGroupedLinear(NativeNVFP4, QuantizedTEGroupedLinear):
 
     def _native_forward(self, x: torch.Tensor, m_splits):
         """TE's grouped forward with each expert's rows padded (see :data:`NATIVE_ROW_MULTIPLE`)."""
-        if isinstance(m_splits, torch.Tensor):
-            m_splits = m_splits.tolist()
+        m_splits = _token_counts(m_splits, self.num_gemms)
         padded = [_padded_rows(tokens) for tokens in torch.split(x, m_splits)]
         output, biases = self.original_class.forward(self, torch.cat(padded), [len(p) for p in padded])
         pieces = torch.split(output, [len(p) for p in padded])
