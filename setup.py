@@ -35,7 +35,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers"],  # Hugging Face tokenizers for text / JSONL data sources
         "logging": ["tensorboard", "wandb"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers", "compressed-tensors"],
     },
     entry_points={"console_scripts": ["megatron-qad = megatron_qad.cli:main"]},
     classifiers=[
