@@ -43,7 +43,7 @@ from megatron_qad import parallel, quantize
 from megatron_qad.config import load_config
 from megatron_qad.distill import DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step
 from megatron_qad.models import DTYPES, build_model_chunks, causal_attention_mask
-from megatron_qad.train.optimizer import build_optimizer, resolve_distributed_optimizer, wrap_ddp
+from megatron_step import build_optimizer, resolve_distributed_optimizer, wrap_ddp
 
 
 class Bench:

@@ -104,6 +104,19 @@ def run_export(config_path: str, overrides: list[str]) -> None:
     print(f"exported {export(config)}")
 
 
+def run_megatron_command_line(argv: list[str]) -> int:
+    """``scripts/pretrain_qad.py``: QAD for a Megatron-LM command line (see that script); the
+    exit code (Megatron's when it stopped the run, 2 for a setting error)."""
+    from .train.megatron import run_pretrain
+
+    try:
+        summary = run_pretrain(argv)
+    except ConfigError as err:
+        print(f"pretrain_qad: error: {err}", file=sys.stderr)
+        return 2
+    return int(summary.get("exit_code") or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]); return the exit code."""
     try:
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             run_export(args.config, args.overrides)
         else:
-            run_training(args.command, args.config, args.overrides)
+            return int(run_training(args.command, args.config, args.overrides).get("exit_code") or 0)
     except ConfigError as err:
         print(f"megatron-qad: error: {err}", file=sys.stderr)
         return 2

@@ -66,14 +66,17 @@ def _cpu_current_device() -> torch.device:
 
 
 class _CpuStream:
-    """Stand-in for ``torch.cuda.current_stream()`` on the CPU: work runs in program order, so
-    there is nothing to wait for.
+    """Stand-in for ``torch.cuda.current_stream()`` and ``torch.cuda.Stream()`` on the CPU: work
+    runs in program order, so there is nothing to wait for.
 
     megatron.core's ``distributed.param_and_grad_buffer._ParamAndGradBucketGroup.start_grad_sync``
     (reached from ``finalize_model_grads`` -> ``DistributedDataParallel.finish_grad_sync`` every
     step) takes the current stream to wait on CUDA-graph events it finds on parameters; on the CPU
     there are none, and the stream itself is all it needs.
     """
+
+    def __init__(self, device=None, priority: int = 0, **kwargs):
+        """Any arguments of ``torch.cuda.Stream`` are accepted and ignored."""
 
     def wait_event(self, event) -> None:
         """Nothing runs asynchronously on the CPU."""
@@ -336,3 +339,75 @@ def apply() -> None:
     _cpu_hard_coded_cuda_tensors()
     _cpu_gradient_clipping()
     _router_gemm_in_torch()
+
+
+def _no_device_arch() -> int:
+    """Stand-in for ``get_device_arch_version`` on the CPU: 0, older than any GPU architecture."""
+    return 0
+
+
+def _no_jit_fusion(tp_size=None) -> None:
+    """Stand-in for ``initialize.set_jit_fusion_options`` on the CPU (see :func:`apply_training`)."""
+
+
+def _no_cuda_rng_state(device="cuda") -> torch.Tensor:
+    """Stand-in for ``torch.cuda.get_rng_state`` on the CPU: an empty state (no CUDA generator)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(new_state, device="cuda") -> None:
+    """Stand-in for ``torch.cuda.set_rng_state`` on the CPU: there is no CUDA generator to set."""
+
+
+@contextlib.contextmanager
+def _cpu_stream_context(stream=None):
+    """Stand-in for ``torch.cuda.stream(s)`` on the CPU: the block runs as it is."""
+    yield
+
+
+def _module_cuda_on_cpu(self, device=None):
+    """``Module.cuda`` in a process that sees no GPU: a move to the CPU device (what
+    :func:`_cpu_current_device` hands out) leaves the module where it is; any other still fails."""
+    if device is not None and torch.device(device).type == "cpu":
+        return self
+    raise RuntimeError("Module.cuda() in a process that sees no GPU (CPU run: megatron_qad.cpu_support)")
+
+
+def apply_training() -> None:
+    """The shims ``megatron.training.pretrain`` needs on the CPU, on top of :func:`apply` (idempotent)."""
+    import functools
+
+    from megatron.training import arguments as training_arguments
+    from megatron.training import checkpointing as training_checkpointing
+    from megatron.training import initialize, training
+    from megatron.training.utils import common_utils as training_utils
+    from megatron.core import rerun_state_machine
+
+    apply()
+    # pretrain() calls initialize_megatron() without allow_no_cuda, which asserts a GPU; the
+    # process group and megatron.core's groups are already set up (megatron_qad.parallel).
+    if not isinstance(training.initialize_megatron, functools.partial):
+        training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
+    # validate_args() reads the GPU's architecture at TP or CP > 1 (CUDA_DEVICE_MAX_CONNECTIONS
+    # matters before Blackwell); the CPU counts as "before Blackwell".
+    training_arguments.get_device_arch_version = _no_device_arch
+    # The JIT fusion set-up warms up fused CUDA kernels (bias-GeLU, bias-dropout-add) on random
+    # CUDA tensors; the CPU runs none of them.
+    training.set_jit_fusion_options = _no_jit_fusion
+    # get_model() moves every chunk with module.cuda(torch.cuda.current_device()), the CPU here
+    # (see _cpu_current_device); the models are built on the CPU already.
+    if torch.nn.Module.cuda is not _module_cuda_on_cpu:
+        torch.nn.Module.cuda = _module_cuda_on_cpu
+    # get_model() builds the DDP wrappers under a side stream: torch.cuda.Stream(), wait_stream,
+    # torch.cuda.stream(...); on the CPU work runs in program order (see _CpuStream).
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.stream = _cpu_stream_context
+    # The rerun state machine saves and restores torch.cuda's RNG state around every step (to
+    # replay one); there is no CUDA generator here, so its state is empty.
+    torch.cuda.get_rng_state = _no_cuda_rng_state
+    torch.cuda.set_rng_state = _set_no_cuda_rng_state
+    # Tensors on a hard-coded device="cuda": start-time all-reduces, loss dicts, exit flags
+    # (training), the rerun state machine's result checks, and checkpoint bookkeeping.
+    for module in (training, training_checkpointing, training_utils, rerun_state_machine):
+        if not isinstance(module.torch, _CpuDeviceTorch):
+            module.torch = _CpuDeviceTorch("torch")

@@ -9,6 +9,7 @@ The backend is NCCL with one GPU per process when CUDA is available, else gloo o
 :mod:`megatron_qad.cpu_support` is applied.
 """
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -129,8 +130,28 @@ def _virtual_size(parallel_cfg: ParallelConfig) -> int | None:
     return size if size > 1 else None
 
 
-def destroy() -> None:
-    """Tear down megatron.core's parallel groups and the default process group (idempotent)."""
+def destroy(keep_process_group: bool = False) -> None:
+    """Tear down megatron.core's parallel groups and (unless ``keep_process_group``) the default
+    process group (idempotent)."""
     parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(backend: str | None = None):
+    """The default process group for the block (torchrun's variables, or one process), for
+    several runs in one process: :func:`initialize` reuses it, and it is destroyed after the
+    block only if the block created it. ``backend``: as in :func:`initialize`."""
+    created = not dist.is_initialized()
+    if created:
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "gloo":
+            cpu_support.apply()
+        _init_process_group(backend)
+    try:
+        yield
+    finally:
+        if created and dist.is_initialized():
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()

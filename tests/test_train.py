@@ -1,7 +1,9 @@
-"""Runs from a recipe (``megatron_qad.train.run`` / ``megatron-qad train``) on the CPU.
+"""Runs from a recipe (``megatron_qad.train.run`` / ``megatron-qad train``) on the CPU, through
+Megatron-LM's own training loop (``megatron.training.pretrain``).
 
-One small teacher is trained from scratch once per module (``teacher.pretrain_iters``) and shared;
-every run then loads it from its dist checkpoint, as a user's run loads a real teacher.
+One small teacher is trained from scratch once per module (``teacher.pretrain_iters``: a plain
+``pretrain`` run writing a Megatron-LM checkpoint) and shared; every run then loads it as a user's
+run loads a real teacher.
 """
 
 import json
@@ -12,6 +14,8 @@ import torch
 
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.train import checkpointing, run
+from megatron_qad.train.arguments import (model_config_from_args, parallel_config_from_args,
+                                          parse_megatron_args, recipe_to_argv)
 from torchrun_helpers import json_lines, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,42 +36,68 @@ def teacher_dir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("teacher")
     summary = run(small_config(tmp, "teacher.pretrain_iters=8"), "ptq")
     assert summary["ptq"]["kl"] > 0 and (tmp / "run" / "ptq" / "metadata.json").is_file()
+    assert (tmp / "teacher" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
     return tmp / "teacher"
 
 
-def _losses(summary: dict) -> list[tuple[int, float, float]]:
-    return [(line["iteration"], line["loss"], line["grad norm"]) for line in summary["train"]]
+def _losses(summary: dict) -> list[tuple[int, float]]:
+    return [(line["iteration"], line["loss"]) for line in summary["train"]]
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+     "parallel.virtual_pipeline_model_parallel_size=2", "training.use_distributed_optimizer=true",
+     "model.params_dtype=bfloat16", "training.lr_decay_iters=50", "model.hybrid_layer_pattern=M*-E|M*-E|M*-E|M*-E",
+     "model.num_layers=16", "model.moe_shared_expert_gate=true", "model.mamba_num_groups=2"],
+], ids=["tiny", "every-flag"])
+def test_a_recipe_compiles_to_megatron_flags_that_mean_the_same_model(tmp_path, monkeypatch, overrides):
+    """recipe -> Megatron-LM command line -> Megatron's parser -> the same model and layout."""
+    config = small_config(tmp_path, *overrides)
+    world_size = config.parallel.tensor_model_parallel_size * config.parallel.pipeline_model_parallel_size
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))  # what Megatron's parser reads (torchrun's variable)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    argv = recipe_to_argv(config, tmp_path / "recipe.yaml", use_gpu=False, world_size=world_size)
+    args = parse_megatron_args(argv)
+    assert model_config_from_args(args) == config.model
+    assert parallel_config_from_args(args) == config.parallel
+    assert (args.lr, args.min_lr, args.train_iters) == (config.training.lr, config.training.min_lr,
+                                                       config.training.train_iters)
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, teacher_dir):
-    """Steps 4..6 after a stop at 3 (training.exit_interval) and a resume equal an uninterrupted run."""
+    """Steps 4..6 after a stop at 3 (training.exit_interval: Megatron saves and exits) and a resume
+    (Megatron's --load) equal an uninterrupted run, bit for bit."""
     whole = run(small_config(tmp_path / "a", "training.train_iters=6", teacher=teacher_dir))
     first = run(small_config(tmp_path / "b", "training.train_iters=6", "training.exit_interval=3",
                              teacher=teacher_dir))
-    assert first["stopped_at"] == 3 and "final" not in first
-    assert checkpointing.latest_training_checkpoint(tmp_path / "b" / "run").name == "iter_0000003"
+    assert first["stopped_at"] == 3 and "final" not in first and first["exit_code"] == 0
+    run_dir = tmp_path / "b" / "run"
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert checkpointing.student_checkpoint(run_dir).name == "iter_0000003"
     resumed = run(small_config(tmp_path / "b", "training.train_iters=6", teacher=teacher_dir))
     assert resumed["ptq"] is None  # scales come from the checkpoint, not a new calibration
     assert _losses(first) == _losses(whole)[:3]
-    assert _losses(resumed) == _losses(whole)[3:]  # bit for bit: same data, weights, Adam state
+    assert _losses(resumed) == _losses(whole)[3:]  # same data, weights, Adam state and LR schedule
     assert resumed["final"] == whole["final"]
-    assert (tmp_path / "b" / "run" / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file()
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, teacher_dir):
+def test_a_tracker_naming_an_incomplete_checkpoint_is_refused_by_name(tmp_path, teacher_dir):
+    """Megatron writes latest_checkpointed_iteration.txt only after the iteration's checkpoint is
+    complete; a tracker edited to name a partial one is refused before anything loads."""
     run(small_config(tmp_path, "training.train_iters=2", teacher=teacher_dir))
     run_dir = tmp_path / "run"
-    (run_dir / "iter_0000004.tmp").mkdir()  # a save that died before its rename
-    (run_dir / "iter_0000004.tmp" / "partial").write_text("")
-    assert checkpointing.latest_training_checkpoint(run_dir).name == "iter_0000002"
-    (run_dir / "latest.txt").write_text("iter_0000004\n")
-    with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        checkpointing.latest_training_checkpoint(run_dir)
+    (run_dir / "iter_0000004").mkdir()  # a save that died before its tracker update
+    assert checkpointing.student_checkpoint(run_dir).name == "iter_0000002"
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("4\n")
+    with pytest.raises(ConfigError, match="names 'iter_0000004', which is not a complete checkpoint"):
+        checkpointing.student_checkpoint(run_dir)
 
 
 def test_shortened_main_job_lowers_the_kl_by_at_least_30_percent(tmp_path):
-    """``make demo`` with 2 layers, 60 teacher and 40 QAD iterations: teacher trained from scratch
-    on the standard library's source, PTQ, QAD (measured: 56 % lower KL, 20 s)."""
+    """``make demo`` with 2 layers, 60 teacher and 40 QAD iterations: teacher trained from scratch,
+    PTQ, QAD, all through Megatron's loop."""
     config = load_config(RECIPE, [f"teacher.checkpoint={tmp_path / 'teacher'}", f"checkpoint.save={tmp_path / 'qad'}",
                                   "model.num_layers=2", "teacher.pretrain_iters=60", "training.train_iters=40",
                                   "training.eval_iters=2"])
@@ -91,7 +121,7 @@ def test_run_errors_name_the_key(tmp_path, overrides, message):
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="no megatron.core dist checkpoint at .*teacher.pretrain_iters"):
+    with pytest.raises(ConfigError, match="no checkpoint at .*teacher.checkpoint"):
         run(small_config(tmp_path, "teacher.pretrain_iters=0"))
 
 
@@ -111,7 +141,7 @@ def test_two_process_runs_of_the_tiny_recipe(tmp_path, teacher_dir, layout):
     args = [*SMALL, f"teacher.checkpoint={teacher_dir}", "training.train_iters=3"]
     one = _torchrun(1, *args, f"checkpoint.save={tmp_path / 'one'}")
     two = _torchrun(2, *args, f"checkpoint.save={tmp_path / 'two'}", *layout)
-    tolerance = 1e-4 if "pipeline" in layout[0] else 5e-2
+    tolerance = 1e-4 if "pipeline" in layout[0] else 1e-1
     for phase in ("ptq", "final"):
         assert two[phase]["kl"] == pytest.approx(one[phase]["kl"], rel=tolerance)
         assert two[phase]["teacher ce"] == pytest.approx(one[phase]["teacher ce"], rel=1e-5)
@@ -128,7 +158,7 @@ def test_cli_train_prints_the_config_and_the_summary(tmp_path, teacher_dir):
 
 def test_eval_reloads_the_trained_student_and_reports_every_layer(tmp_path, teacher_dir):
     """``eval`` on a finished run gives the run's final validation metrics again (the same student
-    weights and scales, from its checkpoint) and a weight error per quantized linear layer."""
+    weights and scales, from its Megatron-LM checkpoint) and a weight error per quantized linear layer."""
     trained = run(small_config(tmp_path, "training.train_iters=2", teacher=teacher_dir))
     evaluated = run(small_config(tmp_path, "training.train_iters=2", teacher=teacher_dir), "eval")
     assert evaluated["student"].endswith("iter_0000002")

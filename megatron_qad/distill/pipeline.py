@@ -68,12 +68,12 @@ def _loss_func(loss: DistillationLoss, labels, loss_mask, output):
     return loss(student_logits, teacher_logits, labels, loss_mask)
 
 
-def _forward_step(loss: DistillationLoss, micro_batch_size: int, seq_length: int, device: torch.device,
-                  data_iterator: Iterator, model: torch.nn.Module):
-    """megatron.core's ``forward_step_func``: one micro-batch through this stage's model(s)."""
+def forward_micro_batch(loss: DistillationLoss, micro_batch_size: int, seq_length: int, device: torch.device,
+                        batch: dict, model: torch.nn.Module):
+    """One micro-batch ``batch`` (see the module docstring) through this stage's model(s); returns
+    megatron.core's ``(output, loss_func)``."""
     from ..models import causal_attention_mask
 
-    batch = next(data_iterator)
     tokens = batch["tokens"]
     if tuple(tokens.shape) != (micro_batch_size, seq_length):
         raise ValueError(f"a micro-batch's tokens must be [micro_batch_size, seq_length] = "
@@ -88,6 +88,12 @@ def _forward_step(loss: DistillationLoss, micro_batch_size: int, seq_length: int
     loss_mask = None if loss_mask is None else loss_mask.to(device)
     output = model(tokens, position_ids, causal_attention_mask(seq_length, device))
     return output, functools.partial(_loss_func, loss, labels, loss_mask)
+
+
+def _forward_step(loss: DistillationLoss, micro_batch_size: int, seq_length: int, device: torch.device,
+                  data_iterator: Iterator, model: torch.nn.Module):
+    """megatron.core's ``forward_step_func``: the next micro-batch through this stage's model(s)."""
+    return forward_micro_batch(loss, micro_batch_size, seq_length, device, next(data_iterator), model)
 
 
 def distillation_step(stages: TeacherStudentStage | Sequence[TeacherStudentStage],

@@ -17,7 +17,8 @@ gradient reaches it or flows back through its half of the p2p tensor (the backwa
 that half carries zeros). The teacher is *not* a registered submodule: ``parameters()``,
 ``named_parameters()``, ``state_dict()``, ``train()``, ``to()`` and ``zero_grad()`` of the wrapper
 see the student only (state-dict keys ``student.*``), so an optimizer or DDP built on the wrapper
-never holds teacher parameters. Move or cast the teacher through ``stage.teacher`` itself.
+never holds teacher parameters. Checkpoints hold the student under its own names:
+``sharded_state_dict()`` and ``load_state_dict()`` are the student's (no ``student.`` prefix). Move or cast the teacher through ``stage.teacher`` itself.
 """
 
 import torch
@@ -116,6 +117,15 @@ class TeacherStudentStage(torch.nn.Module):
     def teacher(self) -> torch.nn.Module:
         """The frozen teacher stage (not a registered submodule)."""
         return self._teacher
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The student's sharded state dict (no ``student.`` prefix): a stage's checkpoint is the
+        student's, which loads as a plain model (Megatron-LM's ``--load``, the export)."""
+        return self.student.sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict of the student's own keys (what :meth:`sharded_state_dict` saved)."""
+        return self.student.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def train(self, mode: bool = True):
         """Set the student's mode; the teacher stays in eval mode."""

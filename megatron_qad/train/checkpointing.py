@@ -1,17 +1,20 @@
-"""Model and training checkpoints as megatron.core dist checkpoints, written atomically.
+"""Model checkpoints (teachers, PTQ students) as megatron.core dist checkpoints, and reading the
+model out of Megatron-LM checkpoint directories.
 
-Layout of a run directory (``checkpoint.save``)::
+Training checkpoints are Megatron-LM's own (``megatron.training.checkpointing``, written by
+``pretrain`` at ``--save``)::
 
-    RUN/config.yaml           the resolved recipe of the run
-    RUN/latest.txt            name of the newest complete checkpoint, e.g. "iter_0000100"
-    RUN/iter_0000100/         a dist checkpoint: model chunks, optimizer, LR schedule, iteration
+    RUN/latest_checkpointed_iteration.txt   the newest complete iteration, e.g. "100"
+    RUN/iter_0000100/                       torch_dist: model, optimizer, LR schedule, RNG, args
 
-A checkpoint is written to ``iter_N.tmp`` and renamed to ``iter_N`` by rank 0 only after every
-rank has finished writing; ``latest.txt`` is then replaced atomically. A crash mid-save leaves the
-previous checkpoint and ``latest.txt`` untouched (a stale ``.tmp`` is removed by the next save).
+Megatron writes the tracker only after the iteration's checkpoint is complete, so a crash
+mid-save leaves the previous one as the newest. :func:`load_model` reads the model of either a
+bare dist checkpoint (:func:`save_model`'s, ``metadata.json``) or such a directory (its newest
+iteration), so a Megatron-LM checkpoint of a BF16 model is a teacher as it is, and a QAD
+student's checkpoint loads in Megatron-LM with ``--load``.
 
 Tensors are stored under their global (layout-free) names, so a checkpoint written at one TP / PP /
-EP layout loads at another. A model checkpoint (the teacher) holds the chunks' weights only.
+EP layout loads at another. :func:`save_model` writes atomically (``DIR.tmp``, then a rename).
 
 A model checkpoint also loads across megatron.core's two layer specs. They name every tensor alike
 in dist checkpoints (the local spec's norms take the names of TE's fused ones, per-expert and
@@ -23,28 +26,18 @@ extra state (``_extra_state``: FP8 metadata, which a local-spec checkpoint has n
 where the checkpoint has none.
 """
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from ..config import ConfigError
 from ..distill import TeacherStudentStage, innermost
-
-LATEST = "latest.txt"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-"""How the distributed optimizer stores its state: one tensor per parameter state, gathered on
-data-parallel rank 0 when saving, so a checkpoint reloads at another layout (megatron.core's
-default flattened format cannot be written by its dist checkpointing any more). Other
-optimizers ignore it."""
-
 
 def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
     """The megatron.core model inside ``chunk``: under DDP (``.module``) and, for a teacher-student
@@ -113,16 +106,14 @@ def save_model(chunks, directory: str | Path) -> None:
 
 
 def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
-    """Load weights written by :func:`save_model` (or the ``model`` part of a training checkpoint)
-    into ``chunks`` at this run's layout. Every rank of the job must call it.
+    """Load weights written by :func:`save_model`, or the model of a Megatron-LM checkpoint
+    directory (its newest iteration, :func:`resolve_checkpoint`), into ``chunks`` at this run's
+    layout. Every rank of the job must call it.
 
     ``strict=False`` skips tensors the checkpoint does not have (a BF16 teacher's weights loaded
     into a quantized student keep the student's amax buffers). The checkpoint may come from a
     model of the other layer spec (see the module doc)."""
-    directory = Path(directory)
-    if not (directory / "metadata.json").is_file():
-        raise ConfigError(f"no megatron.core dist checkpoint at '{directory}' (metadata.json missing); "
-                          f"check 'teacher.checkpoint', or set 'teacher.pretrain_iters' to train one there")
+    directory = resolve_checkpoint(directory)
     state = _model_state(chunks)
     saved_keys = {value.key for value in load_sharded_metadata(str(directory)).values()}
     lacking = {}
@@ -142,82 +133,43 @@ def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
                                f"unexpected {result.unexpected_keys[:5]}")
 
 
-def save_training(run_dir: str | Path, iteration: int, chunks, optimizer, scheduler) -> Path:
-    """Write the student chunks, optimizer and LR-schedule state after ``iteration`` iterations."""
-    run_dir = Path(run_dir)
-    name = f"iter_{iteration:07d}"
-    state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state), metadata=OPTIMIZER_METADATA)
-    state["scheduler"] = scheduler.state_dict()
-    state["iteration"] = iteration
-    _save_atomically(state, run_dir / name)
-    _write_text(run_dir / LATEST, name + "\n")
-    return run_dir / name
+MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
+"""The file naming a Megatron-LM checkpoint directory's newest iteration ("release" or a number)."""
 
 
-def _flat_model_state(state: dict) -> dict:
-    """The chunks' sharded state dicts merged (the optimizer maps parameters to these tensors)."""
-    flat = {}
-    for index, chunk_state in state.items():
-        flat.update({f"{index}.{key}": value for key, value in chunk_state.items()})
-    return flat
-
-
-def latest_training_checkpoint(run_dir: str | Path | None) -> Path | None:
-    """The newest complete checkpoint of ``run_dir`` (from ``latest.txt``), or None."""
-    if run_dir is None or not (Path(run_dir) / LATEST).is_file():
-        return None
-    directory = Path(run_dir) / (Path(run_dir) / LATEST).read_text().strip()
-    if not (directory / "metadata.json").is_file():
-        raise ConfigError(f"'{Path(run_dir) / LATEST}' names '{directory.name}', which is not a complete "
-                          f"checkpoint; restore it or delete {LATEST} to start over")
-    return directory
+def resolve_checkpoint(directory: str | Path) -> Path:
+    """The dist checkpoint a directory stands for: itself (a bare megatron.core dist checkpoint,
+    ``metadata.json``), or the newest iteration of a Megatron-LM checkpoint directory
+    (``latest_checkpointed_iteration.txt`` -> ``iter_NNNNNNN`` or ``release``). ConfigError names
+    the file when neither is there or the tracker is damaged."""
+    directory = Path(directory)
+    tracker = directory / MEGATRON_LATEST
+    if tracker.is_file():
+        try:
+            text = tracker.read_text().strip()
+        except (UnicodeDecodeError, OSError) as err:
+            raise ConfigError(f"'{tracker}' cannot be read as text ({err.__class__.__name__}); restore it, "
+                              f"or write the newest iteration number into it") from None
+        name = "release" if text == "release" else (f"iter_{int(text):07d}" if text.isdigit() else None)
+        if name is None:
+            raise ConfigError(f"'{tracker}' holds {text[:40]!r}, not an iteration number or 'release'; "
+                              f"write the newest iteration number into it")
+        resolved = directory / name
+        if not (resolved / "metadata.json").is_file():
+            raise ConfigError(f"'{tracker}' names '{name}', which is not a complete checkpoint; restore it "
+                              f"or point the tracker at an older iteration")
+        return resolved
+    if (directory / "metadata.json").is_file():
+        return directory
+    raise ConfigError(f"no checkpoint at '{directory}' (neither {MEGATRON_LATEST} nor a dist checkpoint's "
+                      f"metadata.json); check 'teacher.checkpoint' / --qad-teacher-load")
 
 
 def student_checkpoint(run_dir: str | Path | None) -> Path:
-    """The newest student of a run: its latest training checkpoint, else its ``ptq/`` checkpoint."""
-    source = latest_training_checkpoint(run_dir)
-    if source is None and run_dir and (Path(run_dir) / "ptq" / "metadata.json").is_file():
-        source = Path(run_dir) / "ptq"
-    if source is None:
-        raise ConfigError(f"'checkpoint.save' ({run_dir}) holds no student checkpoint (neither {LATEST} "
-                          f"nor ptq/); run 'megatron-qad train' or 'megatron-qad ptq' with it first")
-    return source
-
-
-def load_training(directory: Path, chunks, optimizer, scheduler) -> int:
-    """Restore what :func:`save_training` wrote into ``chunks``, ``optimizer`` and ``scheduler``;
-    return the iteration it was written after."""
-    state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(_flat_model_state(state), is_loading=True,
-                                                      metadata=OPTIMIZER_METADATA)
-    state["scheduler"] = scheduler.state_dict()
-    state["iteration"] = 0
-    loaded = dist_checkpointing.load(state, str(directory))
-    for index, chunk in enumerate(chunks):
-        bare_model(chunk).load_state_dict(loaded[f"model{index}"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
-    return int(loaded["iteration"])
-
-
-def _write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` at ``path`` atomically (rank 0 writes ``path.tmp`` and renames it; all wait)."""
-    if _is_rank0():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    _barrier()
-
-
-def write_json(path: str | Path, record: dict) -> None:
-    """Write ``record`` as JSON at ``path`` atomically (rank 0)."""
-    _write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def write_resolved_config(run_dir: str | Path, config_dict: dict) -> None:
-    """Save the resolved recipe as ``RUN/config.yaml`` (rank 0)."""
-    _write_text(Path(run_dir) / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
-
+    """The newest student of a run: its latest Megatron-LM training checkpoint, else its ``ptq/``."""
+    if run_dir and (Path(run_dir) / MEGATRON_LATEST).is_file():
+        return resolve_checkpoint(run_dir)
+    if run_dir and (Path(run_dir) / "ptq" / "metadata.json").is_file():
+        return Path(run_dir) / "ptq"
+    raise ConfigError(f"'checkpoint.save' ({run_dir}) holds no student checkpoint (neither {MEGATRON_LATEST} "
+                      f"nor ptq/); run 'megatron-qad train' or 'megatron-qad ptq' with it first")

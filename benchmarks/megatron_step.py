@@ -1,11 +1,12 @@
-"""megatron.core's DDP, Adam and LR schedule for this rank's model chunks, from a recipe's ``training``."""
+"""The timed BF16 training step of the benchmarks: megatron.core's DDP, Adam and LR schedule for
+this rank's model chunks, from a recipe's ``training`` (QAD runs use Megatron's own loop instead)."""
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from ..config import TrainingConfig
+from megatron_qad.config import TrainingConfig
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], use_distributed_optimizer: bool) -> list[DistributedDataParallel]:

@@ -1,0 +1,379 @@
+"""Megatron-LM command lines and QAD recipes, in both directions.
+
+QAD runs inside ``megatron.training.pretrain``, whose configuration is Megatron-LM's argument
+namespace. Two front doors lead there:
+
+* a Megatron-LM command line plus the QAD flags of :func:`add_qad_arguments`
+  (``scripts/pretrain_qad.py``), the way a Megatron-LM user adds QAD to an existing job;
+* a YAML recipe (``megatron-qad train RECIPE``), which :func:`recipe_to_argv` compiles into such
+  a command line.
+
+Both are parsed by Megatron-LM's own parser (:func:`parse_megatron_args`), so a recipe means
+exactly the Megatron flags it compiles to. The plugin pieces read their settings back from the
+namespace: :func:`model_config_from_args` / :func:`parallel_config_from_args` give the
+``ModelConfig`` / ``ParallelConfig`` the model builders take, and :func:`qad_config_from_args`
+the QAD sections (quantization, distillation, teacher, data, export) that Megatron has no flags
+for: from ``--qad-recipe`` when given, then the individual ``--qad-*`` flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..config import (ConfigError, DataConfig, DistillConfig, ExportConfig, ModelConfig, ParallelConfig,
+                      QADConfig, QuantizationConfig, TeacherConfig, load_config, to_dict)
+
+# ---------------------------------------------------------------------------------------------
+# The QAD flags (Megatron's ``extra_args_provider``).
+
+QAD_MODES = ("qad", "teacher")
+"""``--qad-mode``: ``qad`` trains a quantized student against the frozen teacher (the loss of
+``--qad-loss``); ``teacher`` trains a plain BF16 model with cross entropy (a small teacher from
+scratch, as the demo recipes do)."""
+
+
+def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the QAD flags to Megatron-LM's parser (``extra_args_provider`` of ``parse_args``).
+
+    Every flag defaults to None, meaning "the ``--qad-recipe`` value, else the recipe default"."""
+    group = parser.add_argument_group("QAD (megatron_qad)")
+    group.add_argument("--qad-recipe", default=None,
+                       help="YAML recipe whose quantization, distill, teacher, data and export sections "
+                            "apply (its model / parallel / training sections are Megatron's flags here)")
+    group.add_argument("--qad-mode", choices=QAD_MODES, default="qad")
+    group.add_argument("--qad-teacher-load", default=None,
+                       help="the BF16 teacher: a Megatron-LM checkpoint directory (with "
+                            "latest_checkpointed_iteration.txt) or a megatron.core dist checkpoint")
+    group.add_argument("--qad-loss", choices=("kl", "ce", "kl+ce"), default=None,
+                       help="kl: QAD, KL(teacher || student); ce: the QAT baseline; kl+ce: alpha-weighted")
+    group.add_argument("--qad-kd-alpha", type=float, default=None, help="weight of the KL in kl+ce")
+    group.add_argument("--qad-temperature", type=float, default=None, help="temperature of the KL (1 for QAD)")
+    group.add_argument("--qad-calibration-iters", type=int, default=None,
+                       help="global batches of training data that set the static input / KV scales (PTQ)")
+    group.add_argument("--qad-quant-policy", choices=("transformer", "hybrid", "none"), default=None)
+    group.add_argument("--qad-quant-format", choices=("nvfp4", "nvfp4_4over6"), default=None)
+    group.add_argument("--qad-kv-cache", choices=("fp8", "bf16"), default=None)
+    group.add_argument("--qad-input-amax", choices=("static", "dynamic"), default=None)
+    group.add_argument("--qad-backend", choices=("auto", "emulated", "te"), default=None)
+    group.add_argument("--qad-data-sources", default=None,
+                       help="the package's token sources as YAML, e.g. '[{type: random}]' (Megatron's "
+                            "--data-path / --mock-data take precedence)")
+    group.add_argument("--qad-student-load", default=None,
+                       help="start the student from this checkpoint (a trained or PTQ student) instead of "
+                            "the teacher's weights; no calibration")
+    group.add_argument("--qad-save-student", default=None,
+                       help="after the run, save the student (weights and calibrated scales) here as a "
+                            "dist checkpoint (what 'megatron-qad ptq' keeps as RUN/ptq)")
+    group.add_argument("--qad-eval-report", default=None,
+                       help="after the run, write the student's validation metrics and per-layer weight "
+                            "quantization errors as JSON here")
+    group.add_argument("--qad-summary", default=None,
+                       help="write the run's summary (PTQ and final validation metrics) as JSON here")
+    return parser
+
+
+def _qad_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--qad-*`` flags that were given, as recipe ``key=value`` overrides."""
+    pairs = (("teacher.checkpoint", args.qad_teacher_load), ("distill.loss", args.qad_loss),
+             ("distill.alpha", args.qad_kd_alpha), ("distill.temperature", args.qad_temperature),
+             ("distill.calibration_iters", args.qad_calibration_iters),
+             ("quantization.format", args.qad_quant_format), ("quantization.kv_cache", args.qad_kv_cache),
+             ("quantization.input_amax", args.qad_input_amax), ("quantization.backend", args.qad_backend))
+    overrides = [f"{key}={value}" for key, value in pairs if value is not None]
+    if args.qad_quant_policy is not None:
+        overrides.append("quantization.policy=" + ("null" if args.qad_quant_policy == "none" else args.qad_quant_policy))
+    if args.qad_data_sources is not None:
+        overrides.append(f"data.sources={args.qad_data_sources}")
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe -> Megatron flags.
+
+_MODEL_VALUE_FLAGS = (
+    ("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"), ("ffn_hidden_size", "--ffn-hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"), ("num_query_groups", "--num-query-groups"),
+    ("seq_length", "--seq-length"), ("vocab_size", "--vocab-size"), ("normalization", "--normalization"),
+    ("position_embedding_type", "--position-embedding-type"), ("rotary_base", "--rotary-base"),
+    ("kv_channels", "--kv-channels"), ("init_method_std", "--init-method-std"), ("seed", "--seed"),
+    ("transformer_impl", "--transformer-impl"),
+)
+_MOE_VALUE_FLAGS = (
+    ("num_moe_experts", "--num-experts"), ("moe_router_topk", "--moe-router-topk"),
+    ("moe_router_score_function", "--moe-router-score-function"),
+    ("moe_router_topk_scaling_factor", "--moe-router-topk-scaling-factor"),
+    ("moe_router_bias_update_rate", "--moe-router-bias-update-rate"),
+    ("moe_ffn_hidden_size", "--moe-ffn-hidden-size"),
+    ("moe_token_dispatcher_type", "--moe-token-dispatcher-type"),
+)
+_MAMBA_VALUE_FLAGS = (("mamba_state_dim", "--mamba-state-dim"), ("mamba_head_dim", "--mamba-head-dim"),
+                      ("mamba_num_groups", "--mamba-num-groups"), ("mamba_num_heads", "--mamba-num-heads"))
+_MODEL_SWITCHES = (("moe_router_enable_expert_bias", "--moe-router-enable-expert-bias"),
+                   ("moe_shared_expert_gate", "--moe-shared-expert-gate"),
+                   ("moe_grouped_gemm", "--moe-grouped-gemm"), ("add_qkv_bias", "--add-qkv-bias"))
+_TRAINING_VALUE_FLAGS = (
+    ("train_iters", "--train-iters"), ("global_batch_size", "--global-batch-size"),
+    ("micro_batch_size", "--micro-batch-size"), ("lr", "--lr"), ("min_lr", "--min-lr"),
+    ("lr_warmup_iters", "--lr-warmup-iters"), ("lr_decay_iters", "--lr-decay-iters"),
+    ("lr_decay_style", "--lr-decay-style"), ("weight_decay", "--weight-decay"), ("clip_grad", "--clip-grad"),
+    ("adam_beta1", "--adam-beta1"), ("adam_beta2", "--adam-beta2"), ("adam_eps", "--adam-eps"),
+    ("log_interval", "--log-interval"), ("eval_iters", "--eval-iters"), ("exit_interval", "--exit-interval"),
+)
+
+
+def _value_flags(section, table) -> list[str]:
+    argv = []
+    for field, flag in table:
+        value = getattr(section, field)
+        if value is not None:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
+
+
+def _model_argv(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    argv = _value_flags(m, _MODEL_VALUE_FLAGS)
+    argv += ["--max-position-embeddings", str(m.seq_length), "--group-query-attention",
+             "--hidden-dropout", "0", "--attention-dropout", "0", "--make-vocab-size-divisible-by", "1"]
+    if m.is_moe:
+        argv += _value_flags(m, _MOE_VALUE_FLAGS)
+        if m.moe_shared_expert_intermediate_size:
+            argv += ["--moe-shared-expert-intermediate-size", str(m.moe_shared_expert_intermediate_size)]
+    if m.is_hybrid:
+        from ..models import hybrid_pattern_with_stages
+
+        # Megatron takes (virtual) pipeline stages of a hybrid model from the pattern's '|' only.
+        argv += ["--hybrid-layer-pattern", hybrid_pattern_with_stages(m, p)] + _value_flags(m, _MAMBA_VALUE_FLAGS)
+    argv += [flag for field, flag in _MODEL_SWITCHES if getattr(m, field)]
+    argv += {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}[m.activation]
+    if not m.add_bias_linear:
+        argv.append("--disable-bias-linear")
+    if not m.share_embeddings_and_output_weights:
+        argv.append("--untie-embeddings-and-output-weights")
+    if m.params_dtype == "bfloat16":
+        argv += ["--bf16", "--accumulate-allreduce-grads-in-fp32"]
+    return argv
+
+
+def _parallel_argv(p: ParallelConfig, hybrid: bool) -> list[str]:
+    argv = ["--tensor-model-parallel-size", str(p.tensor_model_parallel_size),
+            "--pipeline-model-parallel-size", str(p.pipeline_model_parallel_size),
+            "--expert-model-parallel-size", str(p.expert_model_parallel_size),
+            "--context-parallel-size", str(p.context_parallel_size)]
+    if p.virtual_pipeline_model_parallel_size > 1 and not hybrid:
+        argv += ["--num-virtual-stages-per-pipeline-rank", str(p.virtual_pipeline_model_parallel_size)]
+    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
+        argv.append("--sequence-parallel")
+    return argv
+
+
+def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "qad",
+                   use_gpu: bool, world_size: int) -> list[str]:
+    """The Megatron-LM command line (flags only) that runs ``config``.
+
+    ``recipe_path``: the resolved recipe on disk (``--qad-recipe``: the QAD sections). ``mode``:
+    "qad" or "teacher" (train the teacher from scratch into ``teacher.checkpoint``: cross entropy,
+    ``teacher.pretrain_iters`` at ``teacher.pretrain_lr``, cosine to 0, no warm-up). ``use_gpu``:
+    NCCL and the distributed-optimizer default, else gloo; ``world_size``: the number of
+    processes, for the default of ``training.use_distributed_optimizer``.
+    """
+    t, c, p = config.training, config.checkpoint, config.parallel
+    argv = (_model_argv(config.model, p) + _parallel_argv(p, config.model.is_hybrid)
+            + _value_flags(t, _TRAINING_VALUE_FLAGS))
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    distributed_optimizer = t.use_distributed_optimizer
+    if distributed_optimizer is None:
+        distributed_optimizer = use_gpu and world_size // model_parallel > 1
+    if distributed_optimizer:
+        argv.append("--use-distributed-optimizer")
+    argv += ["--calculate-per-token-loss", "--num-workers", "0", "--ckpt-format", "torch_dist",
+             "--distributed-backend", "nccl" if use_gpu else "gloo", "--qad-recipe", str(recipe_path),
+             "--qad-mode", mode]
+    if not use_gpu:  # the CPU has no CUDA RNG state to save (dropout is off: nothing is lost)
+        argv += ["--no-save-rng", "--no-load-rng"]
+    decay_iters = t.lr_decay_iters or t.train_iters  # megatron.core needs warm-up < decay
+    argv = _replace(argv, {"--lr-warmup-iters": str(min(t.lr_warmup_iters, max(decay_iters - 1, 0)))})
+    eval_interval = t.eval_interval or t.train_iters + 1  # null: Megatron validates at the end only
+    argv += ["--eval-interval", str(eval_interval)]
+    if mode == "teacher":
+        iters = config.teacher.pretrain_iters
+        argv = _replace(argv, {"--train-iters": str(iters), "--lr": repr(config.teacher.pretrain_lr),
+                               "--min-lr": "0.0", "--lr-warmup-iters": "0", "--lr-decay-style": "cosine",
+                               "--lr-decay-iters": str(iters), "--exit-interval": None})
+        argv += ["--save", config.teacher.checkpoint, "--save-interval", str(iters)]
+        return argv
+    if c.save:
+        argv += ["--save", c.save, "--save-interval", str(c.save_interval or t.train_iters)]
+        if c.resume:
+            argv += ["--load", c.save]
+    if config.logging.tensorboard_dir:
+        argv += ["--tensorboard-dir", config.logging.tensorboard_dir]
+    if config.logging.wandb_project:
+        argv += ["--wandb-project", config.logging.wandb_project]
+    return argv
+
+
+def _replace(argv: list[str], values: dict[str, str | None]) -> list[str]:
+    """``argv`` with each flag of ``values`` set to its value (removed for None; appended if absent)."""
+    out, index = [], 0
+    while index < len(argv):
+        flag = argv[index]
+        if flag in values:
+            index += 2
+            continue
+        out.append(flag)
+        index += 1
+    for flag, value in values.items():
+        if value is not None:
+            out += [flag, value]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron's parser.
+
+
+def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with Megatron-LM's parser plus :func:`add_qad_arguments` and validate it
+    (``megatron.training.arguments.validate_args``); nothing global is set yet. Where no GPU is
+    visible, the CPU shims of :func:`megatron_qad.cpu_support.apply_training` go in first (the
+    checks read the GPU's architecture)."""
+    import torch
+    from megatron.training.arguments import parse_args, validate_args
+
+    from .. import cpu_support
+
+    if not torch.cuda.is_available():
+        cpu_support.apply_training()
+
+    with _argv(argv):
+        args = parse_args(extra_args_provider=add_qad_arguments)
+    validate_args(args)
+    return args
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]):
+    """``sys.argv`` set to ``[program] + argv`` for the block (Megatron's parser reads it)."""
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "megatron-qad"] + list(argv)
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron flags -> the package's sections.
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig a Megatron-LM namespace describes (what :mod:`megatron_qad.models` builds)."""
+    if args.swiglu:
+        activation = "swiglu"
+    elif getattr(args, "squared_relu", False):
+        activation = "squared_relu"
+    else:
+        activation = "gelu"
+    vocab_size = getattr(args, "padded_vocab_size", None) or args.vocab_size
+    if vocab_size is None:
+        raise ConfigError("the model's vocabulary size is unknown: pass --vocab-size (or a tokenizer: "
+                          "--tokenizer-type / --tokenizer-model)")
+    values = dict(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        vocab_size=vocab_size, seq_length=args.seq_length,
+        num_moe_experts=args.num_experts or 0,
+        normalization=args.normalization, activation=activation,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, kv_channels=_explicit_kv_channels(args),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        init_method_std=args.init_method_std, params_dtype="bfloat16" if args.bf16 else "float32",
+        seed=args.seed, transformer_impl=args.transformer_impl,
+        hybrid_layer_pattern=getattr(args, "hybrid_layer_pattern", None) or "",
+    )
+    if values["num_moe_experts"]:
+        values.update(
+            moe_router_topk=args.moe_router_topk, moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or 0,
+            moe_shared_expert_gate=args.moe_shared_expert_gate, moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+    if values["hybrid_layer_pattern"]:
+        values.update(mamba_state_dim=args.mamba_state_dim, mamba_head_dim=args.mamba_head_dim,
+                      mamba_num_groups=args.mamba_num_groups, mamba_num_heads=args.mamba_num_heads)
+    return ModelConfig(**values)
+
+
+def _explicit_kv_channels(args: argparse.Namespace) -> int | None:
+    """``--kv-channels``, None where it is Megatron's derived default (hidden / heads)."""
+    if args.kv_channels is None or args.kv_channels * args.num_attention_heads == args.hidden_size:
+        return None
+    return args.kv_channels
+
+
+def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
+    """The ParallelConfig of a Megatron-LM namespace."""
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size or 1,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        # Megatron turns it off at TP = 1, where it means nothing; the recipe default is on.
+        sequence_parallel=bool(args.sequence_parallel) or args.tensor_model_parallel_size == 1)
+
+
+@dataclasses.dataclass
+class QADSections:
+    """The settings Megatron-LM has no flags for, read from ``--qad-recipe`` and ``--qad-*``."""
+
+    quantization: QuantizationConfig
+    distill: DistillConfig
+    teacher: TeacherConfig
+    data: DataConfig
+    export: ExportConfig
+
+
+def qad_sections_from_args(args: argparse.Namespace) -> QADSections:
+    """The QAD sections: the ``--qad-recipe``'s (validated as a recipe, with the model of the
+    command line), then every ``--qad-*`` flag given. ConfigError names the flag or key."""
+    model = to_dict(model_config_from_args(args))
+    overrides = _qad_overrides(args)
+    if args.qad_recipe:
+        config = load_config(args.qad_recipe, overrides)
+    else:
+        config = _config_from_overrides(model, overrides)
+    return QADSections(config.quantization, config.distill, config.teacher, config.data, config.export)
+
+
+def _config_from_overrides(model: dict, overrides: list[str]) -> QADConfig:
+    """A recipe of the command line's model and the ``--qad-*`` overrides (no recipe file)."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump({"model": model}, handle)
+    try:
+        return load_config(handle.name, overrides)
+    finally:
+        os.unlink(handle.name)
+
+
+def write_summary(path: str | Path, summary: dict) -> None:
+    """``summary`` as JSON at ``path`` (rank 0 writes it; atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

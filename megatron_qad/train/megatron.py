@@ -1,0 +1,180 @@
+"""One QAD job through ``megatron.training.pretrain``, from a Megatron-LM command line.
+
+    summary = run_pretrain(argv)   # argv: Megatron-LM flags + the QAD flags (see .arguments)
+
+Both front doors end here: ``scripts/pretrain_qad.py`` passes its command line, and
+``megatron-qad train RECIPE`` the command line its recipe compiles to. The sequence on every rank:
+
+1. Megatron's parser reads ``argv`` (plus the ``--qad-*`` flags) and validates it;
+2. torch.distributed and megatron.core's parallel groups are set up by
+   :func:`megatron_qad.parallel.initialize` (NCCL on GPUs; gloo and the CPU shims of
+   :mod:`megatron_qad.cpu_support` where no GPU is visible), then Megatron's globals;
+3. ``pretrain`` runs with the pieces of :mod:`.plugin`: the model provider (teacher loaded and
+   frozen, student quantized), the dataset provider (a fresh run calibrates there: PTQ), the
+   forward step, and the pipeline communicator for the joined student / teacher activations.
+   Megatron's loop then owns the steps, the optimizer and LR schedule, checkpoints
+   (``--save`` / ``--load``: ``iter_NNNNNNN``, ``latest_checkpointed_iteration.txt``), NaN checks
+   and the rerun state machine, the signal handler, ``--exit-interval`` and
+   ``--exit-duration-in-mins``;
+4. the student is evaluated against the teacher on the first ``--eval-iters`` validation
+   batches, as after calibration, and the summary is returned (and written with ``--qad-summary``).
+
+A run that Megatron ends early (exit interval, signal, duration; it calls ``sys.exit``) returns a
+summary with ``stopped_at`` and Megatron's exit code instead of the final figures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import parallel, quantize
+from ..config import ConfigError
+from ..distill import DistillationLoss
+from ..models import transformer_config
+from . import checkpointing
+from .arguments import (model_config_from_args, parallel_config_from_args, parse_megatron_args,
+                        qad_sections_from_args, write_summary)
+from .metrics import memory_gib
+from .preflight import device_capability, installed_version
+from .plugin import TeacherStudentCommunicator, datasets_provider, forward_step, model_provider
+from .state import RunState, run_state
+
+
+def nvfp4_backend(quantization, model_cfg, device: torch.device) -> str:
+    """The backend ("emulated" or "te") that runs the student's NVFP4 GEMMs on ``device``."""
+    return quantize.backend.select_backend(quantization.backend, device_capability(device),
+                                           installed_version("transformer_engine"),
+                                           te_spec_model=model_cfg.transformer_impl == "transformer_engine")
+
+
+def run_pretrain(argv: list[str]) -> dict:
+    """Run QAD (or, with ``--qad-mode teacher``, plain training) for the Megatron-LM command line
+    ``argv``; returns the summary (on every rank). See the module docstring."""
+    start_time = time.perf_counter()
+    args = parse_megatron_args(argv)
+    model_cfg, parallel_cfg = model_config_from_args(args), parallel_config_from_args(args)
+    sections = qad_sections_from_args(args)
+    if args.qad_mode == "qad" and not sections.teacher.checkpoint:
+        raise ConfigError("no teacher: pass --qad-teacher-load DIR (a Megatron-LM or megatron.core "
+                          "checkpoint of the BF16 model), or set teacher.checkpoint in the --qad-recipe")
+    created = not dist.is_initialized()
+    context = parallel.initialize(parallel_cfg, backend=args.distributed_backend, seed=args.seed)
+    try:
+        return _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time)
+    finally:
+        _reset_megatron_globals()
+        parallel.destroy(keep_process_group=not created)
+
+
+def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: float) -> dict:
+    from megatron.core.enums import ModelType
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.global_vars import set_global_variables
+
+    use_shipped_dataset_helpers()
+    if args.tokenizer_type is None:  # the package's data sources tokenize themselves
+        args.padded_vocab_size = args.vocab_size
+    set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
+    d = sections.distill
+    loss = (DistillationLoss("ce") if args.qad_mode == "teacher"
+            else DistillationLoss(d.loss, alpha=d.alpha, temperature=d.temperature))
+    backend = nvfp4_backend(sections.quantization, model_cfg, context.device)
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    communicator = TeacherStudentCommunicator(pg_collection.pp, transformer_config(model_cfg, parallel_cfg,
+                                                                                  context.device))
+    summary = {"mode": args.qad_mode, "ptq": None}
+    with run_state(device=context.device, sections=sections, backend=backend, loss=loss,
+                   seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                   global_batch_size=args.global_batch_size, vocab_size=model_cfg.vocab_size,
+                   eval_iters=args.eval_iters, cache_dir=args.save, rank0=context.rank == 0,
+                   communicator=communicator, student_load=args.qad_student_load) as state:
+        cfg_container = pretrain_cfg_container_from_args(args)
+        try:
+            pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                     model_provider=model_provider,
+                     p2p_communicator=communicator if args.qad_mode == "qad" else None,
+                     pg_collection=pg_collection if args.qad_mode == "qad" else None)
+        except SystemExit as stop:  # Megatron's early exits: exit interval, signal, duration, NaN
+            summary["ptq"] = state.ptq
+            summary["stopped_at"] = getattr(args, "curr_iteration", -1) + 1
+            summary["train"] = state.loss_curve(state.start_iteration, summary["stopped_at"])
+            summary["exit_code"] = stop.code if isinstance(stop.code, int) else 1
+            if summary["exit_code"] and args.qad_mode == "teacher":
+                raise
+            return _finish(summary, args, context, start_time)
+        summary["ptq"] = state.ptq
+        summary["train"] = state.loss_curve(state.start_iteration, getattr(args, "curr_iteration", -1) + 1)
+        if args.qad_mode == "qad":
+            _after_training(args, state, summary)
+    return _finish(summary, args, context, start_time)
+
+
+def _after_training(args, state: RunState, summary: dict) -> None:
+    """The student's final validation figures; the saves and reports the QAD flags ask for."""
+    _, validation = state.datasets()
+    summary["final"] = state.evaluate(validation)
+    state.print("validation (final) | " + " | ".join(f"{name} {value:.4E}" for name, value in summary["final"].items()))
+    students = [chunk.student for chunk in state.chunks]
+    if args.qad_save_student:
+        checkpointing.save_model(students, args.qad_save_student)
+        state.print(f"student saved at {args.qad_save_student}")
+    if args.qad_eval_report:
+        report = quantize.report(students, state.sections.quantization.to_policy())
+        state.print(report.format_table())
+        summary["student"] = args.qad_student_load
+        summary["layers"] = [{"name": row.name, "kind": row.kind, "weight": row.weight_format,
+                              "input": row.input_format, "params": row.params,
+                              "rel_mse": row.rel_mse_4over6 if row.weight_format == "nvfp4_4over6" else row.rel_mse_nvfp4}
+                             for row in report.rows]
+        if state.rank0:
+            write_summary(args.qad_eval_report, summary)
+
+
+def _finish(summary: dict, args, context, start_time: float) -> dict:
+    ptq, final = summary.get("ptq"), summary.get("final")
+    if ptq and final and ptq.get("kl", 0) > 0:
+        summary["kl_reduction"] = 1.0 - final["kl"] / ptq["kl"]
+    summary["seconds"] = round(time.perf_counter() - start_time, 1)
+    peak = memory_gib(context.device)
+    if peak is not None:
+        summary["peak GiB"] = round(peak, 2)
+    if context.rank == 0:
+        import json
+
+        print("summary " + json.dumps(summary, sort_keys=True), flush=True)
+        if args.qad_summary:
+            write_summary(args.qad_summary, summary)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def use_shipped_dataset_helpers() -> None:
+    """Keep ``initialize_megatron`` from rebuilding megatron.core's dataset index helpers.
+
+    ``pretrain`` runs ``make`` in ``megatron/core/datasets`` on rank 0 and exits when it fails;
+    the megatron-core wheel ships the built extension (``helpers_cpp``) but not its Makefile, so
+    the build always fails there. Where the built extension imports, the rebuild is skipped."""
+    from megatron.core.datasets import utils as dataset_utils
+
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    dataset_utils.compile_helpers = lambda: None
+
+
+def _reset_megatron_globals() -> None:
+    """Undo what ``pretrain`` set globally, so another run can start in this process."""
+    from megatron.core.num_microbatches_calculator import unset_num_microbatches_calculator
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+    from megatron.training.global_vars import destroy_global_vars
+
+    destroy_global_vars()
+    unset_num_microbatches_calculator()
+    destroy_rerun_state_machine()
