@@ -37,7 +37,7 @@ def expert_tokens(device, dtype=torch.bfloat16, splits=SPLITS, width=64):
     return x
 
 
-def expert_weights(device, dtype=torch.bfloat16, count=4, shape=(24, 64)):
+def expert_weights(device, dtype=torch.bfloat16, count=4, shape=(24, 48)):
     generator = torch.Generator(device=device).manual_seed(12)
     return [(torch.randn(shape, generator=generator, device=device) * (0.02 + expert / 10)).to(dtype)
             for expert in range(count)]
@@ -76,6 +76,8 @@ def check_rows_and_weights(device, backend, four_over_six, amax_mode, dtype=torc
     for expert, single in enumerate(singles):
         assert_same_bits(each[expert], single, f"weight {expert}")
         assert_same_bits(stacked[expert], single, f"stacked weight {expert}")
+        # Each result starts where a tensor of its own would: 256-byte aligned within its buffer.
+        assert (each[expert].data_ptr() - each[0].data_ptr()) % nvfp4_grouped.ALIGNMENT_BYTES == 0
 
 
 @FOS
@@ -127,14 +129,19 @@ for dtype in (torch.bfloat16, torch.float32):
         tokens = list(torch.split(x, [5, 0, 100, 45, 0]))  # two experts routed no tokens
         buffer = torch.randn(3 * 16 * 32 + 8, dtype=dtype)
         weights = [torch.randn(16, 32, dtype=dtype), buffer[8:8 + 512].view(16, 32), torch.randn(16, 32, dtype=dtype) * 5]
-        for segments, out in ((tokens, torch.empty_like(x)), (weights, torch.empty(3, 16, 32, dtype=dtype))):
+        token_starts = [0, 5 * 32, 5 * 32, 105 * 32, 150 * 32]
+        weight_starts = [0, 640, 1280]  # results 128 elements apart, with gaps between them
+        for segments, out, starts in ((tokens, torch.empty_like(x), token_starts),
+                                      (weights, torch.zeros(1280 + 512, dtype=dtype), weight_starts)):
             amax = grouped.segments_amax(segments)
             expected_amax = [s.abs().amax().float() if s.numel() else torch.zeros(()) for s in segments]
             assert torch.equal(amax, torch.stack(expected_amax)), (dtype, amax)
-            grouped.fake_quantize_segments(segments, amax, four_over_six, out)
-            expected = torch.cat([single.fake_quantize(s.contiguous(), amax[i:i + 1].clone(), four_over_six).view(-1)
-                                  for i, s in enumerate(segments)])
-            assert torch.equal(out.view(-1).view(bits[dtype]), expected.view(bits[dtype])), (dtype, four_over_six)
+            grouped.fake_quantize_segments(segments, amax, four_over_six, out, starts)
+            for i, (s, start) in enumerate(zip(segments, starts)):
+                expected = single.fake_quantize(s.contiguous(), amax[i:i + 1].clone(), four_over_six).view(-1)
+                got = out.view(-1)[start:start + s.numel()]
+                assert torch.equal(got.view(bits[dtype]), expected.view(bits[dtype])), (dtype, four_over_six, i)
+        assert not out[512:640].any() and not out[1152:1280].any()  # the gaps are left alone
 print("interpreted kernels agree")
 """
 

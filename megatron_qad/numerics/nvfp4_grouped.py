@@ -71,17 +71,33 @@ def segments_amax(segments: Sequence[torch.Tensor], *, backend: str = "auto") ->
     return torch.stack([nvfp4_torch.absolute_max(s) if s.numel() else zero for s in segments])
 
 
+ALIGNMENT_BYTES = 256
+"""Where :func:`fake_quantize_tensors` starts each tensor's result in its buffer: at a multiple of
+this many bytes, as the caching allocator aligns a tensor of its own, so a GEMM library picks the
+same kernels for a result as for a separately allocated tensor (cuBLAS's choice depends on it)."""
+
+
+def _starts(segments: Sequence[torch.Tensor], align: bool) -> tuple[list[int], int]:
+    """Element offsets of the segments' results one after another (each start rounded up to
+    :data:`ALIGNMENT_BYTES` when ``align``), and the elements they span."""
+    step = max(BLOCK_SIZE, ALIGNMENT_BYTES // segments[0].element_size()) if align else BLOCK_SIZE
+    starts, position = [], 0
+    for segment in segments:
+        starts.append(position)
+        position += -(-segment.numel() // step) * step if align else segment.numel()
+    return starts, position
+
+
 def _fake_quantize_into(segments: Sequence[torch.Tensor], amax: torch.Tensor, four_over_six: bool,
-                        backend: str, out: torch.Tensor) -> torch.Tensor:
-    """Write the fake quant of each contiguous segment, one after another, into contiguous ``out``."""
+                        backend: str, out: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+    """Write the fake quant of each contiguous segment into contiguous ``out`` from element ``starts[i]`` on."""
     if backend == "triton":
-        return _triton_backend().fake_quantize_segments(segments, amax, four_over_six, out)
-    flat, position = out.view(-1), 0
-    for index, segment in enumerate(segments):
+        return _triton_backend().fake_quantize_segments(segments, amax, four_over_six, out, starts)
+    flat = out.view(-1)
+    for index, (segment, start) in enumerate(zip(segments, starts)):
         if segment.numel():
             values = nvfp4_torch.quantize_blocks(segment.float().view(-1, BLOCK_SIZE), amax[index], four_over_six).values
-            flat[position:position + segment.numel()] = values.view(-1).to(segment.dtype)
-        position += segment.numel()
+            flat[start:start + segment.numel()] = values.view(-1).to(segment.dtype)
     return out
 
 
@@ -109,7 +125,8 @@ def fake_quantize_rows(x: torch.Tensor, m_splits: Sequence[int], amax: torch.Ten
         inp = inp.contiguous()
         segments = torch.split(inp, m_splits)
         group_amax, chosen = _resolve(segments, amax, backend, "nvfp4_grouped.fake_quantize_rows")
-        return _fake_quantize_into(segments, group_amax, four_over_six, chosen, torch.empty_like(inp))
+        return _fake_quantize_into(segments, group_amax, four_over_six, chosen, torch.empty_like(inp),
+                                   _starts(segments, align=False)[0])
 
     return straight_through(x, quantize_dequantize)
 
@@ -120,8 +137,9 @@ def fake_quantize_tensors(tensors: Sequence[torch.Tensor], amax: torch.Tensor | 
     """Each of ``tensors`` (same dtype and device, last dims multiples of 16) fake-quantized to NVFP4
     with ``amax[i]`` (fp32 [n] on their device; None: each tensor's own max |t|).
 
-    Returns a tuple of tensors of the inputs' shapes (views of one buffer), or with ``stacked`` one
-    tensor [n, *shape] (all inputs of one shape). Each input's gradient is the identity on its result.
+    Returns a tuple of tensors of the inputs' shapes (views of one buffer, each starting at a
+    multiple of :data:`ALIGNMENT_BYTES`), or with ``stacked`` one tensor [n, *shape] (all inputs of
+    one shape). Each input's gradient is the identity on its result.
     """
     tensors = tuple(tensors)
     if stacked and any(t.shape != tensors[0].shape for t in tensors):
@@ -134,9 +152,9 @@ def fake_quantize_tensors(tensors: Sequence[torch.Tensor], amax: torch.Tensor | 
         first = segments[0]
         if stacked:
             return _fake_quantize_into(segments, group_amax, four_over_six, chosen,
-                                       first.new_empty((len(segments), *first.shape)))
-        out = first.new_empty(sum(s.numel() for s in segments))
-        _fake_quantize_into(segments, group_amax, four_over_six, chosen, out)
-        return tuple(piece.view(s.shape) for piece, s in zip(out.split([s.numel() for s in segments]), segments))
+                                       first.new_empty((len(segments), *first.shape)), _starts(segments, align=False)[0])
+        starts, total = _starts(segments, align=True)
+        out = _fake_quantize_into(segments, group_amax, four_over_six, chosen, first.new_empty(total), starts)
+        return tuple(out[start:start + s.numel()].view(s.shape) for start, s in zip(starts, segments))
 
     return straight_through_many(tensors, quantize_dequantize, stacked)

@@ -71,17 +71,17 @@ def _segments_fake_quant_kernel(base_ptr, table_ptr, amax_ptr, out_ptr, n_segmen
     tl.store(out_ptr + offsets, _signed(values, negative).to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
 
-def segment_table(segments: Sequence[torch.Tensor], blocks: int = _BLOCKS_PER_PROGRAM):
+def segment_table(segments: Sequence[torch.Tensor], output_starts: Sequence[int], blocks: int = _BLOCKS_PER_PROGRAM):
     """(base tensor, table int64 [4, n] on the segments' device, program count) of ``segments``:
-    contiguous CUDA tensors of one dtype, each of a multiple of 16 elements, outputs laid one after
-    another in segment order. A segment not a whole number of blocks away from the first is copied
-    (kept alive by the returned base tuple's second item)."""
+    contiguous CUDA tensors of one dtype, each of a multiple of 16 elements, whose outputs start at
+    the element offsets ``output_starts`` (multiples of 16). A segment not a whole number of blocks
+    away from the first is copied (kept alive by the returned base tuple's second item)."""
     base = segments[0]
     block_bytes = BLOCK_SIZE * base.element_size()
     copies = []
     firsts, sources, outputs, counts = [], [], [], []
-    program, output_block = 0, 0
-    for segment in segments:
+    program = 0
+    for segment, output_start in zip(segments, output_starts):
         offset = segment.data_ptr() - base.data_ptr()
         if offset % block_bytes:
             segment = segment.clone()
@@ -90,10 +90,9 @@ def segment_table(segments: Sequence[torch.Tensor], blocks: int = _BLOCKS_PER_PR
         n_blocks = segment.numel() // BLOCK_SIZE
         firsts.append(program)
         sources.append(offset // block_bytes)
-        outputs.append(output_block)
+        outputs.append(output_start // BLOCK_SIZE)
         counts.append(n_blocks)
         program += triton.cdiv(n_blocks, blocks)
-        output_block += n_blocks
     # Pinned and non-blocking: the copy to the GPU does not wait for the work queued before it.
     table = torch.tensor([firsts, sources, outputs, counts], dtype=torch.int64, pin_memory=base.is_cuda)
     return (base, copies), table.to(base.device, non_blocking=True), program
@@ -105,7 +104,7 @@ def _search_steps(n_segments: int) -> int:
 
 def segments_amax(segments: Sequence[torch.Tensor]) -> torch.Tensor:
     """max |segment| of each segment as fp32 [n] (0 for an empty one), in one launch after a fill."""
-    (base, _copies), table, programs = segment_table(segments)
+    (base, _copies), table, programs = segment_table(segments, [0] * len(segments))
     amax = torch.zeros(len(segments), dtype=torch.float32, device=base.device)
     if programs:
         _segments_amax_kernel[(programs,)](base, table, amax, len(segments),
@@ -115,10 +114,10 @@ def segments_amax(segments: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def fake_quantize_segments(segments: Sequence[torch.Tensor], amax: torch.Tensor, four_over_six: bool,
-                           out: torch.Tensor) -> torch.Tensor:
-    """Write each segment's NVFP4 fake quant (with its amax, fp32 [n] on the device) into ``out``
-    (contiguous, the segments' dtype, as many elements as all segments), one after another."""
-    (base, _copies), table, programs = segment_table(segments)
+                           out: torch.Tensor, output_starts: Sequence[int]) -> torch.Tensor:
+    """Write each segment's NVFP4 fake quant (with its amax, fp32 [n] on the device) into the
+    contiguous ``out`` (the segments' dtype) from element ``output_starts[i]`` (a multiple of 16) on."""
+    (base, _copies), table, programs = segment_table(segments, output_starts)
     if programs:
         _segments_fake_quant_kernel[(programs,)](
             base, table, amax, out, len(segments),
