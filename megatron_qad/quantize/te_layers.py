@@ -249,8 +249,8 @@ class QuantizedTEGroupedLinear:
     per expert, the per-expert local layers' output bit for bit) or "grouped" (one grouped GEMM,
     ``torch.nn.functional.grouped_mm``, over the same quantized tokens and weights; fp32 accumulation
     in another order, so outputs may differ from "per_expert" in their last bits). "grouped" runs
-    where it applies: no bias, no tensor parallelism inside the layer, bf16, widths multiples of 8;
-    elsewhere the per-expert GEMMs run.
+    where it applies: no bias, no tensor parallelism inside the layer, bf16, widths multiples of 8,
+    at least one token; elsewhere the per-expert GEMMs run.
     """
 
     input_quantizers: torch.nn.ModuleList | None
@@ -278,7 +278,7 @@ class QuantizedTEGroupedLinear:
         """Whether ``expert_gemm: grouped`` asks for the grouped GEMM and it computes what
         :func:`parallel_linear` would (see the class docstring)."""
         weight = self.weight0
-        return (self.expert_gemm == "grouped" and not self.use_bias and x.dim() == 2
+        return (self.expert_gemm == "grouped" and not self.use_bias and x.dim() == 2 and x.shape[0] > 0
                 and (self.tp_size == 1 or self.parallel_mode is None)
                 and x.dtype == weight.dtype == torch.bfloat16 and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0)
 
