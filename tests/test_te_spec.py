@@ -6,8 +6,10 @@ gradients bit for bit for the same weights and input (the emulated forward of
 recipe) quantize every layer the local spec quantizes, agree with the local-spec student up to the
 attention kernels, train through megatron.core's schedule, pass K / V to ``TEDotProductAttention``
 as FP8 values, and write checkpoints that the local spec (which export builds) loads. Grouped-GEMM
-experts (``TEGroupedLinear``) equal per-expert local layers bit for bit, and a student built with
-them equals the per-expert (SequentialMLP) student, trains, and saves the per-expert checkpoint.
+experts (``TEGroupedLinear``, their tokens and weights fake-quantized one launch per role) equal
+per-expert local layers bit for bit, and a student built with them equals the per-expert
+(SequentialMLP) student, trains, and saves the per-expert checkpoint; with ``expert_gemm =
+"grouped"`` (one grouped GEMM) they stay within fp32 summation error of the per-expert GEMMs and train.
 """
 
 import importlib
