@@ -1,29 +1,34 @@
 """What a QAD optimizer step costs next to a BF16 training step of the same model, in one run.
 
     python benchmarks/bench_qad_step.py [--recipe configs/qwen2_1p5b_shape.yaml] [--steps 10]
-                                        [--warmup 3] [--markdown FILE] [--profile DIR]
-                                        [key.path=value ...]
+                                        [--warmup 3] [--repeats 5] [--variants bf16,qad,...]
+                                        [--markdown FILE] [--profile DIR] [key.path=value ...]
     torchrun --nproc-per-node 2 benchmarks/bench_qad_step.py ...   # any layout of the recipe
 
 Every variant builds its models from the recipe (same seed, same layout), wraps the trained one in
 megatron.core's DistributedDataParallel with its Adam (mixed precision for bf16), and times
 ``--steps`` optimizer steps of ``training.global_batch_size`` sequences after ``--warmup`` ones
-(wall time with the GPU synchronised; the median is reported). Data: uniform random tokens, the
-same for every variant. Variants:
+(wall time with the GPU synchronised; their median is one measurement). The whole set of variants
+runs ``--repeats`` times in rotation (A B C A B C ...: each round builds, times and frees every
+variant), so drift between runs hits all of them alike; the table gives the median and the min-max
+range over the rounds, and a ratio to the BF16 step only where the two ranges separate. Data:
+uniform random tokens, the same for every variant. Variants (``--variants`` picks some by key):
 
-  BF16 training         the unquantized student, cross entropy on the labels: the reference step
-  NVFP4 QAT             the quantized student (recipe's policy, calibrated input amax), cross entropy,
+  bf16: BF16 training   the unquantized student, cross entropy on the labels: the reference step
+  qat: NVFP4 QAT        the quantized student (recipe's policy, calibrated input amax), cross entropy,
                         weights fake-quantized once per step: what quantization adds
-  teacher forward       the teacher's forward pass over the step's micro-batches, no gradients
-  QAD, weights every    teacher forward + quantized student + KL(teacher || student), every weight
+  teacher: teacher forward  the teacher's forward pass over the step's micro-batches, no gradients
+  qad_every: QAD, weights every  teacher forward + quantized student + KL(teacher || student), every weight
     micro-batch         fake-quantized at every micro-batch
-  QAD                   the same with each weight fake-quantized once per optimizer step (the default,
+  qad: QAD              the same with each weight fake-quantized once per optimizer step (the default,
                         ``quantization.reuse_quantized_weights``)
-  QAD, ModelOpt student the same step with NVIDIA ModelOpt's NVFP4_DEFAULT_CFG fake quant in place of
-                        ours (when modelopt is installed), calibrated on the same batch
+  modelopt: QAD, ModelOpt student  the same step with NVIDIA ModelOpt's NVFP4_DEFAULT_CFG fake quant
+                        in place of ours (when modelopt is installed), calibrated on the same batch
+  modelopt_mamba_moe: QAD, ModelOpt MAMBA_MOE_NVFP4_CONSERVATIVE_CFG student  the same with
+                        ModelOpt's preset for Mamba-MoE hybrids (where this ModelOpt has it)
 
-Rank 0 prints a Markdown table (ms per step, tokens/s, ratio to BF16, peak memory) and where the
-QAD step's time goes: quantization (QAT - BF16), the teacher's forward, and the KL with the second
+Rank 0 prints a Markdown table (ms per step, tokens/s, ratio to BF16, peak memory over the rounds)
+and, from the medians, where the QAD step's time goes: quantization (QAT - BF16), the teacher's forward, and the KL with the second
 model's bookkeeping (QAD - QAT - teacher forward). Under data parallelism the gradient all-reduce
 is part of every trained variant. ``--profile DIR`` also runs one more step of each variant under
 torch.profiler and writes its GPU kernels, heaviest first, to ``DIR/<variant>.txt`` (rank 0).
@@ -44,6 +49,7 @@ from megatron_qad.config import load_config
 from megatron_qad.distill import DistillationLoss, TeacherStudentStage, chunk_iterators, distillation_step
 from megatron_qad.models import DTYPES, build_model_chunks, causal_attention_mask
 from megatron_step import build_optimizer, resolve_distributed_optimizer, wrap_ddp
+from repeats import MIN_REPEATS, Spread, ratio_claim
 
 
 class Bench:
@@ -174,13 +180,17 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
-def modelopt_student(bench: Bench, teacher_chunks):
-    """The teacher's weights under ModelOpt's NVFP4_DEFAULT_CFG fake quant, calibrated on the batches
-    (None, with the reason printed, if ModelOpt is missing or cannot quantize this model)."""
+def modelopt_student(bench: Bench, teacher_chunks, config_name: str = "NVFP4_DEFAULT_CFG"):
+    """The teacher's weights under ModelOpt's ``config_name`` fake quant, calibrated on the batches
+    (None, with the reason printed, if ModelOpt is missing, lacks the config or cannot quantize this model)."""
     try:
         import modelopt.torch.quantization as mtq
     except ImportError as error:
         print(f"ModelOpt unavailable: {error!r}")
+        return None
+    quant_config = getattr(mtq, config_name, None)
+    if quant_config is None:
+        print(f"ModelOpt has no {config_name}")
         return None
     students = bench.chunks()
     for student, teacher in zip(students, teacher_chunks):
@@ -198,81 +208,127 @@ def modelopt_student(bench: Bench, teacher_chunks):
         if len(students) > 1 or parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise NotImplementedError("the ModelOpt row needs pipeline-parallel size 1 (its calibration "
                                       "loop here runs the whole model)")
-        return [mtq.quantize(students[0], mtq.NVFP4_DEFAULT_CFG, forward_loop=forward_loop)]
+        return [mtq.quantize(students[0], quant_config, forward_loop=forward_loop)]
     except Exception as error:  # the peer row is optional; report why it is missing
         print(f"ModelOpt could not quantize the model: {error!r}")
         return None
 
 
-def measure(bench: Bench) -> dict[str, dict]:
-    """Every variant's timing; each variant's trained model and optimizer are freed before the next."""
+VARIANTS = {"bf16": "BF16 training", "teacher": "teacher forward", "qat": "NVFP4 QAT",
+            "qad_every": "QAD, weights quantized every micro-batch", "qad": "QAD",
+            "modelopt": "QAD, ModelOpt student",
+            "modelopt_mamba_moe": "QAD, ModelOpt MAMBA_MOE_NVFP4_CONSERVATIVE_CFG student"}
+
+
+def measure(bench: Bench, selected: set[str]) -> dict[str, dict]:
+    """One round: the timing of every ``selected`` variant (keys of :data:`VARIANTS`); each variant's
+    trained model and optimizer are freed before the next."""
     kl, ce = DistillationLoss("kl"), DistillationLoss("ce")
-    rows = {"BF16 training": bench.time_training("BF16 training", bench.chunks(), ce, reuse=False)}
-    free()
+    rows = {}
+    if "bf16" in selected:
+        rows["BF16 training"] = bench.time_training("BF16 training", bench.chunks(), ce, reuse=False)
+        free()
     teachers = bench.chunks()
     for teacher in teachers:
         teacher.requires_grad_(False)
-    rows["teacher forward"] = bench.time("teacher forward", lambda: bench.run_step(teachers, ce, forward_only=True))
-    rows["NVFP4 QAT"] = bench.time_training("NVFP4 QAT", bench.calibrated_student(teachers), ce, reuse=True)
-    free()
+    if "teacher" in selected:
+        rows["teacher forward"] = bench.time("teacher forward", lambda: bench.run_step(teachers, ce, forward_only=True))
+    if "qat" in selected:
+        rows["NVFP4 QAT"] = bench.time_training("NVFP4 QAT", bench.calibrated_student(teachers), ce, reuse=True)
+        free()
 
     def qad(name: str, students, reuse: bool) -> None:
         stages = [TeacherStudentStage(student, teacher) for student, teacher in zip(students, teachers)]
         rows[name] = bench.time_training(name, stages, kl, reuse=reuse)
+        free()
 
-    qad("QAD, weights quantized every micro-batch", bench.calibrated_student(teachers), reuse=False)
-    free()
-    qad("QAD", bench.calibrated_student(teachers), reuse=True)
-    free()
-    peer = modelopt_student(bench, teachers)
-    if peer is not None:
-        qad("QAD, ModelOpt student", peer, reuse=False)
+    if "qad_every" in selected:
+        qad(VARIANTS["qad_every"], bench.calibrated_student(teachers), reuse=False)
+    if "qad" in selected:
+        qad("QAD", bench.calibrated_student(teachers), reuse=True)
+    for key, config_name in (("modelopt", "NVFP4_DEFAULT_CFG"),
+                             ("modelopt_mamba_moe", "MAMBA_MOE_NVFP4_CONSERVATIVE_CFG")):
+        if key in selected:
+            peer = modelopt_student(bench, teachers, config_name)
+            if peer is not None:
+                qad(VARIANTS[key], peer, reuse=False)
     return rows
+
+
+def combine(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per variant: the Spread of its step seconds over the rounds, its largest peak memory and
+    the allocator retries of all rounds."""
+    names = dict.fromkeys(name for round_rows in rounds for name in round_rows)
+    return {name: {"seconds": Spread.of([r[name]["seconds"] for r in rounds if name in r]),
+                   "peak GiB": max(r[name]["peak GiB"] for r in rounds if name in r),
+                   "alloc retries": sum(r[name]["alloc retries"] for r in rounds if name in r)}
+            for name in names}
 
 
 def report(rows: dict[str, dict], tokens_per_step: int) -> str:
     base = rows["BF16 training"]["seconds"]
-    lines = ["| step | ms | tokens/s | x BF16 step | peak GiB | alloc retries |", "|---|---:|---:|---:|---:|---:|"]
+    count = base.count
+    lines = [f"| step | ms, median (min-max) of {count} | tokens/s (median) | x BF16 step | peak GiB | alloc retries |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['seconds'] * 1e3:.1f} | {tokens_per_step / row['seconds']:,.0f} | "
-                     f"{row['seconds'] / base:.3f}x | {row['peak GiB']:.1f} | {row['alloc retries']} |")
-    qad, qat, teacher = rows["QAD"]["seconds"], rows["NVFP4 QAT"]["seconds"], rows["teacher forward"]["seconds"]
-    every = rows["QAD, weights quantized every micro-batch"]["seconds"]
-    lines += ["", "| where the QAD step's time goes | ms | share of QAD step |", "|---|---:|---:|"]
-    for name, seconds in (("BF16 training step of the student", base),
-                          ("NVFP4 fake quant (QAT - BF16)", qat - base),
-                          ("teacher forward", teacher),
-                          ("KL and the rest (QAD - QAT - teacher forward)", qad - qat - teacher)):
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / qad:.1%} |")
-    lines.append(f"\nReusing each weight's fake quant over the step's micro-batches: {every * 1e3:.1f} -> "
-                 f"{qad * 1e3:.1f} ms ({1 - qad / every:.1%} of the step saved).")
+        seconds = row["seconds"]
+        claim = "1 (baseline)" if name == "BF16 training" else ratio_claim(seconds, base)
+        lines.append(f"| {name} | {seconds.scaled(1e3).format(1)} | {tokens_per_step / seconds.median:,.0f} | "
+                     f"{claim} | {row['peak GiB']:.1f} | {row['alloc retries']} |")
+    if all(name in rows for name in ("QAD", "NVFP4 QAT", "teacher forward")):
+        qad, qat, teacher = (rows[name]["seconds"].median for name in ("QAD", "NVFP4 QAT", "teacher forward"))
+        lines += ["", "| where the QAD step's time goes (differences of medians) | ms | share of QAD step |",
+                  "|---|---:|---:|"]
+        for name, seconds in (("BF16 training step of the student", base.median),
+                              ("NVFP4 fake quant (QAT - BF16)", qat - base.median),
+                              ("teacher forward", teacher),
+                              ("KL and the rest (QAD - QAT - teacher forward)", qad - qat - teacher)):
+            lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / qad:.1%} |")
+    every = rows.get(VARIANTS["qad_every"])
+    if every is not None and "QAD" in rows:
+        lines.append(f"\nEach weight fake-quantized once per step instead of at every micro-batch: "
+                     f"QAD / QAD with weights every micro-batch = {ratio_claim(rows['QAD']['seconds'], every['seconds'])}.")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="configs/qwen2_1p5b_shape.yaml")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="rounds over all variants")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated keys of the variants to run, bf16 among them ({', '.join(VARIANTS)})")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--profile", metavar="DIR", help="also profile one step of each variant into DIR")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key.path=value")
     args = parser.parse_intermixed_args()
+    selected = set(args.variants.split(","))
+    if not selected <= VARIANTS.keys() or "bf16" not in selected:
+        raise SystemExit(f"--variants: {args.variants!r} must be keys of {', '.join(VARIANTS)}, bf16 among them")
     if not torch.cuda.is_available():
         raise SystemExit("bench_qad_step.py measures GPU steps: no CUDA device here")
     config = load_config(args.recipe, args.overrides)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
         bench = Bench(config, context, args.steps, args.warmup, args.profile)
-        rows = measure(bench)
+        rounds = []
+        for repeat in range(args.repeats):
+            rounds.append(measure(bench, selected))
+            bench.profile_dir = None  # profile the first round only
+            if context.rank == 0:
+                print(f"round {repeat + 1}/{args.repeats}: " + ", ".join(
+                    f"{name} {row['seconds'] * 1e3:.1f} ms" for name, row in rounds[-1].items()), flush=True)
+        rows = combine(rounds)
         if context.rank == 0:
             p = config.parallel
             header = (f"{torch.cuda.get_device_name()} x {torch.distributed.get_world_size()}, "
                       f"`{args.recipe}` {' '.join(args.overrides)} (TP={p.tensor_model_parallel_size}, "
-                      f"PP={p.pipeline_model_parallel_size}, DP={context.data_parallel_size}; "
-                      f"{bench.micro_batches} micro-batches of {config.training.micro_batch_size} x "
-                      f"{config.model.seq_length} tokens per step); median of {args.steps} steps after "
-                      f"{args.warmup}")
+                      f"PP={p.pipeline_model_parallel_size}, EP={p.expert_model_parallel_size}, "
+                      f"DP={context.data_parallel_size}; {bench.micro_batches} micro-batches of "
+                      f"{config.training.micro_batch_size} x {config.model.seq_length} tokens per step); each "
+                      f"round the median of {args.steps} steps after {args.warmup}, {args.repeats} rounds "
+                      f"interleaved")
             text = f"{header}\n\n{report(rows, bench.tokens_per_step)}\n"
             print(text, flush=True)
             if args.markdown:

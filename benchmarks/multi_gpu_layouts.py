@@ -1,7 +1,7 @@
 """QAD of one model at several GPU layouts: loss curves against the 1-GPU run, tokens/s and memory.
 
-    python benchmarks/multi_gpu_layouts.py dense  [--out runs/layouts] [--markdown FILE]
-    python benchmarks/multi_gpu_layouts.py hybrid [--out runs/layouts] [--markdown FILE]
+    python benchmarks/multi_gpu_layouts.py dense  [--out runs/layouts] [--markdown FILE] [--repeats 5]
+    python benchmarks/multi_gpu_layouts.py hybrid [--out runs/layouts] [--markdown FILE] [--repeats 5]
 
 Models (small, so a whole comparison runs in minutes on 2 GPUs):
   dense   Qwen2-shaped (``configs/qwen2_1p5b_shape.yaml``'s layer shapes, vocab and tied embeddings,
@@ -18,7 +18,13 @@ or EP=2 (hybrid). The dense model also checks the distributed optimizer's checkp
 stopped after half the steps (``training.exit_interval``) and resumed must repeat the uninterrupted
 DP=2 run's losses. Rank 0 of every run prints its lines; this script prints (and with --markdown
 writes) one table: the first steps' loss (KL), the largest relative difference to the 1-GPU curve,
-median tokens/s, peak GPU memory and the teacher's weight memory per GPU.
+tokens/s, peak GPU memory and the teacher's weight memory per GPU.
+
+Speed: every layout runs ``--repeats`` times, the layouts in rotation (A B C A B C ...) so that drift
+between runs hits all of them; a run's speed is the median tokens/s of its iterations after the
+first, and the table gives the median and the min-max range over the runs, and the ratio to the
+1-GPU speed only where the two ranges separate. Losses and memory are those of the first round
+(the largest difference and peak over all rounds).
 """
 
 import argparse
@@ -30,6 +36,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from repeats import MIN_REPEATS, Spread, ratio_claim
 
 STEPS, SHOWN = 10, 5
 COMMON = [f"training.train_iters={STEPS}", "training.log_interval=1", "training.eval_iters=2",
@@ -75,12 +83,22 @@ def train(recipe: str, gpus: int, overrides: list[str], log: Path) -> tuple[dict
     return steps, summary
 
 
-def row(name: str, steps: dict[int, dict], summary: dict, reference: dict[int, dict]) -> str:
+def speed(steps: dict[int, dict]) -> float:
+    """Median tokens/s of a run's iterations after the first (which includes warm-up)."""
+    return statistics.median(steps[i]["tokens/s"] for i in sorted(steps)[1:])
+
+
+def row(name: str, runs: list[tuple[dict[int, dict], dict]], reference: dict[int, dict],
+        reference_speed: Spread | None) -> str:
+    """A table row of the runs of one layout (the first run's losses shown)."""
+    steps, summary = runs[0]
     losses = [steps[i]["loss"] for i in sorted(steps)]
-    deviation = max(abs(steps[i]["loss"] / reference[i]["loss"] - 1) for i in steps)
-    speed = statistics.median(steps[i]["tokens/s"] for i in sorted(steps)[1:])
+    deviation = max(abs(run[i]["loss"] / reference[i]["loss"] - 1) for run, _ in runs for i in run)
+    speeds = Spread.of([speed(run) for run, _ in runs])
+    claim = "" if reference_speed is None else ratio_claim(speeds, reference_speed)
     shown = " ".join(f"{loss:.4e}" for loss in losses[:SHOWN])
-    return (f"| {name} | {shown} | {deviation:.2%} | {speed:,.0f} | {summary.get('peak GiB', float('nan')):.2f} | "
+    peak = max(s.get("peak GiB", float("nan")) for _, s in runs)
+    return (f"| {name} | {shown} | {deviation:.2%} | {speeds.format(0)} | {claim} | {peak:.2f} | "
             f"{summary.get('teacher GiB', float('nan')):.3f} |")
 
 
@@ -91,43 +109,59 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--max-gpus", type=int, help="only the layouts of at most this many GPUs "
                                                      "(default: the GPUs visible here)")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="runs of every layout, in rotation")
     args = parser.parse_args()
     max_gpus = args.max_gpus or torch.cuda.device_count()
     recipe, model_overrides = MODELS[args.model]
     out = args.out / args.model
     out.mkdir(parents=True, exist_ok=True)
     base = [*COMMON, *model_overrides, f"teacher.checkpoint={out / 'teacher'}"]
-    lines = [f"| layout | loss (KL), steps 1-{SHOWN} | max rel. diff. to 1 GPU, steps 1-{STEPS} | tokens/s | "
-             f"peak GiB | teacher GiB |", "|---|---|---:|---:|---:|---:|"]
-    reference = None
+    layouts = []
     for name, gpus, layout in LAYOUTS[args.model]:
         if gpus > max_gpus:
             print(f"skipped {name}: needs {gpus} GPUs, {max_gpus} here", flush=True)
-            continue
-        tag = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        steps, summary = train(recipe, gpus, [*base, *layout, f"checkpoint.save={out / tag}",
-                                              "checkpoint.resume=false"], out / f"{tag}.log")
-        reference = reference or steps
-        lines.append(row(name, steps, summary, reference))
-        print(lines[-1], flush=True)
+        else:
+            layouts.append((name, gpus, layout))
+    runs = {name: [] for name, _, _ in layouts}
+    resumed_rows = []
+    for repeat in range(args.repeats):
+        for name, gpus, layout in layouts:
+            tag = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + (f"_{repeat + 1}" if repeat else "")
+            runs[name].append(train(recipe, gpus, [*base, *layout, f"checkpoint.save={out / tag}",
+                                                   "checkpoint.resume=false"], out / f"{tag}.log"))
+            print(f"round {repeat + 1}/{args.repeats}, {name}: {speed(runs[name][-1][0]):,.0f} tokens/s", flush=True)
+            if repeat == 0 and name.startswith("DP=2"):
+                resumed_rows = resume_check(recipe, gpus, base, layout, out, name, runs[name][0][0])
+    reference = runs[layouts[0][0]][0][0]
+    reference_speed = Spread.of([speed(steps) for steps, _ in runs[layouts[0][0]]])
+    lines = [f"| layout | loss (KL), steps 1-{SHOWN} | max rel. diff. to 1 GPU, steps 1-{STEPS} | "
+             f"tokens/s, median (min-max) of {args.repeats} | vs {layouts[0][0]} | peak GiB | teacher GiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, _, _ in layouts:
+        lines.append(row(name, runs[name], reference, None if name == layouts[0][0] else reference_speed))
         if name.startswith("DP=2"):
-            resumed = out / "dp_2_resumed"
-            common = [*base, *layout, f"checkpoint.save={resumed}"]
-            train(recipe, gpus, [*common, "checkpoint.resume=false", f"training.exit_interval={STEPS // 2}"],
-                  out / "dp_2_first_half.log")
-            second, second_summary = train(recipe, gpus, [*common, "checkpoint.resume=true"],
-                                           out / "dp_2_second_half.log")
-            if sorted(second) != list(range(STEPS // 2 + 1, STEPS + 1)):
-                raise SystemExit(f"the resumed run logged iterations {sorted(second)}")
-            lines.append(row(f"{name}, stopped at {STEPS // 2} and resumed", second, second_summary, reference))
-            repeat = max(abs(second[i]["loss"] / steps[i]["loss"] - 1) for i in second)
-            lines.append(f"| (resumed vs uninterrupted DP=2, steps {STEPS // 2 + 1}-{STEPS}) | max rel. diff. "
-                         f"{repeat:.2e} | | | | |")
-            print(lines[-2], lines[-1], sep="\n", flush=True)
+            lines += [line if isinstance(line, str) else row(*line, reference, None)
+                      for line in resumed_rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:
         args.markdown.write_text(f"`python {' '.join(sys.argv)}`\n\n{text}")
+
+
+def resume_check(recipe: str, gpus: int, base: list[str], layout: list[str], out: Path, name: str,
+                 uninterrupted: dict[int, dict]) -> list:
+    """Run the layout stopped after half the steps and resumed; the table rows it gives (a row's
+    arguments, then a line): its losses must repeat the uninterrupted run's."""
+    resumed = out / "dp_2_resumed"
+    common = [*base, *layout, f"checkpoint.save={resumed}"]
+    train(recipe, gpus, [*common, "checkpoint.resume=false", f"training.exit_interval={STEPS // 2}"],
+          out / "dp_2_first_half.log")
+    second, second_summary = train(recipe, gpus, [*common, "checkpoint.resume=true"], out / "dp_2_second_half.log")
+    if sorted(second) != list(range(STEPS // 2 + 1, STEPS + 1)):
+        raise SystemExit(f"the resumed run logged iterations {sorted(second)}")
+    repeat = max(abs(second[i]["loss"] / uninterrupted[i]["loss"] - 1) for i in second)
+    return [(f"{name}, stopped at {STEPS // 2} and resumed", [(second, second_summary)]),
+            f"| (resumed vs uninterrupted DP=2, steps {STEPS // 2 + 1}-{STEPS}) | max rel. diff. {repeat:.2e} | | | | | |"]
 
 
 if __name__ == "__main__":

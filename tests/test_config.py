@@ -168,3 +168,32 @@ def test_real_model_recipes_validate_at_their_cluster_size(recipe, layers, world
     assert check_world_size(config.parallel, world) >= 1
     tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
     assert 0.3e9 <= tokens <= 0.8e9  # the token budget the recipes state
+
+
+def test_the_nano_width_benchmark_recipe_keeps_every_width_of_the_nano_recipe():
+    """configs/nemotron3_nano_width_bench.yaml: Nano's layer widths, experts, router and Mamba
+    settings at a shallow depth with every layer kind; the override lines its header documents
+    (EP=2 on two GPUs, two MoE layers) load and tile their world sizes."""
+    from megatron_qad.parallel import check_world_size
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    bench_path = configs / "nemotron3_nano_width_bench.yaml"
+    bench, nano = load_config(bench_path), load_config(configs / "nemotron3_nano_30b_a3b.yaml")
+    depth = {"num_layers", "hybrid_layer_pattern", "seq_length"}
+    differing = {key for key, value in vars(bench.model).items() if getattr(nano.model, key) != value}
+    assert differing == depth, differing
+    assert set(bench.model.hybrid_layer_pattern) == {"M", "E", "*"}
+    assert bench.model.num_moe_experts == 128 and bench.model.moe_ffn_hidden_size == 1856
+    assert bench.quantization == nano.quantization
+    assert check_world_size(bench.parallel, 1) == 1
+    overrides = [line.split("bench.yaml", 1)[1].split() if "bench.yaml " in line else line.split()
+                 for line in bench_path.read_text().splitlines()
+                 if line.startswith("#   ") and ("parallel." in line or line.startswith("#   model."))]
+    overrides = [[token for token in line if "=" in token] for line in overrides]
+    assert overrides == [["parallel.expert_model_parallel_size=2"],
+                         ["model.num_layers=5", "model.hybrid_layer_pattern=MEM*E"]]
+    ep2 = load_config(bench_path, overrides[0])
+    assert check_world_size(ep2.parallel, 2) == 2
+    assert ep2.training.global_batch_size % (ep2.training.micro_batch_size * 2) == 0
+    shallow = load_config(bench_path, overrides[1])
+    assert shallow.model.hybrid_layer_symbols.count("E") == 2

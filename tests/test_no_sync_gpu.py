@@ -14,7 +14,9 @@ import torch
 
 from megatron_qad.distill import DistillationLoss
 from megatron_qad.numerics import fp8, nvfp4
+from megatron_qad.quantize import grouped
 from megatron_qad.quantize.quantizer import TensorQuantizer
+from megatron_qad.quantize.te_layers import grouped_expert_gemm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,6 +50,33 @@ def test_quantizer_forward_and_backward_do_not_synchronise(fmt, amax_mode):
         quantizer(x)
         quantizer(x)
         quantizer.stop_holding()
+
+
+@pytest.mark.parametrize("amax_mode", ["static", "dynamic"])
+def test_grouped_expert_quantizers_and_grouped_gemm_do_not_synchronise(amax_mode):
+    """All experts of a layer at once: the token counts stay on the host, the segment table and the
+    grouped GEMM's offsets go to the GPU as non-blocking copies."""
+    splits = [40, 0, 88, 0]
+    inputs = torch.nn.ModuleList(TensorQuantizer("nvfp4", amax_mode, device="cuda") for _ in splits)
+    weight_quantizers = torch.nn.ModuleList(TensorQuantizer("nvfp4", "dynamic") for _ in splits)
+    x = torch.randn(sum(splits), 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weights = [torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in splits]
+    if amax_mode == "static":
+        for quantizer, tokens in zip(inputs, torch.split(x, splits)):
+            quantizer.start_calibration()
+            quantizer(tokens)
+            quantizer.finish_calibration()
+    with synchronisation_is_an_error():
+        xq = grouped.fake_quantize_tokens(inputs, x, splits)
+        wq = grouped.fake_quantize_weights(weight_quantizers, weights, stacked=True)
+        y = grouped_expert_gemm(xq, wq, splits)
+        y.backward(torch.ones_like(y))
+        for quantizer in weight_quantizers:
+            quantizer.start_holding()
+        grouped.fake_quantize_weights(weight_quantizers, weights)
+        grouped.fake_quantize_weights(weight_quantizers, weights)
+        for quantizer in weight_quantizers:
+            quantizer.stop_holding()
 
 
 def test_functional_fake_quant_with_a_device_amax_does_not_synchronise():

@@ -6,8 +6,10 @@ gradients bit for bit for the same weights and input (the emulated forward of
 recipe) quantize every layer the local spec quantizes, agree with the local-spec student up to the
 attention kernels, train through megatron.core's schedule, pass K / V to ``TEDotProductAttention``
 as FP8 values, and write checkpoints that the local spec (which export builds) loads. Grouped-GEMM
-experts (``TEGroupedLinear``) equal per-expert local layers bit for bit, and a student built with
-them equals the per-expert (SequentialMLP) student, trains, and saves the per-expert checkpoint.
+experts (``TEGroupedLinear``, their tokens and weights fake-quantized one launch per role) equal
+per-expert local layers bit for bit, and a student built with them equals the per-expert
+(SequentialMLP) student, trains, and saves the per-expert checkpoint; with ``expert_gemm =
+"grouped"`` (one grouped GEMM) they stay within fp32 summation error of the per-expert GEMMs and train.
 """
 
 import importlib
@@ -31,7 +33,7 @@ from megatron_qad import models, parallel, quantize  # noqa: E402
 from megatron_qad.config import load_config  # noqa: E402
 from megatron_qad.distill import DistillationLoss, TeacherStudentStage, distillation_step, sum_reports  # noqa: E402
 from megatron_qad.numerics.formats import E4M3_MAX  # noqa: E402
-from megatron_qad.quantize import layers  # noqa: E402
+from megatron_qad.quantize import grouped as grouped_quant, layers  # noqa: E402
 from megatron_qad.quantize.policy import PolicyError  # noqa: E402
 from megatron_qad.quantize.te_layers import QuantizedTEGroupedLinear, QuantizedTELinear  # noqa: E402
 from megatron_qad.train import checkpointing  # noqa: E402
@@ -336,6 +338,62 @@ def test_grouped_expert_layer_matches_per_expert_local_layers_bit_for_bit(gpu_pa
     assert torch.equal(_experts_forward_backward(run_grouped, x, grad)[0], unquantized)
 
 
+@pytest.mark.parametrize("input_amax", ["dynamic", "static"])
+@pytest.mark.parametrize("weight_format", ["nvfp4", "nvfp4_4over6"])
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_grouped_expert_gemm_matches_the_per_expert_gemms_within_fp32_summation_error(gpu_parallel, kind,
+                                                                                     weight_format, input_amax):
+    """``expert_gemm = "grouped"``: one grouped GEMM over the same quantized tokens and weights as
+    the per-expert GEMMs. Both sum K bf16 products in fp32, in different orders, and round to bf16,
+    so each output (and gradient) element may differ by at most one bf16 ulp (2^-7 relative) plus
+    twice the fp32 summation bound K * 2^-24 * sum |a * b| (derived, not measured; the factor 2 is
+    the margin). The expert routed no tokens gets a zero weight gradient."""
+    _, layer = _grouped_pair(kind, bias=False, skip_bias_add=False)
+    splits = [5, 0, 11]
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(16, 256, generator=generator, device="cuda").to(torch.bfloat16)
+    x[:5] *= 4
+    grad = torch.randn(16, 96, generator=generator, device="cuda").to(torch.bfloat16)
+    layers.quantize_linear(layer, "grouped", weight_format, weight_format, input_amax)
+    if input_amax == "static":
+        with quantize.calibration(layer), torch.no_grad():
+            layer(x, splits)
+
+    def run(tokens):
+        return layer(tokens, splits)
+
+    def weight_grads():
+        grads = [getattr(layer, f"weight{e}").grad.clone() for e in range(3)]
+        layer.zero_grad()
+        return grads
+
+    per_expert_out, _, per_expert_dx = _experts_forward_backward(run, x, grad)
+    per_expert_dw = weight_grads()
+    layer.expert_gemm = "grouped"
+    grouped_out, grouped_biases, grouped_dx = _experts_forward_backward(run, x, grad)
+    grouped_dw = weight_grads()
+    assert grouped_biases is None
+
+    with torch.no_grad():
+        xq = grouped_quant.fake_quantize_tokens(layer.input_quantizers, x, splits).float()
+        wq = [w.float() for w in grouped_quant.fake_quantize_weights(layer.weight_quantizers,
+                                                                     [getattr(layer, f"weight{e}") for e in range(3)])]
+
+    def assert_within(actual, expected, magnitudes, terms, what):
+        bound = 2.0**-7 * torch.maximum(actual.float().abs(), expected.float().abs()) + 2 * terms * 2.0**-24 * magnitudes
+        excess = (actual.float() - expected.float()).abs() - bound
+        assert excess.max() <= 0, f"{what}: exceeds the bound by {excess.max().item()}"
+
+    pieces, grads = torch.split(xq.abs(), splits), torch.split(grad.float().abs(), splits)
+    output_terms = torch.cat([p @ w.abs().t() for p, w in zip(pieces, wq)])
+    assert_within(grouped_out, per_expert_out, output_terms, 256, "output")
+    assert_within(grouped_dx, per_expert_dx, torch.cat([g @ w.abs() for g, w in zip(grads, wq)]), 96, "input gradient")
+    for expert in range(3):
+        terms = grads[expert].t() @ pieces[expert]
+        assert_within(grouped_dw[expert], per_expert_dw[expert], terms, max(splits[expert], 1), f"weight{expert} gradient")
+    assert not grouped_dw[1].any()
+
+
 GROUPED = ["model.moe_grouped_gemm=true"]
 _GROUPED_NAME = re.compile(r"(\.mlp\.experts)\.(linear_fc[12])\.(weight|input_quantizers\.)(\d+)(\.amax)?$")
 
@@ -391,12 +449,16 @@ def test_grouped_gemm_student_equals_the_per_expert_student(gpu_parallel):
     assert torch.equal(grouped_logits, per_expert_logits), (grouped_logits - per_expert_logits).abs().max()
 
 
-def test_grouped_gemm_qad_step_trains_every_expert(gpu_parallel):
+@pytest.mark.parametrize("expert_gemm", ["per_expert", "grouped"])
+def test_grouped_gemm_qad_step_trains_every_expert(gpu_parallel, expert_gemm):
     cfg, _, teacher = _grouped_model_pair()
     student = models.build_gpt_model(cfg.model, cfg.parallel, "cuda")
     student.load_state_dict(teacher.state_dict())
     teacher.requires_grad_(False)
     quantize.apply(student, cfg.quantization.to_policy())
+    for module in student.modules():
+        if isinstance(module, QuantizedTEGroupedLinear):
+            module.expert_gemm = expert_gemm
     reports = distillation_step(TeacherStudentStage(student, teacher), iter(_batch(cfg.model, count=2)), 2, 2,
                                 cfg.model.seq_length, DistillationLoss("kl"))
     kl_sum, _ = sum_reports(reports)["kl"]

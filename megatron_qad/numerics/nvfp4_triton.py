@@ -57,16 +57,12 @@ def _quantize_magnitudes(magnitude, block_amax, mapped_max, s_enc, s_dec):
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, amax_ptr, out_ptr, data_ptr, scale_ptr, n_blocks,
-                  SCALE_MAX: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, WRITE_VALUES: tl.constexpr,
-                  BLOCKS: tl.constexpr):
-    """Quantize BLOCKS blocks of 16 per program; write fake-quant values or packed codes + scales."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-    row_mask = rows < n_blocks
-    offsets = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = tl.load(x_ptr + offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+def _quantize_tile(x, amax, SCALE_MAX: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, BLOCKS: tl.constexpr):
+    """Quantize the fp32 blocks x [BLOCKS, 16] with the tensor amax (fp32 scalar).
 
-    amax = tl.load(amax_ptr)
+    Returns the FP8 scales [BLOCKS], the 3-bit magnitude codes (int32 [BLOCKS, 16]), the
+    dequantized magnitudes (fp32 [BLOCKS, 16]) and which elements carry the sign bit (bool).
+    """
     s_enc = tl.minimum(tl.math.div_rn(6.0 * SCALE_MAX, amax), _FLT_MAX)
     s_enc = tl.where((amax == 0.0) | (s_enc == 0.0), 1.0, s_enc)
     s_dec = tl.math.div_rn(1.0, s_enc)
@@ -85,11 +81,29 @@ def _nvfp4_kernel(x_ptr, amax_ptr, out_ptr, data_ptr, scale_ptr, n_blocks,
         values = tl.where(take_four[:, None], values4, values)
     # The sign bit follows x * e < 0; x * e can underflow to -0, which counts as not negative.
     negative = (x < 0) & (scaled > 0)
+    return scales, code, values, negative
+
+
+@triton.jit
+def _signed(values, negative):
+    """The dequantized values with their sign (``* -1.0``, not unary minus: Triton lowers -v to
+    0 - v, which turns -0 into +0)."""
+    return tl.where(negative, values * -1.0, values)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, amax_ptr, out_ptr, data_ptr, scale_ptr, n_blocks,
+                  SCALE_MAX: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, WRITE_VALUES: tl.constexpr,
+                  BLOCKS: tl.constexpr):
+    """Quantize BLOCKS blocks of 16 per program; write fake-quant values or packed codes + scales."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    row_mask = rows < n_blocks
+    offsets = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + offsets, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    scales, code, values, negative = _quantize_tile(x, tl.load(amax_ptr), SCALE_MAX, FOUR_OVER_SIX, BLOCKS)
 
     if WRITE_VALUES:
-        # `* -1.0`, not unary minus: Triton lowers -v to 0 - v, which turns -0 into +0.
-        values = tl.where(negative, values * -1.0, values)
-        tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(out_ptr + offsets, _signed(values, negative).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
         code = code | (negative.to(tl.int32) << 3)
         low, high = tl.split(tl.reshape(code, [BLOCKS, 8, 2]))

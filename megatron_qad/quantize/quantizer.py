@@ -20,6 +20,11 @@ from ..numerics.straight_through import straight_through
 TENSOR_FORMATS = ("nvfp4", "nvfp4_4over6", "fp8")
 
 
+def tensor_key(x: torch.Tensor) -> tuple:
+    """What identifies a weight between two calls of one optimizer step: its storage and layout."""
+    return (x.data_ptr(), x.shape, x.dtype, x.device)
+
+
 def _local_amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| as an fp32 0-d tensor; 0 for an empty ``x`` (an expert that received no tokens)."""
     with torch.no_grad():
@@ -53,7 +58,7 @@ class TensorQuantizer(torch.nn.Module):
         self.owner = owner
         self.calibrating = False
         self.holding = False
-        self._held: tuple[tuple, torch.Tensor] | None = None  # (key of the input, its fake quant)
+        self._held: tuple[tuple, object] | None = None  # (key of the input, its fake quant)
         self.amax_ready = False  # static: set by calibration or by loading a checkpoint that has it
         if amax_mode == "static":
             self.register_buffer("amax", torch.tensor(float("nan"), device=device))
@@ -73,11 +78,15 @@ class TensorQuantizer(torch.nn.Module):
     def _held_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """The fake quant of ``x`` made at the first call since :meth:`start_holding` (made now if
         ``x`` is another tensor than that one), as a fresh alias without autograd history."""
-        key = (x.data_ptr(), x.shape, x.dtype, x.device)
+        return self.hold(tensor_key(x), lambda: self._fake_quantize(x.detach(), self.current_amax(x))).detach()
+
+    def hold(self, key: tuple, make):
+        """While holding: the value ``make()`` (called without autograd) returned at the first call
+        with ``key`` since :meth:`start_holding`; made again, and kept, for another key."""
         if self._held is None or self._held[0] != key:
             with torch.no_grad():
-                self._held = (key, self._fake_quantize(x.detach(), self.current_amax(x)))
-        return self._held[1].detach()
+                self._held = (key, make())
+        return self._held[1]
 
     def start_holding(self) -> None:
         """Until :meth:`stop_holding`, fake-quantize the input once and reuse the result: only for

@@ -16,7 +16,8 @@ Grouped-GEMM experts (``TEGroupedMLP``) keep one weight per local expert in each
 ``TEGroupedLinear`` layers (``weight0``, ``weight1``, ...). Quantized, such a layer has one input
 and one weight quantizer per expert, and runs each expert's GEMM on that expert's tokens as the
 expert's own linear layer in ``SequentialMLP`` does: the same values, amaxes and checkpoint keys
-as the per-expert student.
+as the per-expert student. Outside calibration all experts' tokens are fake-quantized in one
+kernel launch and all their weights in another (``quantize.grouped``), with the same values.
 
 With ``quantization.backend: te`` (Blackwell) a quantized TE layer instead runs Transformer Engine's
 own forward inside TE's ``autocast`` with the NVFP4 recipe of ``backend.te_recipe``
@@ -32,6 +33,7 @@ from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_par
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from . import grouped
 from .policy import PolicyError
 from .quantizer import TensorQuantizer
 
@@ -200,14 +202,60 @@ def _token_counts(m_splits, num_gemms: int) -> list[int]:
     return m_splits
 
 
+class _GroupedExpertGEMM(torch.autograd.Function):
+    """``x @ weight[i].T`` for each expert's rows of x, as one grouped GEMM forward and two backward.
+
+    x: [tokens, K] bf16; weights: [E, N, K] bf16; ends: int32 [E] on x's device, the end row of each
+    expert's tokens; empty: the experts routed no tokens (their weight gradient is 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, ends, empty):
+        ctx.save_for_backward(x, weights, ends)
+        ctx.empty = empty
+        return F.grouped_mm(x, weights.transpose(1, 2), offs=ends)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weights, ends = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = F.grouped_mm(grad, weights, offs=ends) if ctx.needs_input_grad[0] else None
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = F.grouped_mm(grad.t(), x, offs=ends)
+            for expert in ctx.empty:
+                grad_weights[expert].zero_()
+        return grad_x, grad_weights, None, None
+
+
+def grouped_expert_gemm(x: torch.Tensor, weights: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
+    """[tokens, N]: each expert's rows of x [tokens, K] times its weight of weights [E, N, K] transposed
+    (bf16, one grouped GEMM; ``m_splits`` the host token counts)."""
+    ends = torch.tensor(m_splits, dtype=torch.int64).cumsum(0).to(torch.int32)
+    ends = ends.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else ends
+    empty = [expert for expert, rows in enumerate(m_splits) if rows == 0]
+    return _GroupedExpertGEMM.apply(x, weights, ends, empty)
+
+
 class QuantizedTEGroupedLinear:
     """Mixin put in front of ``TEGroupedLinear`` (see ``layers.quantize_linear``): per local expert
     ``i``, ``input_quantizers[i]`` and ``weight_quantizers[i]`` (ModuleLists, or None for a BF16
     role) fake-quantize the expert's tokens and ``weight{i}``, and its GEMM runs as
-    :func:`parallel_linear`, the expert's local linear layer."""
+    :func:`parallel_linear`, the expert's local linear layer.
+
+    Outside calibration the quantizers of a role run together (:mod:`.grouped`): all experts' tokens
+    in one fake-quant launch and all their weights in another, each expert with its own amax, the
+    same values as one quantizer per expert. ``expert_gemm`` then picks the GEMMs: "per_expert" (one
+    per expert, the per-expert local layers' output bit for bit) or "grouped" (one grouped GEMM,
+    ``torch.nn.functional.grouped_mm``, over the same quantized tokens and weights; fp32 accumulation
+    in another order, so outputs may differ from "per_expert" in their last bits). "grouped" runs
+    where it applies: no bias, no tensor parallelism inside the layer, bf16, widths multiples of 8,
+    at least one token; elsewhere the per-expert GEMMs run.
+    """
 
     input_quantizers: torch.nn.ModuleList | None
     weight_quantizers: torch.nn.ModuleList | None
+    expert_gemm: str = "per_expert"
 
     def forward(self, x: torch.Tensor, m_splits):
         """x: [tokens, in_features] bf16, the local experts' tokens one expert after another;
@@ -215,14 +263,36 @@ class QuantizedTEGroupedLinear:
         Returns ``(output [tokens, out_features], biases)``: the per-expert biases as a list when the
         layer returns them apart (``return_bias``), else None, as TE's ``TEGroupedLinear`` does."""
         m_splits = _token_counts(m_splits, self.num_gemms)
+        weights = [getattr(self, f"weight{expert}") for expert in range(self.num_gemms)]
+        input_quantizers, weight_quantizers = self.input_quantizers, self.weight_quantizers
+        if input_quantizers is not None and grouped.can_group(input_quantizers):
+            x, input_quantizers = grouped.fake_quantize_tokens(input_quantizers, x, m_splits), None
+        if weight_quantizers is not None and grouped.can_group(weight_quantizers):
+            if input_quantizers is None and self._grouped_gemm_applies(x):
+                stacked = grouped.fake_quantize_weights(weight_quantizers, weights, stacked=True)
+                return grouped_expert_gemm(x, stacked, m_splits), None
+            weights, weight_quantizers = grouped.fake_quantize_weights(weight_quantizers, weights), None
+        return self._per_expert_forward(x, m_splits, weights, input_quantizers, weight_quantizers)
+
+    def _grouped_gemm_applies(self, x: torch.Tensor) -> bool:
+        """Whether ``expert_gemm: grouped`` asks for the grouped GEMM and it computes what
+        :func:`parallel_linear` would (see the class docstring)."""
+        weight = self.weight0
+        return (self.expert_gemm == "grouped" and not self.use_bias and x.dim() == 2 and x.shape[0] > 0
+                and (self.tp_size == 1 or self.parallel_mode is None)
+                and x.dtype == weight.dtype == torch.bfloat16 and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0)
+
+    def _per_expert_forward(self, x, m_splits, weights, input_quantizers, weight_quantizers):
+        """One :func:`parallel_linear` per expert; the quantizers given (None: already quantized)
+        fake-quantize the expert's tokens and weight first."""
         outputs, biases = [], []
         for expert, tokens in enumerate(torch.split(x, m_splits)):
-            weight = getattr(self, f"weight{expert}")
+            weight = weights[expert]
             bias = getattr(self, f"bias{expert}") if self.use_bias else None
-            if self.input_quantizers is not None:
-                tokens = self.input_quantizers[expert](tokens)
-            if self.weight_quantizers is not None:
-                weight = self.weight_quantizers[expert](weight)
+            if input_quantizers is not None:
+                tokens = input_quantizers[expert](tokens)
+            if weight_quantizers is not None:
+                weight = weight_quantizers[expert](weight)
             output, output_bias = parallel_linear(self, tokens, weight, bias)
             outputs.append(output)
             biases.append(output_bias)

@@ -1,0 +1,127 @@
+"""Multi-tensor NVFP4 kernels (Triton): many tensors, each with its own amax, in one launch.
+
+The tensors (segments) are described by a table of four int64 rows, one column per segment:
+the index of its first program, where its blocks start relative to the base tensor, where its
+fake-quant values go in the output, and its number of 16-element blocks. A program of the 1-D grid
+finds its segment by a binary search of the first row, then quantizes up to ``BLOCKS`` blocks of
+it exactly as the single-tensor kernel of ``nvfp4_triton`` does (the same ``_quantize_tile``), so
+every segment's bits equal that kernel's on the segment alone. A segment of no blocks (an expert
+routed no tokens) gets no program.
+
+Segments are addressed as block offsets from the base tensor, so the weights of many experts need
+not be one buffer; a segment whose start is not a whole number of blocks away from the base is
+copied first (see :func:`segment_table`).
+"""
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import BLOCK_SIZE, E4M3_MAX, FOUR_OVER_SIX_E4M3_MAX
+from .nvfp4_triton import _BLOCKS_PER_PROGRAM, _NUM_WARPS, _quantize_tile, _signed
+
+_INT64_MAX = tl.constexpr(2**63 - 1)
+
+
+@triton.jit
+def _find_segment(table_ptr, n_segments, program, SEARCH_STEPS: tl.constexpr):
+    """The last segment whose first program is <= ``program`` (the table's first row is sorted)."""
+    segment = program * 0
+    for step in tl.static_range(SEARCH_STEPS):
+        candidate = segment + (1 << (SEARCH_STEPS - 1 - step))
+        first = tl.load(table_ptr + candidate, mask=candidate < n_segments, other=_INT64_MAX)
+        segment = tl.where(first <= program, candidate, segment)
+    return segment
+
+
+@triton.jit
+def _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr):
+    """(segment, its rows of this program [BLOCKS] (block indices within it), their mask,
+    fp32 blocks [BLOCKS, 16], the output offsets of its elements) of this program."""
+    program = tl.program_id(0).to(tl.int64)
+    segment = _find_segment(table_ptr, n_segments, program, SEARCH_STEPS)
+    first_program = tl.load(table_ptr + segment)
+    source_block = tl.load(table_ptr + n_segments + segment)
+    output_block = tl.load(table_ptr + 2 * n_segments + segment)
+    n_blocks = tl.load(table_ptr + 3 * n_segments + segment)
+    rows = (program - first_program) * BLOCKS + tl.arange(0, BLOCKS)
+    mask = rows < n_blocks
+    columns = tl.arange(0, 16)[None, :]
+    x = tl.load(base_ptr + (source_block + rows)[:, None] * 16 + columns, mask=mask[:, None], other=0.0)
+    return segment, mask, x.to(tl.float32), (output_block + rows)[:, None] * 16 + columns
+
+
+@triton.jit
+def _segments_amax_kernel(base_ptr, table_ptr, amax_ptr, n_segments,
+                          SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr):
+    """amax[segment] = max(amax[segment], max |x| of this program's blocks); amax starts at 0."""
+    segment, mask, x, _ = _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS, BLOCKS)
+    tl.atomic_max(amax_ptr + segment, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+
+
+@triton.jit
+def _segments_fake_quant_kernel(base_ptr, table_ptr, amax_ptr, out_ptr, n_segments,
+                                SCALE_MAX: tl.constexpr, FOUR_OVER_SIX: tl.constexpr,
+                                SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr):
+    """Fake-quantize this program's blocks with their segment's amax into the output."""
+    segment, mask, x, offsets = _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS, BLOCKS)
+    _, _, values, negative = _quantize_tile(x, tl.load(amax_ptr + segment), SCALE_MAX, FOUR_OVER_SIX, BLOCKS)
+    tl.store(out_ptr + offsets, _signed(values, negative).to(out_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+def segment_table(segments: Sequence[torch.Tensor], output_starts: Sequence[int], blocks: int = _BLOCKS_PER_PROGRAM):
+    """(base tensor, table int64 [4, n] on the segments' device, program count) of ``segments``:
+    contiguous CUDA tensors of one dtype, each of a multiple of 16 elements, whose outputs start at
+    the element offsets ``output_starts`` (multiples of 16). A segment not a whole number of blocks
+    away from the first is copied (kept alive by the returned base tuple's second item)."""
+    base = segments[0]
+    block_bytes = BLOCK_SIZE * base.element_size()
+    copies = []
+    firsts, sources, outputs, counts = [], [], [], []
+    program = 0
+    for segment, output_start in zip(segments, output_starts):
+        offset = segment.data_ptr() - base.data_ptr()
+        if offset % block_bytes:
+            segment = segment.clone()
+            copies.append(segment)
+            offset = segment.data_ptr() - base.data_ptr()
+        n_blocks = segment.numel() // BLOCK_SIZE
+        firsts.append(program)
+        sources.append(offset // block_bytes)
+        outputs.append(output_start // BLOCK_SIZE)
+        counts.append(n_blocks)
+        program += triton.cdiv(n_blocks, blocks)
+    # Pinned and non-blocking: the copy to the GPU does not wait for the work queued before it.
+    table = torch.tensor([firsts, sources, outputs, counts], dtype=torch.int64, pin_memory=base.is_cuda)
+    return (base, copies), table.to(base.device, non_blocking=True), program
+
+
+def _search_steps(n_segments: int) -> int:
+    return max(1, (n_segments - 1).bit_length())
+
+
+def segments_amax(segments: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max |segment| of each segment as fp32 [n] (0 for an empty one), in one launch after a fill."""
+    (base, _copies), table, programs = segment_table(segments, [0] * len(segments))
+    amax = torch.zeros(len(segments), dtype=torch.float32, device=base.device)
+    if programs:
+        _segments_amax_kernel[(programs,)](base, table, amax, len(segments),
+                                           SEARCH_STEPS=_search_steps(len(segments)),
+                                           BLOCKS=_BLOCKS_PER_PROGRAM, num_warps=_NUM_WARPS)
+    return amax
+
+
+def fake_quantize_segments(segments: Sequence[torch.Tensor], amax: torch.Tensor, four_over_six: bool,
+                           out: torch.Tensor, output_starts: Sequence[int]) -> torch.Tensor:
+    """Write each segment's NVFP4 fake quant (with its amax, fp32 [n] on the device) into the
+    contiguous ``out`` (the segments' dtype) from element ``output_starts[i]`` (a multiple of 16) on."""
+    (base, _copies), table, programs = segment_table(segments, output_starts)
+    if programs:
+        _segments_fake_quant_kernel[(programs,)](
+            base, table, amax, out, len(segments),
+            SCALE_MAX=FOUR_OVER_SIX_E4M3_MAX if four_over_six else E4M3_MAX, FOUR_OVER_SIX=four_over_six,
+            SEARCH_STEPS=_search_steps(len(segments)), BLOCKS=_BLOCKS_PER_PROGRAM,
+            num_warps=_NUM_WARPS, enable_fp_fusion=False)
+    return out
