@@ -232,3 +232,183 @@ def test_output_directory_must_be_new_or_empty(llama_dir, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not empty"):
         import_checkpoint(llama_dir, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Published configs: what their config.json fields give, against the repository's recipes.
+
+QWEN2_1P5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+              "hidden_size": 1536, "intermediate_size": 8960, "max_position_embeddings": 131072,
+              "max_window_layers": 28, "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+              "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": True,
+              "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936}
+"""Qwen/Qwen2-1.5B's config.json."""
+ACEREASON_NEMOTRON_7B = {**QWEN2_1P5B, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                         "num_key_value_heads": 4, "rope_theta": 10000, "sliding_window": 4096,
+                         "tie_word_embeddings": False, "vocab_size": 152064}
+"""nvidia/AceReason-Nemotron-7B's config.json (DeepSeek-R1-Distill-Qwen-7B's architecture)."""
+NEMOTRON3_NANO = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "attention_bias": False,
+                  "chunk_size": 128, "conv_kernel": 4, "head_dim": 128, "hidden_size": 2688,
+                  "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+                  "intermediate_size": 1856, "layer_norm_epsilon": 1e-05, "mamba_head_dim": 64,
+                  "mamba_hidden_act": "silu", "mamba_num_heads": 64, "mamba_proj_bias": False,
+                  "max_position_embeddings": 262144, "mlp_bias": False, "mlp_hidden_act": "relu2",
+                  "moe_intermediate_size": 1856, "moe_shared_expert_intermediate_size": 3712, "n_group": 1,
+                  "n_groups": 8, "n_routed_experts": 128, "n_shared_experts": 1, "norm_topk_prob": True,
+                  "num_attention_heads": 32, "num_experts_per_tok": 6, "num_hidden_layers": 52,
+                  "num_key_value_heads": 2, "residual_in_fp32": False, "routed_scaling_factor": 2.5,
+                  "ssm_state_size": 128, "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16",
+                  "use_bias": False, "use_conv_bias": True, "vocab_size": 131072}
+"""nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16's config.json (the fields that shape the model)."""
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CHOICES = ("seq_length", "params_dtype", "moe_token_dispatcher_type", "kv_channels")
+
+
+@pytest.mark.parametrize("published, recipe", [(QWEN2_1P5B, "qwen2_1p5b_shape.yaml"),
+                                               (ACEREASON_NEMOTRON_7B, "acereason_nemotron_7b.yaml"),
+                                               (NEMOTRON3_NANO, "nemotron3_nano_30b_a3b.yaml")])
+def test_published_configs_give_the_recipes_models(published, recipe):
+    """The recipe's model equals the published model field for field (the head size compared as
+    a size; sequence length, dtype and dispatcher are choices of the run)."""
+    import dataclasses
+
+    from megatron_qad.config import ModelConfig
+    from megatron_qad.export.hf_names import head_dim
+    from megatron_qad.hf_import import HFConfig, family_for
+
+    config = HFConfig(published, "config.json")
+    fields = family_for(config).model_fields(config)
+    ours = load_config(ROOT / "configs" / recipe).model
+    derived = dataclasses.replace(ours, **fields)
+    assert head_dim(derived) == head_dim(ours)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in RUN_CHOICES:
+            assert getattr(derived, f.name) == getattr(ours, f.name), f.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Nemotron-H: its Mamba layers run only on a GPU, so the CPU checks the mapping tensor by tensor.
+
+NEMOTRON_H_PATTERN = "ME*-"
+
+
+def _nemotron_h():
+    config = transformers.NemotronHConfig(
+        hybrid_override_pattern=NEMOTRON_H_PATTERN, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+        intermediate_size=96, vocab_size=128, routed_scaling_factor=2.5)
+    return transformers.NemotronHForCausalLM(config)
+
+
+def nemotron_h_megatron_names(hf: dict) -> dict[str, torch.Tensor]:
+    """The Megatron tensors of the tiny ``ME*-`` model, written out by hand from the HF ones."""
+    b = "backbone.layers"
+    qkv = [hf[f"{b}.2.mixer.{p}_proj.weight"] for p in "qkv"]
+    groups = 2
+    expected = {
+        "embedding.word_embeddings.weight": hf["backbone.embeddings.weight"],
+        "decoder.final_norm.weight": hf["backbone.norm_f.weight"],
+        "output_layer.weight": hf["lm_head.weight"],
+        "decoder.layers.0.norm.weight": hf[f"{b}.0.norm.weight"],
+        "decoder.layers.0.mixer.conv1d_weight": hf[f"{b}.0.mixer.conv1d.weight"],
+        "decoder.layers.0.mixer.conv1d_bias": hf[f"{b}.0.mixer.conv1d.bias"],
+        "decoder.layers.1.pre_mlp_layernorm.weight": hf[f"{b}.1.norm.weight"],
+        "decoder.layers.1.mlp.router.weight": hf[f"{b}.1.mixer.gate.weight"],
+        "decoder.layers.1.mlp.router.expert_bias": hf[f"{b}.1.mixer.gate.e_score_correction_bias"],
+        "decoder.layers.1.mlp.shared_experts.linear_fc1.weight": hf[f"{b}.1.mixer.shared_experts.up_proj.weight"],
+        "decoder.layers.1.mlp.shared_experts.linear_fc2.weight": hf[f"{b}.1.mixer.shared_experts.down_proj.weight"],
+        "decoder.layers.2.input_layernorm.weight": hf[f"{b}.2.norm.weight"],
+        "decoder.layers.2.self_attention.linear_qkv.weight":
+            torch.cat([p.reshape(groups, -1, 64) for p in qkv], dim=1).reshape(-1, 64),
+        "decoder.layers.2.self_attention.linear_proj.weight": hf[f"{b}.2.mixer.o_proj.weight"],
+        "decoder.layers.3.pre_mlp_layernorm.weight": hf[f"{b}.3.norm.weight"],
+        "decoder.layers.3.mlp.linear_fc1.weight": hf[f"{b}.3.mixer.up_proj.weight"],
+        "decoder.layers.3.mlp.linear_fc2.weight": hf[f"{b}.3.mixer.down_proj.weight"],
+    }
+    for name in ("A_log", "D", "dt_bias", "in_proj.weight", "out_proj.weight", "norm.weight"):
+        expected[f"decoder.layers.0.mixer.{name}"] = hf[f"{b}.0.mixer.{name}"]
+    for e in range(4):
+        expected[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"] = \
+            hf[f"{b}.1.mixer.experts.{e}.up_proj.weight"]
+        expected[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"] = \
+            hf[f"{b}.1.mixer.experts.{e}.down_proj.weight"]
+    return expected
+
+
+def test_nemotron_h_import_puts_every_tensor_in_place(tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_qad.models import build_model
+    from megatron_qad.train.checkpointing import load_model
+
+    hf_dir = save(randomized(_nemotron_h()), tmp_path / "hf")
+    import_checkpoint(hf_dir, tmp_path / "out")
+    section = yaml.safe_load((tmp_path / "out" / "model.yaml").read_text())["model"]
+    assert section["hybrid_layer_pattern"] == NEMOTRON_H_PATTERN and section["moe_router_score_function"] == "sigmoid"
+    assert section["moe_router_enable_expert_bias"] and section["moe_router_topk_scaling_factor"] == 2.5
+    assert (section["mamba_num_heads"], section["mamba_num_groups"], section["activation"]) == (8, 2, "squared_relu")
+    expected = nemotron_h_megatron_names(load_file(hf_dir / "model.safetensors"))
+    config = load_config(tmp_path / "out" / "model.yaml")
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        load_model([model], tmp_path / "out")
+        state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}
+    assert set(state) == set(expected)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"norm_topk_prob": False}, "field 'norm_topk_prob'"),
+    ({"n_group": 2, "topk_group": 2}, "field 'topk_group'"),
+    ({"layer_norm_epsilon": 1e-6}, "field 'layer_norm_epsilon'"),
+    ({"mlp_hidden_act": "gelu"}, "field 'mlp_hidden_act'"),
+])
+def test_nemotron_h_routing_megatron_cannot_reproduce_is_refused(changes, named):
+    from megatron_qad.hf_import import HFConfig, family_for
+
+    config = HFConfig({**NEMOTRON3_NANO, **changes}, "config.json")
+    with pytest.raises(ConfigError, match=named):
+        family_for(config).model_fields(config)
+
+
+def test_nemotron_h_group_limited_routing_maps_when_it_matches():
+    from megatron_qad.hf_import import HFConfig, family_for
+
+    config = HFConfig({**NEMOTRON3_NANO, "n_group": 8, "topk_group": 3}, "config.json")
+    fields = family_for(config).model_fields(config)
+    assert (fields["moe_router_num_groups"], fields["moe_router_group_topk"]) == (8, 3)
+
+
+def _gpu_megatron_logits(out: Path, ids: torch.Tensor) -> torch.Tensor:
+    from megatron_qad import parallel
+    from megatron_qad.models import build_model, causal_attention_mask
+    from megatron_qad.train.checkpointing import load_model
+
+    config = load_config(out / "model.yaml", [f"model.seq_length={SEQ}"])
+    context = parallel.initialize(config.parallel, seed=config.model.seed)
+    try:
+        model = build_model(config.model, config.parallel, context.device).eval()
+        load_model([model], out)
+        with torch.no_grad():
+            ids = ids.to(context.device)
+            positions = torch.arange(SEQ, device=context.device).expand(ids.shape[0], -1)
+            return model(ids, positions, causal_attention_mask(SEQ, context.device)).float().cpu()
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Mamba layers run mamba_ssm's kernels on a GPU")
+def test_nemotron_h_import_reproduces_transformers_logits_gpu(tmp_path):
+    """fp32, TF32 off (conftest): megatron.core's hybrid model against transformers' NemotronH on
+    the same GPU. The Mamba scans run different kernels (chunked SSD in both), so the bound is
+    looser than the GPT models' 1e-5: 1e-4 of the largest logit."""
+    model = randomized(_nemotron_h())
+    import_checkpoint(save(model, tmp_path / "hf"), tmp_path / "out", params_dtype="float32")
+    ids = tokens(model.config.vocab_size)
+    reference = hf_logits(model.cuda(), ids.cuda()).cpu()
+    error = relative_error(_gpu_megatron_logits(tmp_path / "out", ids), reference)
+    print(f"nemotron_h: max |megatron - HF| / max |HF| = {error:.2e}")
+    assert error < 1e-4

@@ -27,9 +27,8 @@ RECIPE_YAML = "recipe.yaml"
 RUNTIME_FIELDS = ("seq_length", "params_dtype", "seed", "init_method_std", "transformer_impl", "moe_grouped_gemm",
                   "moe_token_dispatcher_type", "moe_router_bias_update_rate")
 """``model`` fields that are choices of the run, not of the architecture: a base recipe's values are kept."""
-_NO_COUNTERPART = (r"\._extra_state$", r"\.local_tokens_per_expert$")
-"""Megatron state-dict entries that no HF checkpoint holds: Transformer Engine's extra state and the
-routers' token counts for the expert-bias update (zero at the start)."""
+_NO_COUNTERPART = (r"\._extra_state$",)
+"""Megatron state-dict entries that no HF checkpoint holds: Transformer Engine's extra state."""
 
 
 @dataclasses.dataclass(frozen=True)

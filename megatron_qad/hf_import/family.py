@@ -76,8 +76,8 @@ class HFConfig:
 
 TensorSources = Callable[[ModelConfig, Iterable[str]], dict[str, list[tuple[str, Piece]]]]
 """(model config, the Megatron model's state-dict names) -> {Megatron name: [(HF tensor name, the
-rows of the Megatron tensor it fills)]}; names without an entry have no HF counterpart (an error
-unless they are ``_extra_state`` or megatron.core's token-count buffers)."""
+rows of the Megatron tensor it fills)]}; a name without an entry is an error (``_extra_state``
+entries are not asked for)."""
 
 
 @dataclass(frozen=True)
