@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from distributed_helpers import run_distributed, single_process
+from logits_helpers import tensor_parallel_logits
 from megatron_qad.cli import main
 from megatron_qad.config import ConfigError, ParallelConfig, load_config
 from megatron_qad.hf_import import import_checkpoint
@@ -133,33 +134,12 @@ def test_model_yaml_holds_the_config_json_fields(tmp_path):
     assert load_config(tmp_path / "out" / "model.yaml").model.num_moe_experts == 4
 
 
-def _tp2_logits(out: str, ids: torch.Tensor) -> torch.Tensor:
-    from megatron.core import tensor_parallel
-
-    from megatron_qad import parallel
-    from megatron_qad.models import build_model, causal_attention_mask
-    from megatron_qad.train.checkpointing import load_model
-
-    config = load_config(Path(out) / "model.yaml", [f"model.seq_length={SEQ}",
-                                                      "parallel.tensor_model_parallel_size=2"])
-    parallel.initialize(config.parallel, backend="gloo", seed=config.model.seed)
-    try:
-        model = build_model(config.model, config.parallel).eval()
-        load_model([model], out)
-        with torch.no_grad():
-            positions = torch.arange(SEQ).expand(ids.shape[0], -1)
-            logits = model(ids, positions, causal_attention_mask(SEQ))
-            return tensor_parallel.gather_from_tensor_model_parallel_region(logits).float()
-    finally:
-        parallel.destroy()
-
-
 def test_imported_checkpoint_loads_at_tp2(tmp_path):
     """The dist checkpoint reshards: two gloo processes at TP=2 compute transformers' logits."""
     model = randomized(_llama())
     import_checkpoint(save(model, tmp_path / "hf"), tmp_path / "out", params_dtype="float32")
     ids = tokens(model.config.vocab_size)
-    logits = run_distributed(_tp2_logits, 2, str(tmp_path / "out"), ids, timeout_s=300)
+    logits = run_distributed(tensor_parallel_logits, 2, str(tmp_path / "out"), ids, 2, timeout_s=300)
     reference = hf_logits(model, ids)
     for rank_logits in logits:
         assert relative_error(rank_logits, reference) < REL_TOL
