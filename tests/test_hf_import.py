@@ -392,3 +392,69 @@ def test_nemotron_h_import_reproduces_transformers_logits_gpu(tmp_path):
     error = relative_error(_gpu_megatron_logits(tmp_path / "out", ids), reference)
     print(f"nemotron_h: max |megatron - HF| / max |HF| = {error:.2e}")
     assert error < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip: import -> PTQ (weight-only NVFP4) -> export -> transformers computes the student.
+
+WEIGHT_ONLY = ["quantization.policy=null", "quantization.format=null", "quantization.rules=[{weight: nvfp4, input: bf16}]",
+               "quantization.kv_cache=bf16", "export.dtype=float32"]
+PTQ = ["training.global_batch_size=2", "training.micro_batch_size=2", "training.eval_iters=1",
+       "distill.calibration_iters=1", "data.sources=[{type: random}]"]
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def dequantized_export(directory: Path) -> dict[str, torch.Tensor]:
+    """The exported tensors with every NVFP4 weight decoded to fp32 (own E2M1 table: code value x
+    E4M3 block scale per 16 columns x tensor scale) and its scale tensors dropped."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(directory / "model.safetensors")
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
+            continue
+        module = name.removesuffix(".weight")
+        if f"{module}.weight_scale" in tensors:
+            codes = torch.stack([tensor & 0xF, tensor >> 4], dim=-1).flatten(-2).long()
+            values = E2M1[codes & 7] * torch.where(codes >= 8, -1.0, 1.0)
+            blocks = tensors[f"{module}.weight_scale"].float().repeat_interleave(16, dim=-1)
+            tensor = values * blocks * tensors[f"{module}.weight_scale_2"].float()
+        out[name] = tensor.float()
+    return out
+
+
+def student_logits(config, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the run's PTQ student: fake-quantized weights, as the run computes them."""
+    from megatron_qad import quantize
+    from megatron_qad.models import build_model, causal_attention_mask
+    from megatron_qad.train.checkpointing import load_model
+
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel).eval()
+        quantize.apply(model, config.quantization.to_policy())
+        load_model([model], Path(config.checkpoint.save) / "ptq")
+        with torch.no_grad():
+            positions = torch.arange(SEQ).expand(ids.shape[0], -1)
+            return model(ids, positions, causal_attention_mask(SEQ)).float()
+
+
+def test_import_ptq_export_round_trip_reproduces_the_student_in_transformers(tmp_path):
+    from megatron_qad.export import export
+    from megatron_qad.train import run
+
+    model = randomized(_llama())
+    assert main(["import", str(save(model, tmp_path / "hf")), "--out", str(tmp_path / "teacher"),
+                 "--recipe", str(ROOT / "configs" / "tiny_cpu.yaml")]) == 0
+    overrides = [f"model.seq_length={SEQ}", f"checkpoint.save={tmp_path / 'run'}", *WEIGHT_ONLY, *PTQ]
+    run(load_config(tmp_path / "teacher" / "recipe.yaml", overrides), "ptq")
+    config = load_config(tmp_path / "teacher" / "recipe.yaml", overrides)
+    exported = export(config)
+    hf_config = json.loads((exported / "config.json").read_text())
+    hf_config.pop("quantization_config")
+    restored = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_config))
+    restored.load_state_dict(dequantized_export(exported), strict=True)
+    ids = tokens(model.config.vocab_size)
+    error = relative_error(hf_logits(restored.float().eval(), ids), student_logits(config, ids))
+    print(f"round trip: max |HF(export) - student| / max |student| = {error:.2e}")
+    assert error < REL_TOL
