@@ -19,7 +19,7 @@ import yaml
 from distributed_helpers import run_distributed, single_process
 from logits_helpers import tensor_parallel_logits
 from megatron_qad.cli import main
-from megatron_qad.config import ConfigError, ParallelConfig, load_config
+from megatron_qad.config import ConfigError, load_config
 from megatron_qad.hf_import import import_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -397,8 +397,8 @@ def test_nemotron_h_import_reproduces_transformers_logits_gpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Round trip: import -> PTQ (weight-only NVFP4) -> export -> transformers computes the student.
 
-WEIGHT_ONLY = ["quantization.policy=null", "quantization.format=null", "quantization.rules=[{weight: nvfp4, input: bf16}]",
-               "quantization.kv_cache=bf16", "export.dtype=float32"]
+WEIGHT_ONLY = ["quantization.policy=null", "quantization.format=null",
+               "quantization.rules=[{weight: nvfp4, input: bf16}]", "quantization.kv_cache=bf16", "export.dtype=float32"]
 PTQ = ["training.global_batch_size=2", "training.micro_batch_size=2", "training.eval_iters=1",
        "distill.calibration_iters=1", "data.sources=[{type: random}]"]
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
