@@ -36,7 +36,7 @@ class HFConfig:
             return default
         return value
 
-    def int(self, key: str, default: Any = _REQUIRED) -> int:
+    def integer(self, key: str, default: Any = _REQUIRED) -> int:
         """An integer field (a float with an integer value is accepted, e.g. rope_theta 1000000.0)."""
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:

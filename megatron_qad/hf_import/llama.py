@@ -32,20 +32,20 @@ DEFAULT_SEQ_LENGTH = 4096
 
 def gpt_fields(config: HFConfig, tie_default: bool = False) -> dict:
     """The recipe fields every Llama-like decoder shares (see the module table)."""
-    hidden, heads = config.int("hidden_size"), config.int("num_attention_heads")
-    head_dim = config.int("head_dim", hidden // heads)
+    hidden, heads = config.integer("hidden_size"), config.integer("num_attention_heads")
+    head_dim = config.integer("head_dim", hidden // heads)
     config.expect("hidden_act", ["silu"], "silu",
                   "the MLP is megatron.core's gated SiLU (swiglu) MLP; convert the model to another architecture")
     theta, scaling = config.rope()
     fields = dict(
-        num_layers=config.int("num_hidden_layers"),
+        num_layers=config.integer("num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=config.int("intermediate_size"),
+        ffn_hidden_size=config.integer("intermediate_size"),
         num_attention_heads=heads,
-        num_query_groups=config.int("num_key_value_heads", heads),
+        num_query_groups=config.integer("num_key_value_heads", heads),
         kv_channels=None if head_dim * heads == hidden else head_dim,
-        vocab_size=config.int("vocab_size"),
-        seq_length=min(config.int("max_position_embeddings", DEFAULT_SEQ_LENGTH), DEFAULT_SEQ_LENGTH),
+        vocab_size=config.integer("vocab_size"),
+        seq_length=min(config.integer("max_position_embeddings", DEFAULT_SEQ_LENGTH), DEFAULT_SEQ_LENGTH),
         normalization="RMSNorm",
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         activation="swiglu",

@@ -72,20 +72,20 @@ def _refuse_unsupported(config: HFConfig) -> None:
 
 
 def _routing_fields(config: HFConfig) -> dict:
-    topk = config.int("num_experts_per_tok")
+    topk = config.integer("num_experts_per_tok")
     norm = bool(config.get("norm_topk_prob", True))
     if norm != (topk > 1):
         raise config.refuse("norm_topk_prob", norm, f"megatron.core's sigmoid router renormalises the chosen "
                                                     f"experts' weights exactly when top-k > 1 (here {topk})")
-    shared = config.int("n_shared_experts", 1)
+    shared = config.integer("n_shared_experts", 1)
     if shared != 1:
         raise config.refuse("n_shared_experts", shared, "megatron.core builds one shared expert")
-    fields = dict(num_moe_experts=config.int("n_routed_experts"), moe_router_topk=topk,
+    fields = dict(num_moe_experts=config.integer("n_routed_experts"), moe_router_topk=topk,
                   moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                   moe_router_topk_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-                  moe_ffn_hidden_size=config.int("moe_intermediate_size"),
-                  moe_shared_expert_intermediate_size=config.int("moe_shared_expert_intermediate_size"))
-    groups, group_topk = config.int("n_group", 1), config.int("topk_group", 1)
+                  moe_ffn_hidden_size=config.integer("moe_intermediate_size"),
+                  moe_shared_expert_intermediate_size=config.integer("moe_shared_expert_intermediate_size"))
+    groups, group_topk = config.integer("n_group", 1), config.integer("topk_group", 1)
     if groups > 1:
         if topk % group_topk or topk // group_topk != 2:
             raise config.refuse("topk_group", group_topk,
@@ -103,19 +103,19 @@ def nemotron_h_fields(config: HFConfig) -> dict:
     if "M" in pattern and epsilon != MAMBA_NORM_EPS:
         raise config.refuse("layer_norm_epsilon", epsilon, f"megatron.core's Mamba mixers normalise their gate "
                                                            f"with epsilon {MAMBA_NORM_EPS}, NemotronH with this one")
-    hidden, heads = config.int("hidden_size"), config.int("num_attention_heads")
-    head_dim = config.int("head_dim", hidden // heads)
+    hidden, heads = config.integer("hidden_size"), config.integer("num_attention_heads")
+    head_dim = config.integer("head_dim", hidden // heads)
     fields = dict(
         num_layers=len(pattern), hybrid_layer_pattern=pattern, hidden_size=hidden,
-        ffn_hidden_size=config.int("intermediate_size"), num_attention_heads=heads,
-        num_query_groups=config.int("num_key_value_heads", heads),
+        ffn_hidden_size=config.integer("intermediate_size"), num_attention_heads=heads,
+        num_query_groups=config.integer("num_key_value_heads", heads),
         kv_channels=None if head_dim * heads == hidden else head_dim,
-        vocab_size=config.int("vocab_size"),
-        seq_length=min(config.int("max_position_embeddings", DEFAULT_SEQ_LENGTH), DEFAULT_SEQ_LENGTH),
+        vocab_size=config.integer("vocab_size"),
+        seq_length=min(config.integer("max_position_embeddings", DEFAULT_SEQ_LENGTH), DEFAULT_SEQ_LENGTH),
         normalization="RMSNorm", norm_epsilon=epsilon, activation="squared_relu", position_embedding_type="none",
         share_embeddings_and_output_weights=bool(config.get("tie_word_embeddings", False)),
-        mamba_state_dim=config.int("ssm_state_size"), mamba_head_dim=config.int("mamba_head_dim"),
-        mamba_num_groups=config.int("n_groups"), mamba_num_heads=config.int("mamba_num_heads"),
+        mamba_state_dim=config.integer("ssm_state_size"), mamba_head_dim=config.integer("mamba_head_dim"),
+        mamba_num_groups=config.integer("n_groups"), mamba_num_heads=config.integer("mamba_num_heads"),
     )
     if "E" in pattern:
         fields.update(_routing_fields(config))

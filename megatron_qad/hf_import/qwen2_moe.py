@@ -22,16 +22,16 @@ def qwen2_moe_fields(config: HFConfig) -> dict:
     config.expect("decoder_sparse_step", [1], 1, every_layer)
     if config.get("mlp_only_layers", []):
         raise config.refuse("mlp_only_layers", config.get("mlp_only_layers"), every_layer)
-    shared = config.int("shared_expert_intermediate_size")
+    shared = config.integer("shared_expert_intermediate_size")
     if shared < 1:
         raise config.refuse("shared_expert_intermediate_size", shared,
                             "every Qwen2-MoE layer has a shared expert; megatron.core needs its width >= 1")
     return {**gpt_fields(config), "add_qkv_bias": bool(config.get("qkv_bias", True)),
-            "num_moe_experts": config.int("num_experts"),
-            "moe_router_topk": config.int("num_experts_per_tok"),
+            "num_moe_experts": config.integer("num_experts"),
+            "moe_router_topk": config.integer("num_experts_per_tok"),
             "moe_router_score_function": "softmax",
             "moe_router_pre_softmax": not config.get("norm_topk_prob", False),
-            "moe_ffn_hidden_size": config.int("moe_intermediate_size"),
+            "moe_ffn_hidden_size": config.integer("moe_intermediate_size"),
             "moe_shared_expert_intermediate_size": shared,
             "moe_shared_expert_gate": True}
 
