@@ -458,3 +458,15 @@ def test_import_ptq_export_round_trip_reproduces_the_student_in_transformers(tmp
     error = relative_error(hf_logits(restored.float().eval(), ids), student_logits(config, ids))
     print(f"round trip: max |HF(export) - student| / max |student| = {error:.2e}")
     assert error < REL_TOL
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.rope_scaling=true", "model.position_embedding_type=none"], "'model.rope_scaling'"),
+    (["model.moe_router_pre_softmax=true", "model.moe_router_score_function=sigmoid"], "'model.moe_router_pre_softmax'"),
+    (["model.moe_router_num_groups=2"], "'model.moe_router_group_topk'"),
+    (["model.moe_router_num_groups=2", "model.moe_router_group_topk=3"], "group-limited routing"),
+    (["model.norm_epsilon=0"], "'model.norm_epsilon'"),
+])
+def test_the_recipe_fields_the_import_writes_are_validated(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(ROOT / "configs" / "tiny_cpu.yaml", overrides)
