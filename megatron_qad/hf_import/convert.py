@@ -2,8 +2,8 @@
 
 Nothing is written before the whole import is known to work: the family, every config.json field
 that changes the math, the recipe, the output directory, and every tensor's name and shape are
-checked first. The weights then stream: the Megatron model is built once (one process, the CPU,
-TP = PP = 1, megatron.core's local spec, ``model.params_dtype``), each safetensors file is read
+checked first. The weights then stream: the Megatron model is built once (one process, in host
+memory also where a GPU is visible, TP = PP = 1, megatron.core's local spec, ``model.params_dtype``), each safetensors file is read
 one tensor at a time into the Megatron tensors it fills (fused QKV rows per query group, gated
 fc1 halves), and :func:`megatron_qad.train.checkpointing.save_model` writes the dist checkpoint
 (global tensor names: it loads at any TP / PP / EP layout, and into the TE spec). Host memory peaks
@@ -121,7 +121,9 @@ def _write_weights(checkpoint: HFCheckpoint, family: Family, model_cfg: ModelCon
         raise ConfigError("import runs as one process; start it without torchrun")
     single = ParallelConfig()
     model_cfg = dataclasses.replace(model_cfg, transformer_impl="local", moe_grouped_gemm=False)
-    parallel.initialize(single, backend="gloo", seed=model_cfg.seed)
+    # The process group is the machine's usual one (NCCL where a GPU is visible: megatron_qad's CPU
+    # shims refuse to run there), but the model lives in host memory, which holds larger models.
+    parallel.initialize(single, seed=model_cfg.seed)
     try:
         model = build_model(model_cfg, single, "cpu")
         state = model.state_dict()
