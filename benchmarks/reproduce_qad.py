@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce_qad.py [--recipe configs/reproduce_task.yaml] [--out runs/reproduce_task]
         [--variants all | NAME,NAME,...] [--seeds 1,2,3] [--qad-lrs 3e-5,3e-4] [--qat-lrs 3e-5,3e-4]
-        [--problems 500] [--eval-windows 32] [--generated-sequences 256] [--results docs/RESULTS.md]
+        [--problems 500] [--eval-windows 32] [--generated-sequences 512] [--results docs/RESULTS.md]
         [key.path=value ...]
 
 The teacher is trained here in two stages (``megatron_qad.train.teacher_stages``): pre-training on
@@ -181,7 +181,7 @@ def arguments(argv=None):
     parser.add_argument("--qat-lrs", default="", help="extra learning rates for QAT (first seed), comma-separated")
     parser.add_argument("--problems", default=500, type=int, help="held-out task problems to generate answers for")
     parser.add_argument("--eval-windows", default=32, type=int, help="held-out windows of task / general text for KL")
-    parser.add_argument("--generated-sequences", default=256, type=int,
+    parser.add_argument("--generated-sequences", default=512, type=int,
                         help="sequences the teacher generates for the teacher-generated variant (per seed)")
     parser.add_argument("--results", type=Path, help="write the tables into this Markdown file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, key.path=value")

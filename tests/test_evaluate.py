@@ -11,7 +11,7 @@ from megatron_qad.data import ByteTokenizer
 from megatron_qad.data.tasks import Problem, addition_problems
 from megatron_qad.evaluate.agreement import averages, token_sums
 from megatron_qad.evaluate.generate import exact_match, greedy_generate
-from megatron_qad.evaluate.students import logits_function, task_accuracy
+from megatron_qad.evaluate.students import completion_text, logits_function, task_accuracy
 from megatron_qad.models import build_model_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,14 @@ def test_task_accuracy_is_exact_match_of_the_greedy_answer(offset, trailing, exp
     problems = addition_problems(40, digits=3, seed=2)  # answers of 1 to 4 digits: several prompt lengths
     model = next_token_model(solver(offset, trailing), TOKENIZER.vocab_size)
     assert task_accuracy(model, problems, batch_size=16) == expected
+
+
+def test_tokens_that_are_no_byte_never_match_an_answer():
+    assert completion_text(list(b"123")) == "123"
+    assert completion_text([49, TOKENIZER.bos_id]) != "1" and completion_text([49, 300]) != "1"
+    problems = [Problem("1+2=", "3")]
+    runs_on = next_token_model(lambda prefix: TOKENIZER.bos_id if prefix[-1] == ord("3") else ord("3"), 320)
+    assert task_accuracy(runs_on, problems, 8) == 0.0  # "3" then BOS: not the answer "3" plus a stop
 
 
 def test_task_accuracy_counts_the_problems_solved():
