@@ -261,7 +261,8 @@ class TeacherConfig:
     in ``CHECKPOINT.stages/pretrain``) is trained further with cross entropy on
     ``posttrain_sources`` (a ``data.sources``-style list, e.g. an ``arithmetic`` task mixed with
     general text) for ``posttrain_iters`` iterations at LR ``posttrain_lr`` (cosine to 0), and the
-    result is the teacher at ``checkpoint``."""
+    result is the teacher at ``checkpoint``. The CLI does this before its run; from Python, call
+    ``teacher_stages.prepare_teacher(config)`` before ``run(config)``."""
 
     checkpoint: str | None = None
     pretrain_iters: int = 0
