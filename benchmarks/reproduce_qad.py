@@ -23,8 +23,8 @@ None of the students sees the task during QAT / QAD. Each is evaluated on the ta
 problems (greedy decoding, exact match of the answer after "="), and against the teacher on
 held-out task text and general text (KL, CE). Students run once per ``--seeds`` entry (the data
 order and calibration batches; the teacher is shared); the table gives mean ± sample standard
-deviation. QAT and QAD also run at the extra learning rates of ``--qat-lrs`` / ``--qad-lrs``
-(first seed only) for the LR sweep table.
+deviation. QAT and QAD (when among ``--variants``) also run at the learning rates of ``--qat-lrs``
+/ ``--qad-lrs`` (first seed only; the defaults are the values shown) for the LR sweep table.
 
 A run whose ``OUT/.../metrics.json`` exists is not repeated, so an interrupted benchmark continues
 and more seeds or LRs can be added later. With ``--results FILE`` the tables go into FILE between
@@ -177,8 +177,10 @@ def arguments(argv=None):
     parser.add_argument("--out", default="runs/reproduce_task", type=Path)
     parser.add_argument("--variants", default="all", help="'all' or comma-separated names of the table's rows")
     parser.add_argument("--seeds", default="1,2,3", help="data seeds of the students, comma-separated")
-    parser.add_argument("--qad-lrs", default="", help="extra learning rates for QAD (first seed), comma-separated")
-    parser.add_argument("--qat-lrs", default="", help="extra learning rates for QAT (first seed), comma-separated")
+    parser.add_argument("--qad-lrs", default="3e-5,3e-4",
+                        help="learning rates besides the recipe's for QAD (first seed), comma-separated; '' for none")
+    parser.add_argument("--qat-lrs", default="3e-5,3e-4",
+                        help="learning rates besides the recipe's for QAT (first seed), comma-separated; '' for none")
     parser.add_argument("--problems", default=500, type=int, help="held-out task problems to generate answers for")
     parser.add_argument("--eval-windows", default=32, type=int, help="held-out windows of task / general text for KL")
     parser.add_argument("--generated-sequences", default=512, type=int,
@@ -235,7 +237,7 @@ def main(argv=None) -> None:
                for seed in (args.seeds[:1] if name == TEACHER else args.seeds)]  # the teacher has no seed
     sweep = []
     for name, lrs in ((QAT, args.qat_lrs), (QAD, args.qad_lrs)):
-        if lrs:
+        if lrs and name in args.variants:
             sweep += [row for row in results if row["variant"] == name and row["seed"] == args.seeds[0]]
             sweep += [run_one(args, data, name, args.seeds[0], lr) for lr in lrs if lr != config.training.lr]
     text = report(args, config, results, sweep, time.perf_counter() - start)

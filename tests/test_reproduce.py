@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_qad import parallel
@@ -46,7 +47,7 @@ def test_toy_benchmark_trains_a_two_stage_teacher_and_fills_the_table(tmp_path):
     results.write_text(f"# Results\n\nkept above\n{reproduce_qad.BEGIN}\nold\n{reproduce_qad.END}\nkept below\n")
     out = tmp_path / "runs"
     reproduce_qad.main(["--out", str(out), "--variants", "BF16 teacher,PTQ,QAD (general text)", "--seeds", "7",
-                        "--problems", "10", "--eval-windows", "2", "--results", str(results), *TOY])
+                        "--problems", "10", "--eval-windows", "2", "--qad-lrs", "", "--results", str(results), *TOY])
     text = results.read_text()
     assert text.startswith("# Results\n\nkept above\n") and text.endswith("kept below\n") and "old" not in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
@@ -76,4 +77,15 @@ def test_tables_have_every_row_with_mean_and_spread():
     assert [line.split("|")[1].strip() for line in table[2:]] == list(reproduce_qad.VARIANTS)
     assert all("| 3 | 70.0 ± 10.0% | 2.00e-02 ± 1.0e-02 |" in line for line in table[2:])
     sweep = [dict(row, lr=lr) for row in results[:1] for lr in (3e-4, 1e-5)]
-    assert [line.split("|")[2].strip() for line in reproduce_qad.sweep_table(sweep).splitlines()[2:]] == ["1e-05", "0.0003"]
+    sweep_lines = reproduce_qad.sweep_table(sweep).splitlines()[2:]
+    assert [line.split("|")[2].strip() for line in sweep_lines] == ["1e-05", "0.0003"]
+
+
+def test_arguments_pick_variants_seeds_and_learning_rates(capsys):
+    args = reproduce_qad.arguments(["--variants", "PTQ,QAD (general text)", "--seeds", "4,5", "--qat-lrs", ""])
+    assert args.variants == ["PTQ", "QAD (general text)"] and args.seeds == [4, 5]
+    assert args.qad_lrs == [3e-5, 3e-4] and args.qat_lrs == []
+    assert reproduce_qad.arguments([]).variants == list(reproduce_qad.VARIANTS)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce_qad.arguments(["--variants", "QAD"])
+    assert exit_info.value.code == 2 and "unknown variant(s) ['QAD']" in capsys.readouterr().err

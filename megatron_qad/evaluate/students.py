@@ -20,8 +20,8 @@ import torch
 from .. import parallel, quantize
 from ..config import ConfigError, QADConfig
 from ..data import build_dataset
-from ..data.tasks import Problem, split_problems
 from ..data.sources import with_defaults
+from ..data.tasks import Problem, split_problems
 from ..data.tokenizers import ByteTokenizer
 from ..models import build_model_chunks, causal_attention_mask
 from ..train import checkpointing
