@@ -18,10 +18,11 @@ SPEC = importlib.util.spec_from_file_location("reproduce_qad", ROOT / "benchmark
 reproduce_qad = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(reproduce_qad)
 
+GENERAL_TEXT = f"{{type: text, paths: ['{ROOT}/megatron_qad/**/*.py']}}"  # text shipped in the repo
 TOY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
        "model.seq_length=32", "model.params_dtype=float32", "teacher.pretrain_iters=4", "teacher.posttrain_iters=4",
-       "teacher.posttrain_sources=[{type: arithmetic, num_problems: 1000, digits: 2}, "
-       "{type: python_stdlib, max_files: 20, weight: 0.2}]", "data.sources=[{type: python_stdlib, max_files: 40}]",
+       f"teacher.posttrain_sources=[{{type: arithmetic, num_problems: 1000, digits: 2}}, {GENERAL_TEXT}]",
+       f"data.sources=[{GENERAL_TEXT}]",
        "training.train_iters=3", "training.global_batch_size=4", "training.micro_batch_size=4",
        "training.eval_iters=1", "training.log_interval=3", "distill.calibration_iters=1"]
 
