@@ -53,7 +53,6 @@ def plain_ce_run(config: QADConfig, teacher_dir: Path, save: str | None) -> QADC
     stage.teacher.checkpoint = str(teacher_dir)
     stage.teacher.posttrain_iters = 0
     stage.checkpoint.save = save
-    stage.checkpoint.resume = True
     return stage
 
 
