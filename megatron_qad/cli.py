@@ -100,13 +100,16 @@ def run_inspect(config_path: str, overrides: list[str]) -> None:
 
 
 def run_training(mode: str, config_path: str, overrides: list[str]) -> dict:
-    """``train`` / ``ptq`` / ``eval``: print the resolved recipe (rank 0) and run it; return the summary."""
+    """``train`` / ``ptq`` / ``eval``: print the resolved recipe (rank 0), train a two-stage teacher
+    first where the recipe asks for one, and run it; return the summary."""
     config = load_config(config_path, overrides)
     from .train import run
+    from .train.teacher_stages import prepare_teacher
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
         print(format_config(config), flush=True)
+    prepare_teacher(config)
     return run(config, mode)
 
 

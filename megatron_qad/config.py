@@ -270,11 +270,22 @@ class TeacherConfig:
     """The frozen BF16 teacher: a megatron.core dist checkpoint (``checkpoint``), which the student
     starts from too. If the directory does not exist and ``pretrain_iters`` > 0, a teacher is first
     trained from scratch for that many iterations (cross entropy on the ``data`` sources, LR
-    ``pretrain_lr`` cosine to 0; for small demo models) and saved there."""
+    ``pretrain_lr`` cosine to 0; for small demo models) and saved there.
+
+    A second, post-training stage (``posttrain_iters`` > 0; see ``megatron_qad.train.teacher_stages``)
+    makes a teacher whose last stage taught it a task, as SFT / RL do: the pre-trained model (kept
+    in ``CHECKPOINT.stages/pretrain``) is trained further with cross entropy on
+    ``posttrain_sources`` (a ``data.sources``-style list, e.g. an ``arithmetic`` task mixed with
+    general text) for ``posttrain_iters`` iterations at LR ``posttrain_lr`` (cosine to 0), and the
+    result is the teacher at ``checkpoint``. The CLI does this before its run; from Python, call
+    ``teacher_stages.prepare_teacher(config)`` before ``run(config)``."""
 
     checkpoint: str | None = None
     pretrain_iters: int = 0
     pretrain_lr: float = 1.0e-3
+    posttrain_iters: int = 0
+    posttrain_lr: float = 3.0e-4
+    posttrain_sources: list | None = None
 
 
 @dataclass
@@ -584,7 +595,13 @@ def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConf
                                     "eval_iters"))
     _check_at_least("training", t, ("lr_warmup_iters",), minimum=0)
     _check_at_least("distill", d, ("calibration_iters",), minimum=0)
-    _check_at_least("teacher", teacher, ("pretrain_iters",), minimum=0)
+    _check_at_least("teacher", teacher, ("pretrain_iters", "posttrain_iters"), minimum=0)
+    _require(not teacher.posttrain_iters or teacher.posttrain_sources,
+             f"'teacher.posttrain_iters' is {teacher.posttrain_iters} but 'teacher.posttrain_sources' is not set; "
+             f"give the post-training data (e.g. [{{type: arithmetic}}]) or set posttrain_iters to 0")
+    _require(not teacher.posttrain_iters or teacher.pretrain_iters,
+             f"'teacher.posttrain_iters' is {teacher.posttrain_iters} but 'teacher.pretrain_iters' is 0; the "
+             f"post-training stage continues a teacher pre-trained here: set pretrain_iters")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"'training.global_batch_size' ({t.global_batch_size}) must be a multiple of "
              f"'training.micro_batch_size' ({t.micro_batch_size})")

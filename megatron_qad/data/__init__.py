@@ -10,6 +10,9 @@ random              (none): uniform random token ids in ``[0, model.vocab_size)`
 python_stdlib       ``max_files`` (optional: read at most that many files of the split): the ``.py``
                     files of this interpreter's standard library, byte-tokenized; text that exists on
                     every machine
+arithmetic          ``num_problems`` (default 100000), ``digits`` (default 3), ``seed`` (default 0):
+                    distinct addition problems ``"A+B=C\\n"``, one document each, byte-tokenized; a
+                    task whose answers can be checked (:mod:`.tasks`)
 text                ``paths`` (globs), ``tokenizer`` ("byte" or a Hugging Face tokenizer directory):
                     one document per file
 jsonl               ``paths``, ``field`` (default "text"), ``tokenizer``: one document per line

@@ -9,6 +9,7 @@ from .random_tokens import RandomTokens
 from .seeds import derive_seed
 from .sources import validate_sources, with_defaults
 from .splits import HELD_OUT_EVERY, check_split, split_positions
+from .tasks import arithmetic_documents
 from .teacher_generated import TeacherSequences, teacher_sequences
 from .tokenizers import ByteTokenizer, load_tokenizer
 from .windows import ArrayStream, TokenWindows
@@ -60,6 +61,8 @@ def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_siz
     else:
         if kind == "python_stdlib":
             named_texts, tokenizer = stdlib_documents(split, spec["max_files"]), ByteTokenizer()
+        elif kind == "arithmetic":
+            named_texts, tokenizer = arithmetic_documents(spec, split), ByteTokenizer()
         elif kind == "text":
             named_texts = text_documents(spec["paths"], split, f"{where}.paths")
             tokenizer = load_tokenizer(spec["tokenizer"], f"{where}.tokenizer")

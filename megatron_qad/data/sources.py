@@ -17,6 +17,7 @@ COMMON_KEYS = {"type": REQUIRED, "weight": 1.0}
 SOURCE_KEYS = {
     "random": {},
     "python_stdlib": {"max_files": None},
+    "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0},
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
     "indexed": {"path_prefix": REQUIRED},
@@ -95,8 +96,10 @@ def _check_source(spec, where: str, vocab_size: int) -> None:
     for key, value in with_defaults(spec).items():
         if key in _CHECKS:
             _CHECKS[key](value, f"{where}.{key}", vocab_size)
-    if kind == "python_stdlib":
+    if kind in ("python_stdlib", "arithmetic"):
         check_tokenizer_fits(ByteTokenizer(), f"{where}.type", vocab_size)
+    if kind == "arithmetic":
+        _check_problem_count(spec, where)
 
 
 def check_tokenizer_fits(tokenizer, key: str, vocab_size: int) -> None:
@@ -125,6 +128,26 @@ def _positive_int(minimum: int, meaning: str):
 def _check_max_files(value, key: str, vocab_size: int) -> None:
     if value is not None:
         _positive_int(1, "the number of files of the split to read; leave it out for all")(value, key, vocab_size)
+
+
+def _check_seed(value, key: str, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"'{key}': must be an integer (it fixes which problems are drawn), got {value!r}")
+
+
+def _check_digits(value, key: str, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 9:
+        raise ValueError(f"'{key}': must be an integer from 1 to 9 (the most decimal digits of an operand), "
+                         f"got {value!r}")
+
+
+def _check_problem_count(spec: dict, where: str) -> None:
+    settings = with_defaults(spec)
+    pairs = 10 ** (2 * settings["digits"])
+    if 2 * settings["num_problems"] > pairs:
+        raise ValueError(f"'{where}.num_problems': {settings['num_problems']} distinct problems need at least twice "
+                         f"as many operand pairs, and {settings['digits']}-digit operands give {pairs}; lower it "
+                         f"to <= {pairs // 2} or raise {where}.digits")
 
 
 def _check_text(value, key: str, vocab_size: int) -> None:
@@ -171,4 +194,8 @@ _CHECKS = {
     "cache": _check_optional_text,
     "prompts": _check_prompts,
     "batch_size": _positive_int(1, "sequences generated per teacher call"),
+    "num_problems": _positive_int(2, "every 50th problem, starting with the first, is held out for "
+                                     "validation, so both splits need one"),
+    "digits": _check_digits,
+    "seed": _check_seed,
 }

@@ -1,0 +1,43 @@
+"""How closely a student's next-token distributions follow its teacher's, from full-vocabulary logits.
+
+Per token ``t`` with ``loss_mask[t] = 1``: ``KL(p_teacher || p_student)`` at temperature 1 in nats,
+each model's cross entropy on ``labels[t]`` in nats, and whether the two argmaxes agree. Sums are
+returned so batches can be added before averaging (:func:`averages`).
+"""
+
+import torch
+
+METRICS = ("kl", "student ce", "teacher ce", "top1 agreement")
+
+
+def token_sums(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
+               loss_mask: torch.Tensor) -> dict[str, float]:
+    """Sums over the unmasked tokens of one batch, and their count (``tokens``).
+
+    ``teacher_logits`` / ``student_logits``: float ``[b, s, V]`` (computed in float32);
+    ``labels``: int64 ``[b, s]``; ``loss_mask``: ``[b, s]``, 1 for tokens that count, 0 otherwise.
+    """
+    if teacher_logits.shape != student_logits.shape or teacher_logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(teacher_logits.shape)} / {tuple(student_logits.shape)} and labels "
+                         f"{tuple(labels.shape)} must be [b, s, V] and [b, s]")
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    mask = loss_mask.to(teacher.device, torch.float32)
+    labels = labels.to(teacher.device)[..., None]
+    per_token = {
+        "kl": (teacher.exp() * (teacher - student)).sum(dim=-1),
+        "student ce": -student.gather(-1, labels)[..., 0],
+        "teacher ce": -teacher.gather(-1, labels)[..., 0],
+        "top1 agreement": (teacher.argmax(dim=-1) == student.argmax(dim=-1)).float(),
+    }
+    sums = {name: float((values * mask).sum()) for name, values in per_token.items()}
+    sums["tokens"] = float(mask.sum())
+    return sums
+
+
+def averages(batch_sums: list[dict[str, float]]) -> dict[str, float]:
+    """Per-token means of :data:`METRICS` over the batches' :func:`token_sums`."""
+    tokens = sum(sums["tokens"] for sums in batch_sums)
+    if tokens == 0:
+        raise ValueError("no unmasked token to average over")
+    return {name: sum(sums[name] for sums in batch_sums) / tokens for name in METRICS}
