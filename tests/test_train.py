@@ -50,7 +50,10 @@ def _losses(summary: dict) -> list[tuple[int, float]]:
      "parallel.virtual_pipeline_model_parallel_size=2", "training.use_distributed_optimizer=true",
      "model.params_dtype=bfloat16", "training.lr_decay_iters=50", "model.hybrid_layer_pattern=M*-E|M*-E|M*-E|M*-E",
      "model.num_layers=16", "model.moe_shared_expert_gate=true", "model.mamba_num_groups=2"],
-], ids=["tiny", "every-flag"])
+    ["parallel.tensor_model_parallel_size=2", "model.norm_epsilon=1e-6", "model.rope_scaling=true",
+     "model.rope_scaling_factor=32.0", "model.moe_router_pre_softmax=true", "model.add_qkv_bias=true",
+     "model.share_embeddings_and_output_weights=true", "model.kv_channels=64", "model.activation=squared_relu"],
+], ids=["tiny", "hybrid-pp-vpp-bf16", "gpt-flags"])
 def test_a_recipe_compiles_to_megatron_flags_that_mean_the_same_model(tmp_path, monkeypatch, overrides):
     """recipe -> Megatron-LM command line -> Megatron's parser -> the same model and layout."""
     config = small_config(tmp_path, *overrides)

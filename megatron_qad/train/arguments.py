@@ -102,7 +102,7 @@ _MODEL_VALUE_FLAGS = (
     ("seq_length", "--seq-length"), ("vocab_size", "--vocab-size"), ("normalization", "--normalization"),
     ("position_embedding_type", "--position-embedding-type"), ("rotary_base", "--rotary-base"),
     ("kv_channels", "--kv-channels"), ("init_method_std", "--init-method-std"), ("seed", "--seed"),
-    ("transformer_impl", "--transformer-impl"),
+    ("transformer_impl", "--transformer-impl"), ("norm_epsilon", "--norm-epsilon"),
 )
 _MOE_VALUE_FLAGS = (
     ("num_moe_experts", "--num-experts"), ("moe_router_topk", "--moe-router-topk"),
@@ -111,12 +111,14 @@ _MOE_VALUE_FLAGS = (
     ("moe_router_bias_update_rate", "--moe-router-bias-update-rate"),
     ("moe_ffn_hidden_size", "--moe-ffn-hidden-size"),
     ("moe_token_dispatcher_type", "--moe-token-dispatcher-type"),
+    ("moe_router_num_groups", "--moe-router-num-groups"), ("moe_router_group_topk", "--moe-router-group-topk"),
 )
 _MAMBA_VALUE_FLAGS = (("mamba_state_dim", "--mamba-state-dim"), ("mamba_head_dim", "--mamba-head-dim"),
                       ("mamba_num_groups", "--mamba-num-groups"), ("mamba_num_heads", "--mamba-num-heads"))
 _MODEL_SWITCHES = (("moe_router_enable_expert_bias", "--moe-router-enable-expert-bias"),
                    ("moe_shared_expert_gate", "--moe-shared-expert-gate"),
-                   ("moe_grouped_gemm", "--moe-grouped-gemm"), ("add_qkv_bias", "--add-qkv-bias"))
+                   ("moe_grouped_gemm", "--moe-grouped-gemm"), ("add_qkv_bias", "--add-qkv-bias"),
+                   ("moe_router_pre_softmax", "--moe-router-pre-softmax"), ("rope_scaling", "--use-rope-scaling"))
 _TRAINING_VALUE_FLAGS = (
     ("train_iters", "--train-iters"), ("global_batch_size", "--global-batch-size"),
     ("micro_batch_size", "--micro-batch-size"), ("lr", "--lr"), ("min_lr", "--min-lr"),
@@ -150,6 +152,8 @@ def _model_argv(m: ModelConfig, p: ParallelConfig) -> list[str]:
         # Megatron takes (virtual) pipeline stages of a hybrid model from the pattern's '|' only.
         argv += ["--hybrid-layer-pattern", hybrid_pattern_with_stages(m, p)] + _value_flags(m, _MAMBA_VALUE_FLAGS)
     argv += [flag for field, flag in _MODEL_SWITCHES if getattr(m, field)]
+    if m.rope_scaling:
+        argv += ["--rope-scaling-factor", repr(m.rope_scaling_factor)]
     argv += {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}[m.activation]
     if not m.add_bias_linear:
         argv.append("--disable-bias-linear")
@@ -295,7 +299,8 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias, kv_channels=_explicit_kv_channels(args),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         init_method_std=args.init_method_std, params_dtype="bfloat16" if args.bf16 else "float32",
-        seed=args.seed, transformer_impl=args.transformer_impl,
+        seed=args.seed, transformer_impl=args.transformer_impl, norm_epsilon=args.layernorm_epsilon,
+        rope_scaling=bool(args.use_rope_scaling), rope_scaling_factor=args.rope_scaling_factor,
         hybrid_layer_pattern=getattr(args, "hybrid_layer_pattern", None) or "",
     )
     if values["num_moe_experts"]:
@@ -307,7 +312,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
             moe_ffn_hidden_size=args.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size or 0,
             moe_shared_expert_gate=args.moe_shared_expert_gate, moe_grouped_gemm=args.moe_grouped_gemm,
-            moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            moe_router_pre_softmax=args.moe_router_pre_softmax, moe_router_num_groups=args.moe_router_num_groups,
+            moe_router_group_topk=args.moe_router_group_topk)
     if values["hybrid_layer_pattern"]:
         values.update(mamba_state_dim=args.mamba_state_dim, mamba_head_dim=args.mamba_head_dim,
                       mamba_num_groups=args.mamba_num_groups, mamba_num_heads=args.mamba_num_heads)
