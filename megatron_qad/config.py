@@ -25,6 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
+_SIGNAL_NAMES = {f"SIG{name}" for name in ("TERM", "INT", "USR1", "USR2", "HUP", "QUIT", "ALRM", "XCPU")}
+"""Signals ``training.exit_signals`` may name (ones a scheduler or a user sends to stop a job)."""
+
 NVFP4_BLOCK_SIZE = 16
 """NVFP4 quantizes blocks of 16 elements along the GEMM reduction (K) dimension."""
 
@@ -229,7 +232,11 @@ class TrainingConfig:
     data-parallel size is > 1 on GPUs). ``log_interval`` / ``eval_interval`` in iterations
     (``eval_interval`` null: only after PTQ and at the end); ``eval_iters`` validation global batches.
     ``exit_interval``: stop after an iteration that is a multiple of it, saving a checkpoint first
-    (to split a run over jobs with a time limit; the next job resumes).
+    (to split a run over jobs with a time limit; the next job resumes). ``exit_duration_minutes``:
+    stop the same way once the run has lasted that long (wall clock; Megatron's
+    ``--exit-duration-in-mins``). ``exit_signals``: signals (names) that make every rank finish the
+    current step, save and exit 0 (one rank receiving one is enough; Megatron's signal handler):
+    SIGTERM from preemption, SIGINT (Ctrl-C), SIGUSR1 as SLURM's warning (``--signal=USR1@120``).
     """
 
     train_iters: int = 100
@@ -250,6 +257,8 @@ class TrainingConfig:
     eval_interval: int | None = None
     eval_iters: int = 4
     exit_interval: int | None = None
+    exit_duration_minutes: int | None = None
+    exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
 @dataclass
@@ -290,13 +299,18 @@ class TeacherConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Student checkpoints (megatron.core dist checkpoints, written atomically) under ``save``:
-    every ``save_interval`` iterations (null: only at the end) and at the end; ``resume``
-    continues from the newest one there (same data order and optimizer state)."""
+    """Student checkpoints in Megatron-LM's layout under ``save`` (``iter_NNNNNNN``,
+    ``latest_checkpointed_iteration.txt``, torch_dist): every ``save_interval`` iterations (null:
+    only at the end) and at the end; ``resume`` continues from the newest one there (same data
+    order, optimizer state and LR schedule). ``retain_interval`` (a multiple of ``save_interval``)
+    prunes: once a newer checkpoint is complete, the previous one is deleted unless its iteration
+    is a multiple of it (Megatron's ``--save-retain-interval``; the newest is never deleted);
+    null keeps every checkpoint."""
 
     save: str | None = None
     save_interval: int | None = None
     resume: bool = True
+    retain_interval: int | None = None
 
 
 @dataclass
@@ -586,6 +600,12 @@ def validate(config: QADConfig) -> None:
     _validate_nvfp4_k_dims(m, p)
     _validate_quantization(config.quantization)
     _validate_training(config.training, config.distill, config.teacher)
+    c = config.checkpoint
+    if c.retain_interval is not None:
+        save_interval = c.save_interval or config.training.train_iters
+        _require(c.retain_interval >= 1 and c.retain_interval % save_interval == 0,
+                 f"'checkpoint.retain_interval' ({c.retain_interval}) must be a positive multiple of "
+                 f"'checkpoint.save_interval' ({save_interval}); change one of them or set it to null")
     _require(config.export.max_shard_gib > 0,
              f"'export.max_shard_gib' must be > 0, got {config.export.max_shard_gib}")
 
@@ -608,7 +628,10 @@ def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConf
     _require(0.0 <= t.min_lr <= t.lr, f"'training.min_lr' ({t.min_lr}) must be between 0 and 'training.lr' ({t.lr})")
     _require(0.0 <= d.alpha <= 1.0, f"'distill.alpha' must be in [0, 1], got {d.alpha}")
     _require(d.temperature > 0, f"'distill.temperature' must be > 0, got {d.temperature}")
-    for name in ("lr_decay_iters", "eval_interval", "exit_interval"):
+    unknown = [name for name in t.exit_signals if name not in _SIGNAL_NAMES]
+    _require(not unknown, f"'training.exit_signals' has {unknown}, not signal names; use e.g. "
+                          f"[SIGTERM, SIGINT, SIGUSR1]")
+    for name in ("lr_decay_iters", "eval_interval", "exit_interval", "exit_duration_minutes"):
         value = getattr(t, name)
         _require(value is None or value >= 1, f"'training.{name}' must be >= 1 or null, got {value}")
 

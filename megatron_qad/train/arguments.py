@@ -73,6 +73,11 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-eval-report", default=None,
                        help="after the run, write the student's validation metrics and per-layer weight "
                             "quantization errors as JSON here")
+    group.add_argument("--qad-extra-exit-signals", default="SIGINT,SIGUSR1",
+                       help="with --exit-signal-handler: more signals (comma-separated names) that stop "
+                            "the run as --exit-signal does: finish the step, save, exit 0 ('' for none)")
+    group.add_argument("--qad-command", choices=("train", "ptq", "eval"), default="train",
+                       help="what the run is, as the summary reports it (megatron-qad's subcommand)")
     group.add_argument("--qad-summary", default=None,
                        help="write the run's summary (PTQ and final validation metrics) as JSON here")
     return parser
@@ -195,6 +200,12 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
         distributed_optimizer = use_gpu and world_size // model_parallel > 1
     if distributed_optimizer:
         argv.append("--use-distributed-optimizer")
+    first_signal, *extra_signals = t.exit_signals or [None]
+    if first_signal:
+        argv += ["--exit-signal-handler", "--exit-signal", first_signal,
+                 "--qad-extra-exit-signals", ",".join(extra_signals)]
+    if t.exit_duration_minutes:
+        argv += ["--exit-duration-in-mins", str(t.exit_duration_minutes)]
     argv += ["--calculate-per-token-loss", "--num-workers", "0", "--ckpt-format", "torch_dist",
              "--distributed-backend", "nccl" if use_gpu else "gloo", "--qad-recipe", str(recipe_path),
              "--qad-mode", mode]
@@ -215,6 +226,8 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
         argv += ["--save", c.save, "--save-interval", str(c.save_interval or t.train_iters)]
         if c.resume:
             argv += ["--load", c.save]
+        if c.retain_interval:
+            argv += ["--save-retain-interval", str(c.retain_interval)]
     if config.logging.tensorboard_dir:
         argv += ["--tensorboard-dir", config.logging.tensorboard_dir]
     if config.logging.wandb_project:

@@ -80,6 +80,8 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     if args.tokenizer_type is None:  # the package's data sources tokenize themselves
         args.padded_vocab_size = args.vocab_size
     set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
+    if args.exit_signal_handler:
+        _stop_on_extra_signals(args.qad_extra_exit_signals)
     d = sections.distill
     loss = (DistillationLoss("ce") if args.qad_mode == "teacher"
             else DistillationLoss(d.loss, alpha=d.alpha, temperature=d.temperature))
@@ -87,7 +89,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     communicator = TeacherStudentCommunicator(pg_collection.pp, transformer_config(model_cfg, parallel_cfg,
                                                                                   context.device))
-    summary = {"mode": args.qad_mode, "ptq": None}
+    summary = {"mode": args.qad_command if args.qad_mode == "qad" else "teacher", "ptq": None}
     with run_state(device=context.device, sections=sections, backend=backend, loss=loss,
                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                    global_batch_size=args.global_batch_size, vocab_size=model_cfg.vocab_size,
@@ -104,6 +106,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
             summary["stopped_at"] = getattr(args, "curr_iteration", -1) + 1
             summary["train"] = state.loss_curve(state.start_iteration, summary["stopped_at"])
             summary["exit_code"] = stop.code if isinstance(stop.code, int) else 1
+            state.print(_stop_message(args, summary))
             if summary["exit_code"] and args.qad_mode == "teacher":
                 raise
             return _finish(summary, args, context, start_time)
@@ -112,6 +115,17 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
         if args.qad_mode == "qad":
             _after_training(args, state, summary)
     return _finish(summary, args, context, start_time)
+
+
+def _stop_message(args, summary: dict) -> str:
+    """One line on why and where Megatron stopped the run, and how to go on."""
+    where = f"after iteration {summary['stopped_at']}"
+    if summary["exit_code"] == 0:
+        saved = f"; checkpoint in {args.save}, resume with the same command" if args.save else ""
+        return f"stopped {where} (exit interval, duration or signal){saved}"
+    last = f"the last good checkpoint is in {args.save}" if args.save else "no checkpoint was saved (--save unset)"
+    return (f"stopped {where} with exit code {summary['exit_code']} (Megatron's result validation: a "
+            f"non-finite loss or gradient, see the lines above); the step was not applied, {last}")
 
 
 def _after_training(args, state: RunState, summary: dict) -> None:
@@ -152,6 +166,22 @@ def _finish(summary: dict, args, context, start_time: float) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _stop_on_extra_signals(names: str) -> None:
+    """Make each signal of ``names`` (comma-separated) stop the run as ``--exit-signal`` does:
+    Megatron's handler only flags the signal, and its loop then saves and exits after the current
+    step on every rank (the flags are all-gathered, so one rank's signal is enough)."""
+    import signal
+
+    from megatron.training import get_signal_handler
+
+    flag = signal.getsignal(get_signal_handler().sig)  # Megatron's handler: records the signal
+    for name in filter(None, (part.strip() for part in names.split(","))):
+        try:
+            signal.signal(signal.Signals[name], flag)
+        except KeyError:
+            raise ConfigError(f"--qad-extra-exit-signals: {name!r} is not a signal name; use e.g. SIGINT,SIGUSR1") from None
 
 
 def use_shipped_dataset_helpers() -> None:

@@ -100,6 +100,4 @@ def _run(config: QADConfig, mode: str, common: dict) -> dict:
         student = student_checkpoint(config.checkpoint.save)
         argv = _without_load(argv) + ["--skip-train", "--qad-student-load", str(student),
                                       "--qad-eval-report", str(Path(config.checkpoint.save) / "eval.json")]
-    summary = run_pretrain(argv)
-    summary["mode"] = mode
-    return summary
+    return run_pretrain(argv + ["--qad-command", mode])
