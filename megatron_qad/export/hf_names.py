@@ -191,11 +191,27 @@ def ungated_shared_expert(model_cfg: ModelConfig) -> bool:
 
 def constant_tensors(model_cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF tensors with no Megatron counterpart: the zero ``shared_expert_gate.weight`` [1, hidden]
-    of each layer of a GPT-MoE model whose shared expert has no gate (see :func:`ungated_shared_expert`)."""
+    of each layer of a GPT-MoE model whose shared expert has no gate (see :func:`ungated_shared_expert`),
+    and the zero ``e_score_correction_bias`` (float32 [experts]) of each Nemotron-H MoE layer whose
+    router has no expert bias (``model.moe_router_enable_expert_bias`` false): NemotronH's router
+    always adds one, and an engine that finds none in the checkpoint may leave it uninitialised."""
+    if model_cfg.is_hybrid and model_cfg.is_moe and not model_cfg.moe_router_enable_expert_bias:
+        return {f"backbone.layers.{i}.mixer.gate.e_score_correction_bias":
+                torch.zeros(model_cfg.num_moe_experts, dtype=torch.float32)
+                for i, symbol in enumerate(model_cfg.hybrid_layer_symbols) if symbol == "E"}
     if not ungated_shared_expert(model_cfg):
         return {}
     return {f"model.layers.{i}.mlp.shared_expert_gate.weight": torch.zeros(1, model_cfg.hidden_size, dtype=dtype)
             for i in range(model_cfg.num_layers)}
+
+
+def other_linears(model_cfg: ModelConfig) -> list[str]:
+    """HF names of the ``nn.Linear`` modules of the exported architecture that are no quantizable
+    linear here, written whole in the export dtype: Qwen2-MoE's ``shared_expert_gate`` (the routers,
+    ``mlp.gate`` / ``mixer.gate``, are router modules, not ``nn.Linear``, in Hugging Face's classes)."""
+    if model_cfg.is_hybrid or not model_cfg.is_moe or not model_cfg.moe_shared_expert_intermediate_size:
+        return []
+    return [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(model_cfg.num_layers)]
 
 
 def _nemotron_h_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
