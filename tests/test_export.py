@@ -633,3 +633,43 @@ def test_a_softmax_routed_hybrid_student_is_refused_before_anything_is_written(t
         with pytest.raises(ConfigError, match="moe_router_score_function"):
             write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_expert_bias_goes_through_a_checkpoint_into_the_export(tmp_path):
+    """The route ``megatron-qad export`` takes: the student's router expert bias (float32 buffer)
+    is saved in its dist checkpoint, loaded into a fresh student, and written as
+    ``e_score_correction_bias`` in float32 with its values."""
+    config = load_config(TINY_HYBRID, ["model.hybrid_layer_pattern=M*E", "model.num_layers=3"])
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        quantize.apply(model, config.quantization.to_policy())
+        give_distinct_values(model)
+        set_static_amaxes(model)
+        bias = model.decoder.layers[2].mlp.router.expert_bias.clone()
+        checkpointing.save_model([model], tmp_path / "student")
+        fresh = build_model(config.model, config.parallel)
+        quantize.apply(fresh, config.quantization.to_policy())
+        checkpointing.load_model([fresh], tmp_path / "student")
+        out = write_checkpoint(fresh, config.model, tmp_path / "hf_nvfp4")
+    exported = load_file(out / "model.safetensors")["backbone.layers.2.mixer.gate.e_score_correction_bias"]
+    assert bias.dtype == torch.float32 and bias.abs().min() > 0
+    assert exported.dtype == torch.float32 and torch.equal(exported, bias)
+
+
+@pytest.mark.parametrize("export_format", ["modelopt", "compressed_tensors"])
+def test_a_router_without_expert_bias_exports_a_zero_e_score_correction_bias(tmp_path, export_format):
+    """NemotronH's router always adds ``e_score_correction_bias``; a student whose sigmoid router has
+    none (``model.moe_router_enable_expert_bias: false``) exports zeros (float32 [experts]) for every
+    MoE layer, so no engine is left with an uninitialised one."""
+    config = load_config(TINY_HYBRID, [*HYBRID, "model.moe_router_enable_expert_bias=false"])
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        assert model.decoder.layers[1].mlp.router.expert_bias is None
+        quantize.apply(model, config.quantization.to_policy())
+        set_static_amaxes(model)
+        out = write_checkpoint(model, config.model, tmp_path / "hf", export_format=export_format)
+    tensors = load_file(out / "model.safetensors")
+    biases = {name: tensor for name, tensor in tensors.items() if name.endswith("e_score_correction_bias")}
+    assert set(biases) == {f"backbone.layers.{i}.mixer.gate.e_score_correction_bias" for i in (1, 7)}
+    for tensor in biases.values():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.zeros(config.model.num_moe_experts))

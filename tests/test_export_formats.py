@@ -18,7 +18,7 @@ from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.quantization.lifecycle.forward import dequantize
 from compressed_tensors.quantization.utils.helpers import generate_gparam
 from safetensors.torch import load_file
-from transformers import Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM, Qwen2MoeForCausalLM
 
 from distributed_helpers import single_process
 from model_helpers import make_batches
@@ -263,3 +263,25 @@ def test_transformers_loads_the_compressed_tensors_export_with_the_students_logi
     assert 0 < spread < 0.1 * expected.abs().max()
     assert (actual - expected).abs().max() <= 2 * spread
     assert (actual.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2-MoE in transformers: its per-expert compressed-tensors path (docs/EXPORT.md).
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="transformers 5.24 decompresses each routed expert without its "
+                   "weight_global_scale (an expert's weight comes out 6 x 448 / amax times too large)")
+def test_transformers_loads_the_qwen2_moe_compressed_tensors_export_with_the_students_logits(tmp_path):
+    """What Qwen2-MoE users load: ``Qwen2MoeForCausalLM.from_pretrained`` of the compressed-tensors
+    export, held to the bound of the dense test above. Strict: once transformers decodes experts
+    with their global scale this passes, and docs/EXPORT.md should say so."""
+    config = load_config(CONFIGS / "tiny_cpu.yaml", GATED_MOE)
+    tokens = make_batches(config.model, 1, seed=5)[0][0]
+    with single_process(config.parallel):
+        model = calibrated_student(config)
+        expected = logits(model, tokens)
+        out = write_checkpoint(model, config.model, tmp_path / "hf", export_format="compressed_tensors")
+        spread = (logits(model.bfloat16(), tokens) - expected).abs().max()  # after the export
+    hf = Qwen2MoeForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        actual = hf(tokens).logits.float()
+    assert (actual - expected).abs().max() <= 2 * spread
