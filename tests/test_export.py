@@ -195,6 +195,37 @@ def test_a_large_export_is_sharded_with_the_hugging_face_index(exported, tmp_pat
         assert torch.equal(union[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
+
+def test_the_compressed_tensors_export_holds_the_modelopt_exports_values(exported, tmp_path):
+    """``export.format: compressed_tensors`` on the same run: every ModelOpt tensor is there under
+    its compressed-tensors name with the same bytes (codes, block scales, BF16 tensors), the tensor
+    and input scales are the reciprocals of ModelOpt's (float32 [1]; the reciprocal of a
+    reciprocal is the original to within 1 ulp), and nothing else; no hf_quant_config.json."""
+    config, out, _, _ = exported
+    if config.quantization.format != "nvfp4":
+        pytest.skip("one format suffices")
+    config.export.dir, config.export.format = str(tmp_path / "ct"), "compressed_tensors"
+    ct_dir = export(config)
+    ct, modelopt = load_file(ct_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    renamed = {".weight_scale_2": ".weight_global_scale", ".input_scale": ".input_global_scale"}
+    expected = set()
+    for name, tensor in modelopt.items():
+        suffix = next((s for s in renamed if name.endswith(s)), None)
+        if suffix is not None:
+            ct_name = name.removesuffix(suffix) + renamed[suffix]
+            assert ct[ct_name].shape == (1,) and ct[ct_name].dtype == torch.float32, name
+            assert ct[ct_name].item() == pytest.approx(1 / tensor.item(), rel=2**-23), name
+        else:
+            packed = tensor.dtype == torch.uint8 and name.endswith(".weight")
+            ct_name = name.removesuffix(".weight") + ".weight_packed" if packed else name
+            assert torch.equal(ct[ct_name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+        expected.add(ct_name)
+    assert set(ct) == expected
+    assert not (ct_dir / "hf_quant_config.json").exists()
+    quant = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["kv_cache_scheme"]["num_bits"] == 8
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT-MoE students in Qwen2-MoE names: routing and the gated shared expert.
 
