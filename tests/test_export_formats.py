@@ -163,8 +163,8 @@ def test_compressed_tensors_scales_are_its_own_global_scales(ct_export):
 def test_compressed_tensors_config_is_what_its_own_classes_read(ct_export):
     """config.json's quantization_config parses as compressed-tensors' QuantizationConfig: NVFP4
     weights and activations (tensor_group, 16, E4M3 block scales; activation blocks at run time),
-    FP8 KV cache, every BF16 ``nn.Linear`` ignored (lm_head, the shared-expert gates); no other
-    files than the checkpoint's."""
+    FP8 KV cache, every BF16 linear map ignored (lm_head, the routers, the shared-expert gates); no
+    other files than the checkpoint's."""
     config, out, _, _ = ct_export
     quant, scheme, compressor = ct_scheme(out)
     assert quant.quant_method == "compressed-tensors" and quant.format == "nvfp4-pack-quantized"
@@ -177,8 +177,8 @@ def test_compressed_tensors_config_is_what_its_own_classes_read(ct_export):
     assert scheme.targets == ["Linear"] and scheme.output_activations is None
     kv = quant.kv_cache_scheme
     assert (kv.num_bits, kv.type, kv.strategy, kv.dynamic) == (8, "float", "tensor", False)
-    assert quant.ignore == ["lm_head", *(f"model.layers.{i}.mlp.shared_expert_gate"
-                                         for i in range(config.model.num_layers))]
+    assert quant.ignore == ["lm_head", *(f"model.layers.{i}.mlp.{gate}" for i in range(config.model.num_layers)
+                                         for gate in ("gate", "shared_expert_gate"))]
     assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
     tensors = load_file(out / "model.safetensors")
     assert not any(name.endswith((".weight_scale_2", ".input_scale")) for name in tensors)

@@ -22,8 +22,12 @@ decoder.layers.i.mlp.router.weight                model.layers.i.mlp.gate.weight
 ...mlp.shared_experts.gate_weight                 model.layers.i.mlp.shared_expert_gate.weight
 (no gate: zeros, and down_proj doubled)           model.layers.i.mlp.shared_expert_gate.weight
 decoder.final_layernorm.weight                    model.norm.weight
-output_layer.weight                               lm_head.weight
+output_layer.weight                               lm_head.weight (none when tied: see below)
 ================================================  ==============================================
+
+A model sharing its embedding with the output layer (``model.share_embeddings_and_output_weights``)
+has no ``output_layer.weight``: its export holds ``model.embed_tokens.weight`` only and says
+``tie_word_embeddings: true``, which Hugging Face's Llama and Qwen2 classes tie to ``lm_head``.
 
 GPT-MoE models are written as ``Qwen2MoeForCausalLM`` checkpoints, which route and combine as
 megatron.core's softmax router does (see :func:`_qwen2_moe_keys`): Qwen2-MoE takes the top-k of
@@ -206,12 +210,19 @@ def constant_tensors(model_cfg: ModelConfig, dtype: torch.dtype) -> dict[str, to
 
 
 def other_linears(model_cfg: ModelConfig) -> list[str]:
-    """HF names of the ``nn.Linear`` modules of the exported architecture that are no quantizable
-    linear here, written whole in the export dtype: Qwen2-MoE's ``shared_expert_gate`` (the routers,
-    ``mlp.gate`` / ``mixer.gate``, are router modules, not ``nn.Linear``, in Hugging Face's classes)."""
-    if model_cfg.is_hybrid or not model_cfg.is_moe or not model_cfg.moe_shared_expert_intermediate_size:
+    """HF names of the linear maps of the exported model that are no quantizable linear here,
+    written whole in the export dtype: the MoE routers (``mlp.gate``, ``mixer.gate``) and
+    Qwen2-MoE's ``shared_expert_gate``. A reader that quantizes every ``Linear`` not ignored must
+    skip them (engines build routers as linear layers; llm-compressor's NVFP4 MoE checkpoints
+    ignore them too)."""
+    if not model_cfg.is_moe:
         return []
-    return [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(model_cfg.num_layers)]
+    if model_cfg.is_hybrid:
+        return [f"backbone.layers.{i}.mixer.gate" for i, s in enumerate(model_cfg.hybrid_layer_symbols) if s == "E"]
+    names = [f"model.layers.{i}.mlp.gate" for i in range(model_cfg.num_layers)]
+    if model_cfg.moe_shared_expert_intermediate_size:
+        names += [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(model_cfg.num_layers)]
+    return names
 
 
 def _nemotron_h_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:

@@ -33,7 +33,7 @@ class NVFP4Linear:
 class Quantization:
     """What the export quantized, in HF module names: ``bf16_linears`` are the quantizable linear
     modules the policy kept in the export dtype (the output layer always); ``other_linears`` the
-    HF ``nn.Linear`` modules that are no quantizable linear here (Qwen2-MoE's
+    linear maps that are no quantizable linear here (the MoE routers, Qwen2-MoE's
     ``shared_expert_gate``), also in the export dtype; ``kv_fp8``: whether the attention modules
     carry FP8 ``k_scale`` / ``v_scale``."""
 

@@ -18,8 +18,8 @@ student encoded with, as compressed-tensors' ``generate_gparam`` computes them f
 
 ``config.json``'s ``quantization_config``: one config group targeting ``Linear`` with NVFP4
 weights (static, tensor_group, 16) and NVFP4 input activations (block scales computed at run
-time, ``dynamic: local``; the global scale static), ``ignore``: every ``nn.Linear`` of the HF model
-written in the export dtype (the BF16 linears and the output layer, Qwen2-MoE's
+time, ``dynamic: local``; the global scale static), ``ignore``: every linear map written in the
+export dtype (the BF16 linears and the output layer, the MoE routers, Qwen2-MoE's
 ``shared_expert_gate``), and ``kv_cache_scheme`` (FP8 E4M3, one static scale per tensor) when
 the KV cache is FP8."""
 
