@@ -72,7 +72,8 @@ def ct_export(request, tmp_path_factory):
         out = write_checkpoint(model, config.model, tmp_path_factory.mktemp(request.param) / "hf",
                                export_format="compressed_tensors")
         amaxes = {key: value.clone() for key, value in model.state_dict().items() if key.endswith(".amax")}
-        amaxes.update({f"{name}.weight_amax": module.weight.detach().abs().max() for name, module in model.named_modules()
+        amaxes.update({f"{name}.weight_amax": module.weight.detach().abs().max()
+                       for name, module in model.named_modules()
                        if getattr(module, "weight_quantizer", None) is not None})
         return config, out, fake_quantized_weights(model), amaxes
 
@@ -268,8 +269,9 @@ def test_transformers_loads_the_compressed_tensors_export_with_the_students_logi
 # ---------------------------------------------------------------------------------------------
 # Qwen2-MoE in transformers: its per-expert compressed-tensors path (docs/EXPORT.md).
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="transformers 5.24 decompresses each routed expert without its "
-                   "weight_global_scale (an expert's weight comes out 6 x 448 / amax times too large)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="transformers 5.24 decompresses each routed expert without its weight_global_scale "
+                          "(an expert's weight comes out 6 x 448 / amax times too large)")
 def test_transformers_loads_the_qwen2_moe_compressed_tensors_export_with_the_students_logits(tmp_path):
     """What Qwen2-MoE users load: ``Qwen2MoeForCausalLM.from_pretrained`` of the compressed-tensors
     export, held to the bound of the dense test above. Strict: once transformers decodes experts

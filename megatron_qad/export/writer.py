@@ -173,7 +173,8 @@ def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: st
     tensors, excluded = export_tensors(model, model_cfg, dtype, export_format)
     quantization = Quantization(bf16_linears=excluded, other_linears=other_linears(model_cfg),
                                 kv_fp8=any(name.endswith(".k_scale") for name in tensors))
-    config.update(torch_dtype=str(dtype).removeprefix("torch."), quantization_config=fmt.quantization_config(quantization))
+    config.update(torch_dtype=str(dtype).removeprefix("torch."),
+                  quantization_config=fmt.quantization_config(quantization))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
