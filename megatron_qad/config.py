@@ -339,11 +339,15 @@ class LoggingConfig:
 @dataclass
 class ExportConfig:
     """``megatron-qad export``: the deployable checkpoint of the run's newest student goes to
-    ``dir`` (null: ``checkpoint.save/hf_nvfp4``); layers kept in BF16 are written in ``dtype``;
-    safetensors files hold at most ``max_shard_gib`` GiB each (more: numbered files and the
-    Hugging Face index ``model.safetensors.index.json``)."""
+    ``dir`` (null: ``checkpoint.save/hf_nvfp4``) in the convention ``format``: ``modelopt``
+    (ModelOpt / TensorRT-LLM: ``quant_method: modelopt``, ``hf_quant_config.json``) or
+    ``compressed_tensors`` (compressed-tensors' ``nvfp4-pack-quantized``: ``quant_method:
+    compressed-tensors``, which vLLM and transformers read); layers kept in BF16 are written in
+    ``dtype``; safetensors files hold at most ``max_shard_gib`` GiB each (more: numbered files
+    and the Hugging Face index ``model.safetensors.index.json``)."""
 
     dir: str | None = None
+    format: Literal["modelopt", "compressed_tensors"] = "modelopt"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_shard_gib: float = 5.0
 

@@ -195,6 +195,37 @@ def test_a_large_export_is_sharded_with_the_hugging_face_index(exported, tmp_pat
         assert torch.equal(union[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
+
+def test_the_compressed_tensors_export_holds_the_modelopt_exports_values(exported, tmp_path):
+    """``export.format: compressed_tensors`` on the same run: every ModelOpt tensor is there under
+    its compressed-tensors name with the same bytes (codes, block scales, BF16 tensors), the tensor
+    and input scales are the reciprocals of ModelOpt's (float32 [1]; the reciprocal of a
+    reciprocal is the original to within 1 ulp), and nothing else; no hf_quant_config.json."""
+    config, out, _, _ = exported
+    if config.quantization.format != "nvfp4":
+        pytest.skip("one format suffices")
+    ct_dir = export(dataclasses.replace(config, export=dataclasses.replace(
+        config.export, dir=str(tmp_path / "ct"), format="compressed_tensors", max_shard_gib=5.0)))
+    ct, modelopt = load_file(ct_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    renamed = {".weight_scale_2": ".weight_global_scale", ".input_scale": ".input_global_scale"}
+    expected = set()
+    for name, tensor in modelopt.items():
+        suffix = next((s for s in renamed if name.endswith(s)), None)
+        if suffix is not None:
+            ct_name = name.removesuffix(suffix) + renamed[suffix]
+            assert ct[ct_name].shape == (1,) and ct[ct_name].dtype == torch.float32, name
+            assert ct[ct_name].item() == pytest.approx(1 / tensor.item(), rel=2**-23), name
+        else:
+            packed = tensor.dtype == torch.uint8 and name.endswith(".weight")
+            ct_name = name.removesuffix(".weight") + ".weight_packed" if packed else name
+            assert torch.equal(ct[ct_name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+        expected.add(ct_name)
+    assert set(ct) == expected
+    assert not (ct_dir / "hf_quant_config.json").exists()
+    quant = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["kv_cache_scheme"]["num_bits"] == 8
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT-MoE students in Qwen2-MoE names: routing and the gated shared expert.
 
@@ -633,3 +664,43 @@ def test_a_softmax_routed_hybrid_student_is_refused_before_anything_is_written(t
         with pytest.raises(ConfigError, match="moe_router_score_function"):
             write_checkpoint(model, config.model, tmp_path / "hf_nvfp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_expert_bias_goes_through_a_checkpoint_into_the_export(tmp_path):
+    """The route ``megatron-qad export`` takes: the student's router expert bias (float32 buffer)
+    is saved in its dist checkpoint, loaded into a fresh student, and written as
+    ``e_score_correction_bias`` in float32 with its values."""
+    config = load_config(TINY_HYBRID, ["model.hybrid_layer_pattern=M*E", "model.num_layers=3"])
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        quantize.apply(model, config.quantization.to_policy())
+        give_distinct_values(model)
+        set_static_amaxes(model)
+        bias = model.decoder.layers[2].mlp.router.expert_bias.clone()
+        checkpointing.save_model([model], tmp_path / "student")
+        fresh = build_model(config.model, config.parallel)
+        quantize.apply(fresh, config.quantization.to_policy())
+        checkpointing.load_model([fresh], tmp_path / "student")
+        out = write_checkpoint(fresh, config.model, tmp_path / "hf_nvfp4")
+    exported = load_file(out / "model.safetensors")["backbone.layers.2.mixer.gate.e_score_correction_bias"]
+    assert bias.dtype == torch.float32 and bias.abs().min() > 0
+    assert exported.dtype == torch.float32 and torch.equal(exported, bias)
+
+
+@pytest.mark.parametrize("export_format", ["modelopt", "compressed_tensors"])
+def test_a_router_without_expert_bias_exports_a_zero_e_score_correction_bias(tmp_path, export_format):
+    """NemotronH's router always adds ``e_score_correction_bias``; a student whose sigmoid router has
+    none (``model.moe_router_enable_expert_bias: false``) exports zeros (float32 [experts]) for every
+    MoE layer, so no engine is left with an uninitialised one."""
+    config = load_config(TINY_HYBRID, [*HYBRID, "model.moe_router_enable_expert_bias=false"])
+    with single_process(config.parallel):
+        model = build_model(config.model, config.parallel)
+        assert model.decoder.layers[1].mlp.router.expert_bias is None
+        quantize.apply(model, config.quantization.to_policy())
+        set_static_amaxes(model)
+        out = write_checkpoint(model, config.model, tmp_path / "hf", export_format=export_format)
+    tensors = load_file(out / "model.safetensors")
+    biases = {name: tensor for name, tensor in tensors.items() if name.endswith("e_score_correction_bias")}
+    assert set(biases) == {f"backbone.layers.{i}.mixer.gate.e_score_correction_bias" for i in (1, 7)}
+    for tensor in biases.values():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.zeros(config.model.num_moe_experts))

@@ -1,6 +1,8 @@
 """Deployable checkpoints: ``export(config)`` writes the run's newest student as an NVFP4 Hugging
 Face checkpoint, GPT models in Llama / Qwen2 / Qwen2-MoE names and hybrid (Mamba) models in
-Nemotron-H names (see :mod:`.writer` for the tensors and :mod:`.hf_names` for the names)."""
+Nemotron-H names, in the ModelOpt or the compressed-tensors convention (``export.format``; see
+:mod:`.writer` for the tensors, :mod:`.formats` for the conventions and :mod:`.hf_names` for the
+names)."""
 
 import dataclasses
 import os
@@ -44,7 +46,8 @@ def export(config: QADConfig) -> Path:
         checkpointing.load_model([model], source)
         out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
         return write_checkpoint(model, model_cfg, out_dir, DTYPES[config.export.dtype],
-                                max_shard_bytes=int(config.export.max_shard_gib * 2**30))
+                                max_shard_bytes=int(config.export.max_shard_gib * 2**30),
+                                export_format=config.export.format)
     finally:
         parallel.destroy()
 

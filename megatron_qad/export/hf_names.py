@@ -23,8 +23,12 @@ decoder.layers.i.mlp.router.weight                model.layers.i.mlp.gate.weight
 ...mlp.shared_experts.gate_weight                 model.layers.i.mlp.shared_expert_gate.weight
 (no gate: zeros, and down_proj doubled)           model.layers.i.mlp.shared_expert_gate.weight
 decoder.final_layernorm.weight                    model.norm.weight
-output_layer.weight                               lm_head.weight
+output_layer.weight                               lm_head.weight (none when tied: see below)
 ================================================  ==============================================
+
+A model sharing its embedding with the output layer (``model.share_embeddings_and_output_weights``)
+has no ``output_layer.weight``: its export holds ``model.embed_tokens.weight`` only and says
+``tie_word_embeddings: true``, which Hugging Face's Llama and Qwen2 classes tie to ``lm_head``.
 
 GPT-MoE models are written as ``Qwen2MoeForCausalLM`` checkpoints, which route and combine as
 megatron.core's softmax router does (see :func:`_qwen2_moe_keys`): Qwen2-MoE takes the top-k of
@@ -196,11 +200,34 @@ def ungated_shared_expert(model_cfg: ModelConfig) -> bool:
 
 def constant_tensors(model_cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF tensors with no Megatron counterpart: the zero ``shared_expert_gate.weight`` [1, hidden]
-    of each layer of a GPT-MoE model whose shared expert has no gate (see :func:`ungated_shared_expert`)."""
+    of each layer of a GPT-MoE model whose shared expert has no gate (see :func:`ungated_shared_expert`),
+    and the zero ``e_score_correction_bias`` (float32 [experts]) of each Nemotron-H MoE layer whose
+    router has no expert bias (``model.moe_router_enable_expert_bias`` false): NemotronH's router
+    always adds one, and an engine that finds none in the checkpoint may leave it uninitialised."""
+    if model_cfg.is_hybrid and model_cfg.is_moe and not model_cfg.moe_router_enable_expert_bias:
+        return {f"backbone.layers.{i}.mixer.gate.e_score_correction_bias":
+                torch.zeros(model_cfg.num_moe_experts, dtype=torch.float32)
+                for i, symbol in enumerate(model_cfg.hybrid_layer_symbols) if symbol == "E"}
     if not ungated_shared_expert(model_cfg):
         return {}
     return {f"model.layers.{i}.mlp.shared_expert_gate.weight": torch.zeros(1, model_cfg.hidden_size, dtype=dtype)
             for i in range(model_cfg.num_layers)}
+
+
+def other_linears(model_cfg: ModelConfig) -> list[str]:
+    """HF names of the linear maps of the exported model that are no quantizable linear here,
+    written whole in the export dtype: the MoE routers (``mlp.gate``, ``mixer.gate``) and
+    Qwen2-MoE's ``shared_expert_gate``. A reader that quantizes every ``Linear`` not ignored must
+    skip them (engines build routers as linear layers; llm-compressor's NVFP4 MoE checkpoints
+    ignore them too)."""
+    if not model_cfg.is_moe:
+        return []
+    if model_cfg.is_hybrid:
+        return [f"backbone.layers.{i}.mixer.gate" for i, s in enumerate(model_cfg.hybrid_layer_symbols) if s == "E"]
+    names = [f"model.layers.{i}.mlp.gate" for i in range(model_cfg.num_layers)]
+    if model_cfg.moe_shared_expert_intermediate_size:
+        names += [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(model_cfg.num_layers)]
+    return names
 
 
 def _nemotron_h_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:

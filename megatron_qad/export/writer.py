@@ -1,25 +1,24 @@
-"""The deployable NVFP4 checkpoint of a quantized student, in the ModelOpt / TensorRT-LLM convention.
+"""The deployable NVFP4 checkpoint of a quantized student, in the convention ``export.format``
+names (see :mod:`.formats`: ``modelopt``, the ModelOpt / TensorRT-LLM layout, and
+``compressed_tensors``, compressed-tensors' nvfp4-pack-quantized layout).
 
-For every linear module whose weight is NVFP4 (HF names, see :mod:`.hf_names`):
-
-  ``<module>.weight``          uint8 [N, K/2]: E2M1 codes, two per byte (element 2i in the low nibble)
-  ``<module>.weight_scale``    float8_e4m3fn [N, K/16]: one decode scale per block of 16
-  ``<module>.weight_scale_2``  float32 []: the tensor decode scale, ``1 / S_enc`` (amax / (6 x 448),
-                               or amax / (6 x 256) for Four Over Six, whose blocks use scales <= 256)
-  ``<module>.input_scale``     float32 []: the activation's tensor decode scale, input amax / (6 x 448)
-
-so that ``weight = e2m1(code) x weight_scale x weight_scale_2`` is exactly the student's fake-quantized
-weight. Attention modules get ``k_scale`` / ``v_scale`` (float32 [], amax / 448: the FP8 KV cache).
-Linear layers the policy keeps in BF16, and the output layer, are written in the export dtype and
-listed in ``exclude_modules``; the embedding, norms, router, the shared experts' gate (Qwen2-MoE's
-``shared_expert_gate``) and the Mamba mixers' ``conv1d`` and ``dt_bias`` are written in the export
-dtype too (unlisted: they are not quantizable linears).
+Every linear module whose weight is NVFP4 becomes, per HF module (see :mod:`.hf_names`), its
+E2M1 codes, E4M3 block scales and fp32 tensor and input scales (:class:`.formats.NVFP4Linear`),
+which decode exactly to the student's fake-quantized weight; attention modules get the FP8 KV
+cache's ``k_scale`` / ``v_scale`` (amax / 448). Linear layers the policy keeps in BF16, and the
+output layer, are written in the export dtype and listed as such (ModelOpt's ``exclude_modules``,
+compressed-tensors' ``ignore``); the embedding, norms, router, the shared experts' gate
+(Qwen2-MoE's ``shared_expert_gate``) and the Mamba mixers' ``conv1d`` and ``dt_bias`` are written
+in the export dtype too. A model that shares its embedding with the output layer
+(``model.share_embeddings_and_output_weights``) writes no ``lm_head``: its config.json says
+``tie_word_embeddings: true``, and Hugging Face ties ``lm_head`` to ``embed_tokens``.
 Written in float32, as HF Nemotron-H holds them: the Mamba mixers' ``A_log`` and ``D`` [heads]
 (BF16 values in a BF16 student, as in Megatron-LM's BF16 models) and the router's expert bias
-(``e_score_correction_bias`` [experts], a float32 buffer). Files: ``model.safetensors`` (or, above the shard
-size, ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, the Hugging Face
-layout), ``config.json`` (with ``quantization_config``) and ``hf_quant_config.json``, written to
-``DIR.tmp`` and renamed.
+(``e_score_correction_bias`` [experts], a float32 buffer; zeros for a router without one). Files:
+``model.safetensors`` (or, above the shard size, ``model-0000i-of-0000n.safetensors`` and
+``model.safetensors.index.json``, the Hugging Face layout), ``config.json`` (with
+``quantization_config``) and the format's side files (ModelOpt: ``hf_quant_config.json``),
+written to ``DIR.tmp`` and renamed.
 """
 
 import itertools
@@ -36,35 +35,35 @@ from ..config import ConfigError, ModelConfig
 from ..numerics import nvfp4
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, FOUR_OVER_SIX_E4M3_MAX, encode_scale
 from ..quantize import layers
-from .hf_names import constant_tensors, hf_config, module_map, plain_name, take_rows
+from .formats import ExportFormat, NVFP4Linear, Quantization, get_format
+from .hf_names import constant_tensors, hf_config, module_map, other_linears, plain_name, take_rows
 
-QUANT_ALGO, KV_CACHE_ALGO, GROUP_SIZE = "NVFP4", "FP8", 16
 FLOAT32_TENSORS = (".mixer.A_log", ".mixer.D", ".gate.e_score_correction_bias")
 """Endings of the HF names of tensors written in float32 whatever the export dtype."""
 
 
-def _decode_scale(amax: torch.Tensor, target_max: float) -> torch.Tensor:
-    """fp32 0-d ``1 / S_enc`` exactly as the fake quantization multiplies by it."""
-    return (1.0 / encode_scale(amax.float(), target_max)).reshape(())
+def _encode_scale(amax: torch.Tensor, target_max: float) -> torch.Tensor:
+    """fp32 0-d ``S_enc`` exactly as the fake quantization computes it."""
+    return encode_scale(amax.float(), target_max).reshape(())
 
 
-def _nvfp4_tensors(module: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The packed weight, block scales and tensor scales of one quantized linear (unsplit)."""
+def _nvfp4_whole(module: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The codes, block scales and tensor encode scales of one quantized linear (unsplit)."""
     quantizer = module.weight_quantizer
     four_over_six = quantizer.fmt == "nvfp4_4over6"
     weight = module.weight.detach()
     amax = quantizer.current_amax(weight)
     packed = nvfp4.quantize(weight, amax, four_over_six=four_over_six)
     scale_max = FOUR_OVER_SIX_E4M3_MAX if four_over_six else E4M3_MAX
-    tensors = {"weight": packed.data, "weight_scale": packed.scale,
-               "weight_scale_2": _decode_scale(amax, E2M1_MAX * scale_max)}
+    whole = {"codes": packed.data, "block_scales": packed.scale,
+             "weight_encode_scale": _encode_scale(amax, E2M1_MAX * scale_max)}
     inputs = module.input_quantizer
     if inputs is not None:
         if inputs.amax_mode != "static":
             raise ConfigError(f"{name}: its input scale is dynamic; inference engines need a static one. "
                               f"Train / calibrate with 'quantization.input_amax: static'")
-        tensors["input_scale"] = _decode_scale(inputs.amax, E2M1_MAX * E4M3_MAX)
-    return tensors
+        whole["input_encode_scale"] = _encode_scale(inputs.amax, E2M1_MAX * E4M3_MAX)
+    return whole
 
 
 def _plain_tensors(model: torch.nn.Module, model_cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -79,46 +78,56 @@ def _plain_tensors(model: torch.nn.Module, model_cfg: ModelConfig, dtype: torch.
     return tensors
 
 
-def export_tensors(model: torch.nn.Module, model_cfg: ModelConfig,
-                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """HF tensors of a quantized single-process (TP=PP=EP=1) student (GPT or hybrid), and the HF
-    names of the linear modules left unquantized."""
+def _linear_pieces(module: torch.nn.Module, module_name: str, pieces: list, groups: int, dtype: torch.dtype,
+                   fmt: ExportFormat) -> dict[str, torch.Tensor]:
+    """The HF tensors of the pieces of one Megatron linear module (NVFP4 in ``fmt``'s names, or
+    its weight and bias in ``dtype``)."""
+    quantized = getattr(module, "weight_quantizer", None) is not None
+    whole = _nvfp4_whole(module, module_name) if quantized else {"weight": module.weight.detach().to(dtype)}
+    if getattr(module, "bias", None) is not None:
+        whole["bias"] = module.bias.detach().to(dtype)
+    tensors = {}
+    for piece in pieces:
+        part = {key: tensor.clone() if tensor.dim() == 0 else take_rows(tensor, piece, groups)
+                for key, tensor in whole.items()}
+        # Piece.output_scale is a power of two: dividing the encode scale, or multiplying the BF16
+        # weight, and the bias, by it is exact.
+        if piece.output_scale != 1.0:
+            for key in ("weight", "bias"):
+                if key in part:
+                    part[key] = part[key] * piece.output_scale
+            if quantized:
+                part["weight_encode_scale"] = part["weight_encode_scale"] / piece.output_scale
+        if quantized:
+            part = fmt.linear_tensors(NVFP4Linear(part["codes"], part["block_scales"], part["weight_encode_scale"],
+                                                  part.get("input_encode_scale"), part.get("bias")))
+        tensors.update({f"{piece.name}.{suffix}": tensor for suffix, tensor in part.items()})
+    return tensors
+
+
+def export_tensors(model: torch.nn.Module, model_cfg: ModelConfig, dtype: torch.dtype,
+                   export_format: str = "modelopt") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF tensors of a quantized single-process (TP=PP=EP=1) student (GPT or hybrid) in the
+    convention ``export_format``, and the HF names of the linear modules left unquantized."""
+    fmt = get_format(export_format)
     modules = dict(model.named_modules())
     tensors, excluded = _plain_tensors(model, model_cfg, dtype), []
-    groups = model_cfg.num_query_groups
     for module_name, pieces in module_map(model_cfg).items():
         module = modules[module_name]
         if module_name.endswith("core_attention"):
             if layers.has_kv_quantization(module):
-                for tensor_name, quantizer in (("k_scale", module.key_quantizer), ("v_scale", module.value_quantizer)):
-                    tensors[f"{pieces[0].name}.{tensor_name}"] = _decode_scale(quantizer.amax, E4M3_MAX)
+                k_scale, v_scale = (1.0 / _encode_scale(q.amax, E4M3_MAX)
+                                    for q in (module.key_quantizer, module.value_quantizer))
+                tensors.update({f"{pieces[0].name}.{suffix}": tensor
+                                for suffix, tensor in fmt.kv_scales(k_scale, v_scale).items()})
             continue
-        quantized = getattr(module, "weight_quantizer", None) is not None
-        whole = (_nvfp4_tensors(module, module_name) if quantized
-                 else {"weight": module.weight.detach().to(dtype)})
-        # What a Piece.output_scale (a power of two, so exactly) multiplies: the NVFP4 tensor
-        # scale or the BF16 weight, and the bias.
-        output_scaled = ("weight_scale_2", "bias") if quantized else ("weight", "bias")
-        if getattr(module, "bias", None) is not None:
-            whole["bias"] = module.bias.detach().to(dtype)
-        for piece in pieces:
-            if not quantized:
-                excluded.append(piece.name)
-            for suffix, tensor in whole.items():
-                tensor = tensor.clone() if tensor.dim() == 0 else take_rows(tensor, piece, groups)
-                if piece.output_scale != 1.0 and suffix in output_scaled:
-                    tensor = tensor * piece.output_scale
-                tensors[f"{piece.name}.{suffix}"] = tensor
+        if getattr(module, "weight_quantizer", None) is None:
+            excluded.extend(piece.name for piece in pieces)
+        if module.weight is None:  # the output layer of a model sharing its embedding: HF ties lm_head
+            continue
+        tensors.update(_linear_pieces(module, module_name, pieces, model_cfg.num_query_groups, dtype, fmt))
     tensors.update(constant_tensors(model_cfg, dtype))
     return tensors, excluded
-
-
-def quantization_config(excluded: list[str], kv_fp8: bool) -> dict:
-    """The ModelOpt-convention quantization description (``hf_quant_config.json``'s "quantization")."""
-    config = {"quant_algo": QUANT_ALGO, "group_size": GROUP_SIZE, "exclude_modules": sorted(excluded)}
-    if kv_fp8:
-        config["kv_cache_quant_algo"] = KV_CACHE_ALGO
-    return config
 
 
 def shard(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -151,25 +160,29 @@ def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
 
 
 def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | Path,
-                     dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
+                     dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
+                     export_format: str = "modelopt") -> Path:
     """Write the export of ``model`` (the quantized student: a bare GPTModel or HybridModel at
-    TP=PP=EP=1) to ``out_dir`` (replaced if it exists), in safetensors files of at most
-    ``max_shard_bytes`` bytes; return its path. Raises ConfigError, before writing anything, for a
-    model the target Hugging Face architecture cannot hold."""
+    TP=PP=EP=1) in the convention ``export_format`` (``modelopt`` or ``compressed_tensors``) to
+    ``out_dir`` (replaced if it exists), in safetensors files of at most ``max_shard_bytes`` bytes;
+    return its path. Raises ConfigError, before writing anything, for a model the target Hugging
+    Face architecture cannot hold."""
     out_dir = Path(out_dir)
+    fmt = get_format(export_format)
     config = hf_config(model_cfg, model.config)
-    tensors, excluded = export_tensors(model, model_cfg, dtype)
-    kv_fp8 = any(name.endswith(".k_scale") for name in tensors)
-    quant = quantization_config(excluded, kv_fp8)
+    tensors, excluded = export_tensors(model, model_cfg, dtype, export_format)
+    quantization = Quantization(bf16_linears=excluded, other_linears=other_linears(model_cfg),
+                                kv_fp8=any(name.endswith(".k_scale") for name in tensors))
     config.update(torch_dtype=str(dtype).removeprefix("torch."),
-                  quantization_config={"quant_method": "modelopt", **quant})
+                  quantization_config=fmt.quantization_config(quantization))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _save_tensors(tensors, tmp, max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "hf_quant_config.json").write_text(json.dumps(
-        {"producer": {"name": "megatron_qad", "version": __version__}, "quantization": quant}, indent=2) + "\n")
+    producer = {"name": "megatron_qad", "version": __version__}
+    for filename, content in fmt.side_files(quantization, producer).items():
+        (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
