@@ -177,7 +177,7 @@ def test_triton_kernels_at_nano_expert_shapes_equal_the_per_expert_triton_path(f
     """128 experts of Nano's widths (fc1 1856 x 2688, fc2 2688 x 1856, scaled down in rows), uneven
     routing with empty experts; one expert's weight a view not a whole block into its buffer."""
     generator = torch.Generator(device="cuda").manual_seed(13)
-    splits = [int(n) for n in torch.randint(0, 40, (128,), generator=generator)]
+    splits = [int(n) for n in torch.randint(0, 40, (128,), generator=generator, device="cuda")]
     splits[3] = splits[77] = 0
     splits[5] = 300
     x = torch.randn(sum(splits), 2688, generator=generator, device="cuda").bfloat16()

@@ -176,3 +176,25 @@ def test_eval_reloads_the_trained_student_and_reports_every_layer(tmp_path, teac
 def test_eval_without_a_student_checkpoint_is_a_clear_error(tmp_path, teacher_dir):
     with pytest.raises(ConfigError, match="holds no student checkpoint"):
         run(small_config(tmp_path, teacher=teacher_dir), "eval")
+
+
+def test_a_shared_adam_step_count_is_separated_per_parameter():
+    """megatron.core's distributed optimizer, resumed without TE / Apex, leaves one step tensor in
+    every parameter's torch Adam state; torch then counts it up once per parameter per step.
+    After :func:`separate_step_counts` each parameter counts its own steps again."""
+    from megatron_qad.train.megatron_fixes import separate_step_counts
+
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    for shared in (False, True):
+        optimizer = torch.optim.AdamW(params, lr=0.1)
+        for param in params:
+            param.grad = torch.ones(3)
+        optimizer.step()
+        step = torch.tensor(4.0)
+        for param in params:
+            optimizer.state[param]["step"] = step
+        if shared:
+            separate_step_counts(optimizer)
+        optimizer.step()
+        counts = [float(optimizer.state[param]["step"]) for param in params]
+        assert counts == ([5.0] * 3 if shared else [7.0] * 3)  # 4 + 3 parameters without the fix

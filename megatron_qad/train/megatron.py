@@ -34,7 +34,7 @@ from .. import parallel, quantize
 from ..config import ConfigError
 from ..distill import DistillationLoss
 from ..models import transformer_config
-from . import checkpointing
+from . import checkpointing, megatron_fixes
 from .arguments import (model_config_from_args, parallel_config_from_args, parse_megatron_args,
                         qad_sections_from_args, write_summary)
 from .metrics import memory_gib
@@ -76,7 +76,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.global_vars import set_global_variables
 
-    use_shipped_dataset_helpers()
+    megatron_fixes.apply()
     if args.tokenizer_type is None:  # the package's data sources tokenize themselves
         args.padded_vocab_size = args.vocab_size
     set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
@@ -150,6 +150,9 @@ def _after_training(args, state: RunState, summary: dict) -> None:
 
 
 def _finish(summary: dict, args, context, start_time: float) -> dict:
+    state = RunState._current
+    if state is not None and state.teacher_gib is not None:
+        summary["teacher GiB"] = round(state.teacher_gib, 3)
     ptq, final = summary.get("ptq"), summary.get("final")
     if ptq and final and ptq.get("kl", 0) > 0:
         summary["kl_reduction"] = 1.0 - final["kl"] / ptq["kl"]
@@ -182,21 +185,6 @@ def _stop_on_extra_signals(names: str) -> None:
             signal.signal(signal.Signals[name], flag)
         except KeyError:
             raise ConfigError(f"--qad-extra-exit-signals: {name!r} is not a signal name; use e.g. SIGINT,SIGUSR1") from None
-
-
-def use_shipped_dataset_helpers() -> None:
-    """Keep ``initialize_megatron`` from rebuilding megatron.core's dataset index helpers.
-
-    ``pretrain`` runs ``make`` in ``megatron/core/datasets`` on rank 0 and exits when it fails;
-    the megatron-core wheel ships the built extension (``helpers_cpp``) but not its Makefile, so
-    the build always fails there. Where the built extension imports, the rebuild is skipped."""
-    from megatron.core.datasets import utils as dataset_utils
-
-    try:
-        import megatron.core.datasets.helpers_cpp  # noqa: F401
-    except ImportError:
-        return
-    dataset_utils.compile_helpers = lambda: None
 
 
 def _reset_megatron_globals() -> None:

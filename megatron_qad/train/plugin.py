@@ -81,6 +81,9 @@ def _load_and_quantize(state: RunState, sections) -> None:
     students = [student for student, _ in state.pending_teacher_loads]
     directory = sections.teacher.checkpoint
     checkpointing.load_model(teachers, directory)
+    state.teacher_gib = sum(p.numel() * p.element_size() for teacher in teachers for p in teacher.parameters()) / 2**30
+    state.print(f"teacher: {state.teacher_gib:.3f} GiB of weights on this rank (frozen: no gradients, "
+                f"no optimizer state), from {directory}")
     checkpointing.load_model(students, directory)
     report = quantize.apply(students, sections.quantization.to_policy(), backend=state.backend)
     state.print(report.format_table().splitlines()[-1])

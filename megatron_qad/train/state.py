@@ -56,6 +56,7 @@ class RunState:
     ptq: dict | None = None
     reports: dict = field(default_factory=dict)
     start_iteration: int = 0
+    teacher_gib: float | None = None
     _datasets: tuple | None = None
 
     _current: ClassVar[RunState | None] = None

@@ -1,0 +1,131 @@
+"""``scripts/pretrain_qad.py``: QAD from a Megatron-LM command line, on 2 CPU processes.
+
+A Megatron-LM user's flags (model, batch, LR schedule, ``--mock-data`` with Megatron's own GPT
+dataset and NullTokenizer, ``--save`` / ``--load``, ``--exit-interval``, ``--exit-signal-handler``)
+plus the QAD flags. The teacher is a Megatron-LM checkpoint directory written by the same loop in
+``--qad-mode teacher``, loaded as it is. Stops go through Megatron's own mechanisms: its exit
+interval, its signal handler, and its rerun state machine for a non-finite loss.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from torchrun_helpers import json_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "pretrain_qad.py"
+
+MEGATRON_FLAGS = [
+    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--make-vocab-size-divisible-by", "1",
+    "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4",
+    "--lr-decay-style", "cosine", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000",
+    "--distributed-backend", "gloo", "--num-workers", "0", "--calculate-per-token-loss", "--ckpt-format", "torch_dist",
+    "--no-save-rng", "--no-load-rng", "--seed", "1234", "--transformer-impl", "local",
+]
+
+
+def _torchrun_argv(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(SCRIPT),
+            *MEGATRON_FLAGS, *flags]
+
+
+def _env() -> dict:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+
+
+def pretrain_qad(*flags: str, expect: int = 0) -> dict:
+    """Run the script under torchrun (2 processes); its summary line (exit code checked)."""
+    result = subprocess.run(_torchrun_argv(*flags), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    (summary,) = json_lines(result.stdout, "summary ")
+    summary["stdout"] = result.stdout
+    return summary
+
+
+@pytest.fixture(scope="module")
+def megatron_teacher(tmp_path_factory) -> Path:
+    """A small BF16-style teacher trained by Megatron's loop, as a Megatron-LM checkpoint directory."""
+    directory = tmp_path_factory.mktemp("megatron") / "teacher"
+    pretrain_qad("--qad-mode", "teacher", "--train-iters", "6", "--save", str(directory), "--save-interval", "6")
+    assert (directory / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    return directory
+
+
+def _losses(summary: dict) -> list[float]:
+    return [line["loss"] for line in summary["train"]]
+
+
+def test_megatron_command_line_trains_stops_and_resumes_exactly(tmp_path, megatron_teacher):
+    """DP=2: PTQ then QAD against the Megatron-LM teacher checkpoint; a run stopped by
+    --exit-interval and resumed with --load repeats the uninterrupted run's losses."""
+    qad = ["--qad-teacher-load", str(megatron_teacher), "--qad-loss", "kl", "--qad-calibration-iters", "1",
+           "--train-iters", "4"]
+    whole = pretrain_qad(*qad, "--save", str(tmp_path / "a"), "--save-interval", "4")
+    assert whole["ptq"]["kl"] > 0 and whole["final"]["kl"] > 0 and len(whole["train"]) == 4
+    first = pretrain_qad(*qad, "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--save-interval", "4",
+                         "--exit-interval", "2")
+    assert first["stopped_at"] == 2 and first["exit_code"] == 0
+    assert "stopped after iteration 2" in first["stdout"]
+    resumed = pretrain_qad(*qad, "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--save-interval", "4")
+    assert resumed["ptq"] is None
+    assert _losses(first) + _losses(resumed) == _losses(whole)
+    assert resumed["final"] == whole["final"]
+
+
+def test_sigterm_to_one_rank_saves_and_exits_cleanly(tmp_path, megatron_teacher):
+    """SIGTERM to one of the two ranks: both finish the step, save, and exit 0 (Megatron's
+    distributed signal handler all-gathers the flag)."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    argv = _torchrun_argv("--qad-teacher-load", str(megatron_teacher), "--qad-calibration-iters", "1",
+                          "--train-iters", "10000", "--save", str(run_dir), "--save-interval", "10000",
+                          "--exit-signal-handler")
+    process = subprocess.Popen(argv, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        lines.append(line)
+        if " iteration        2/" in line:
+            workers = psutil.Process(process.pid).children(recursive=True)
+            os.kill(workers[-1].pid, signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines[-40:])
+    output = "".join(lines) + process.stdout.read()
+    assert process.wait(timeout=300) == 0, output[-3000:]
+    (summary,) = json_lines(output, "summary ")
+    assert 2 <= summary["stopped_at"] < 10000 and summary["exit_code"] == 0
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(summary["stopped_at"])
+
+
+def test_a_diverging_run_stops_before_the_step_and_keeps_its_last_checkpoint_finite(tmp_path, megatron_teacher):
+    """LR 1e6: the loss turns non-finite; Megatron's rerun state machine stops the run before that
+    step's update, non-zero exit, and the newest checkpoint is finite and resumable."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    run_dir = tmp_path / "run"
+    summary = pretrain_qad("--qad-teacher-load", str(megatron_teacher), "--qad-calibration-iters", "1",
+                           "--train-iters", "20", "--lr", "1e6", "--min-lr", "1e5", "--save", str(run_dir),
+                           "--save-interval", "1", expect=None or 16)
+    assert summary["exit_code"] in (16, 17)
+    assert "non-finite loss or gradient" in summary["stdout"]
+    tracker = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
+    state = dist_checkpointing.load_common_state_dict(str(run_dir / f"iter_{tracker:07d}"))
+    assert state is not None
+    from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+
+    names = [name for name in load_tensors_metadata(str(run_dir / f"iter_{tracker:07d}"))]
+    tensors = dist_checkpointing.load_plain_tensors(str(run_dir / f"iter_{tracker:07d}"))
+    assert names and all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())
