@@ -62,7 +62,8 @@ LAYOUTS = {
                ("PP=2", 2, ["parallel.pipeline_model_parallel_size=2"]),
                ("EP=2", 2, ["parallel.expert_model_parallel_size=2", "model.moe_token_dispatcher_type=alltoall"])],
 }
-ITERATION = re.compile(r"^iteration\s+(\d+)/\d+ \| (.*)$")
+ELAPSED = re.compile(r"\biteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)")
+"""Megatron's iteration line: the iteration and its wall time."""
 
 
 def train(recipe: str, gpus: int, overrides: list[str], log: Path) -> tuple[dict[int, dict], dict]:
@@ -73,14 +74,19 @@ def train(recipe: str, gpus: int, overrides: list[str], log: Path) -> tuple[dict
     log.write_text(f"$ {' '.join(command)}\n{result.stdout}\n{result.stderr}")
     if result.returncode:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-3000:]}")
-    steps, summary = {}, {}
-    for line in result.stdout.splitlines():
-        if match := ITERATION.match(line):
-            values = dict(part.rsplit(" ", 1) for part in match.group(2).split(" | "))
-            steps[int(match.group(1))] = {key: float(value) for key, value in values.items()}
-        elif line.startswith("summary "):
-            summary = json.loads(line.removeprefix("summary "))
+    summary = next(json.loads(line.removeprefix("summary ")) for line in reversed(result.stdout.splitlines())
+                   if line.startswith("summary {"))
+    steps = {line["iteration"]: dict(line) for line in summary["train"]}
+    tokens_per_step = _value(overrides, "training.global_batch_size") * _value(overrides, "model.seq_length")
+    for match in ELAPSED.finditer(result.stdout):
+        if int(match.group(1)) in steps:
+            steps[int(match.group(1))]["tokens/s"] = tokens_per_step / (float(match.group(2)) / 1000)
     return steps, summary
+
+
+def _value(overrides: list[str], key: str) -> int:
+    """The last ``key=value`` of ``overrides`` (an int)."""
+    return int([item.split("=", 1)[1] for item in overrides if item.startswith(key + "=")][-1])
 
 
 def speed(steps: dict[int, dict]) -> float:
@@ -160,8 +166,19 @@ def resume_check(recipe: str, gpus: int, base: list[str], layout: list[str], out
     if sorted(second) != list(range(STEPS // 2 + 1, STEPS + 1)):
         raise SystemExit(f"the resumed run logged iterations {sorted(second)}")
     repeat = max(abs(second[i]["loss"] / uninterrupted[i]["loss"] - 1) for i in second)
-    return [(f"{name}, stopped at {STEPS // 2} and resumed", [(second, second_summary)]),
+    rows = [(f"{name}, stopped at {STEPS // 2} and resumed", [(second, second_summary)]),
             f"| (resumed vs uninterrupted DP=2, steps {STEPS // 2 + 1}-{STEPS}) | max rel. diff. {repeat:.2e} | | | | | |"]
+    # The DP=2 checkpoint at half-way, resumed on one GPU (another data-parallel size).
+    single = out / "dp_2_resumed_on_1"
+    subprocess.run(["cp", "-r", str(resumed), str(single)], check=True)
+    try:
+        third, _ = train(recipe, 1, [*base, f"checkpoint.save={single}", "checkpoint.resume=true",
+                                     "training.use_distributed_optimizer=true"], out / "dp_2_resumed_on_1.log")
+        repeat_1 = max(abs(third[i]["loss"] / uninterrupted[i]["loss"] - 1) for i in third)
+        rows.append(f"| (DP=2 checkpoint resumed on 1 GPU vs uninterrupted DP=2) | max rel. diff. {repeat_1:.2e} | | | | | |")
+    except SystemExit as failure:
+        rows.append(f"| (DP=2 checkpoint resumed on 1 GPU) | failed: {str(failure).splitlines()[-1][:200]} | | | | | |")
+    return rows
 
 
 if __name__ == "__main__":
