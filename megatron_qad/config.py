@@ -275,7 +275,7 @@ class CheckpointConfig:
 @dataclass
 class DataConfig:
     """Where tokens come from: ``sources`` is a list of mappings ``{type: ..., weight: ...}`` (see
-    ``megatron_qad.data``: random, python_stdlib, text, jsonl, indexed, teacher_generated);
+    ``megatron_qad.data``: random, corpus, text, jsonl, indexed, teacher_generated);
     ``seed`` fixes sampling; ``cache_dir`` holds generated data (null: next to the checkpoints).
     ``validation_sources``: held-out data for the KL / CE reports (null: the validation split of
     ``sources``), e.g. real text while training on random tokens."""

@@ -7,9 +7,9 @@ The recipe's ``data.sources`` is a list of sources, each a mapping with a ``type
 type                keys
 =================== ==================================================================================
 random              (none): uniform random token ids in ``[0, model.vocab_size)``
-python_stdlib       ``max_files`` (optional: read at most that many files of the split): the ``.py``
-                    files of this interpreter's standard library, byte-tokenized; text that exists on
-                    every machine
+corpus              ``max_files`` (optional: read at most that many files of the split): the text
+                    corpus shipped with the package (109 source files of CPython 3.12.1's standard
+                    library, ``data/corpus/``), byte-tokenized; the same bytes on every machine
 text                ``paths`` (globs), ``tokenizer`` ("byte" or a Hugging Face tokenizer directory):
                     one document per file
 jsonl               ``paths``, ``field`` (default "text"), ``tokenizer``: one document per line

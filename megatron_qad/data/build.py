@@ -2,7 +2,7 @@
 
 import os
 
-from .documents import jsonl_documents, stdlib_documents, text_documents, token_stream
+from .documents import corpus_documents, jsonl_documents, text_documents, token_stream
 from .indexed import indexed_stream
 from .mixture import Mixture
 from .random_tokens import RandomTokens
@@ -58,8 +58,8 @@ def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_siz
     if kind == "indexed":
         stream, documents = indexed_stream(spec["path_prefix"], split, vocab_size, f"{where}.path_prefix")
     else:
-        if kind == "python_stdlib":
-            named_texts, tokenizer = stdlib_documents(split, spec["max_files"]), ByteTokenizer()
+        if kind == "corpus":
+            named_texts, tokenizer = corpus_documents(split, spec["max_files"]), ByteTokenizer()
         elif kind == "text":
             named_texts = text_documents(spec["paths"], split, f"{where}.paths")
             tokenizer = load_tokenizer(spec["tokenizer"], f"{where}.tokenizer")

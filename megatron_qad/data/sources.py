@@ -16,7 +16,7 @@ REQUIRED = "required"
 COMMON_KEYS = {"type": REQUIRED, "weight": 1.0}
 SOURCE_KEYS = {
     "random": {},
-    "python_stdlib": {"max_files": None},
+    "corpus": {"max_files": None},
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
     "indexed": {"path_prefix": REQUIRED},
@@ -95,7 +95,7 @@ def _check_source(spec, where: str, vocab_size: int) -> None:
     for key, value in with_defaults(spec).items():
         if key in _CHECKS:
             _CHECKS[key](value, f"{where}.{key}", vocab_size)
-    if kind == "python_stdlib":
+    if kind == "corpus":
         check_tokenizer_fits(ByteTokenizer(), f"{where}.type", vocab_size)
 
 
