@@ -2,6 +2,7 @@
 
 import os
 
+from ..config import ConfigError
 from .documents import corpus_documents, jsonl_documents, text_documents, token_stream
 from .indexed import indexed_stream
 from .mixture import Mixture
@@ -32,7 +33,7 @@ def build_dataset(sources: list[dict], split: str, seq_length: int, vocab_size: 
     validate_sources(sources, vocab_size)
     check_split(split)
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
-        raise ValueError(f"'model.seq_length': must be a positive integer, got {seq_length!r}")
+        raise ConfigError(f"'model.seq_length': must be a positive integer, got {seq_length!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     specs = [with_defaults(spec) for spec in sources]
@@ -70,7 +71,7 @@ def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_siz
         documents = [name for name, _ in named_texts]
         stream = ArrayStream(token_stream([text for _, text in named_texts], tokenizer))
     if len(stream) < 2:
-        raise ValueError(f"'{where}': the {split!r} split has {len(documents)} documents and {len(stream)} "
-                         f"tokens, too few for one sample; documents at positions 0, {HELD_OUT_EVERY}, "
-                         f"{2 * HELD_OUT_EVERY}, ... form the validation split and the rest train: add documents")
+        raise ConfigError(f"'{where}': the {split!r} split has {len(documents)} documents and {len(stream)} "
+                          f"tokens, too few for one sample; documents at positions 0, {HELD_OUT_EVERY}, "
+                          f"{2 * HELD_OUT_EVERY}, ... form the validation split and the rest train: add documents")
     return TokenWindows(stream, seq_length, derive_seed(seed, "windows", index, split), documents)

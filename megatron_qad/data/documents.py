@@ -59,7 +59,7 @@ def corpus_documents(split: str, max_files: int | None, directory: Path = CORPUS
 
 def text_documents(paths, split: str, key: str) -> list[tuple[str, str]]:
     """The files matched by globs ``paths`` (recipe key ``key``) that belong to ``split``, as
-    ``(path, text)``; a file that is not UTF-8 text raises ValueError naming ``key``."""
+    ``(path, text)``; a file that is not UTF-8 text raises ConfigError naming ``key``."""
     files = expand_globs(paths, key)
     documents = []
     for position in split_positions(len(files), split):
@@ -67,8 +67,8 @@ def text_documents(paths, split: str, key: str) -> list[tuple[str, str]]:
             with open(files[position], encoding="utf-8") as handle:
                 documents.append((files[position], handle.read()))
         except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"'{key}': cannot read {files[position]!r} as UTF-8 text ({error}); "
-                             f"fix or exclude the file") from error
+            raise ConfigError(f"'{key}': cannot read {files[position]!r} as UTF-8 text ({error}); "
+                              f"fix or exclude the file") from error
     return documents
 
 
@@ -76,7 +76,7 @@ def jsonl_documents(paths, field: str, paths_key: str, field_key: str) -> list[t
     """Every record of the JSON-lines files matched by ``paths``, as ``("file:line", record[field])``.
 
     Blank lines are skipped. A line that is not a JSON object with a string at ``field`` raises
-    ValueError naming the file, the line and the recipe key.
+    ConfigError naming the file, the line and the recipe key.
     """
     documents = []
     for path in expand_globs(paths, paths_key):
@@ -86,22 +86,22 @@ def jsonl_documents(paths, field: str, paths_key: str, field_key: str) -> list[t
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"'{paths_key}': {path}:{number} is not valid JSON ({error}); every "
-                                 f"non-blank line must be one JSON object") from error
+                raise ConfigError(f"'{paths_key}': {path}:{number} is not valid JSON ({error}); every "
+                                  f"non-blank line must be one JSON object") from error
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ValueError(f"'{field_key}': {path}:{number} has no string field {field!r}; set "
-                                 f"{field_key} to the key that holds the text")
+                raise ConfigError(f"'{field_key}': {path}:{number} has no string field {field!r}; set "
+                                  f"{field_key} to the key that holds the text")
             documents.append((f"{path}:{number}", record[field]))
     return documents
 
 
 def _numbered_lines(path: str, key: str):
-    """Yield ``(line number, line)`` of UTF-8 text file ``path``; a read error raises ValueError naming ``key``."""
+    """Yield ``(line number, line)`` of UTF-8 text file ``path``; a read error raises ConfigError naming ``key``."""
     try:
         with open(path, encoding="utf-8") as handle:
             yield from enumerate(handle, start=1)
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"'{key}': cannot read {path!r} as UTF-8 text ({error}); fix or exclude the file") from error
+        raise ConfigError(f"'{key}': cannot read {path!r} as UTF-8 text ({error}); fix or exclude the file") from error
 
 
 def token_stream(texts, tokenizer) -> np.ndarray:
