@@ -70,8 +70,8 @@ def test_a_cut_teacher_shard_names_the_file(teacher_dir, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["model.hidden_size=128"], "model.hidden_size gives 128 here but 64 in the checkpoint (e.g. "
-                                "'embedding.word_embeddings.weight' is [1024, 64] in the checkpoint and [1024, 128] here)"),
+    (["model.hidden_size=128"], "model.hidden_size gives 128 here but 64 in the checkpoint (e.g. 'embedding."
+                                "word_embeddings.weight' is [1024, 64] in the checkpoint and [1024, 128] here)"),
     (["model.num_layers=4"], "model.num_layers gives 4 here but 2 in the checkpoint"),
     (["model.vocab_size=512", "model.moe_ffn_hidden_size=32"],
      "model.vocab_size gives 512 here but 1024 in the checkpoint; model.moe_ffn_hidden_size gives 32 here but 64"),
