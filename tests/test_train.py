@@ -66,11 +66,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, teacher_di
 
 
 def test_shortened_main_job_lowers_the_kl_by_at_least_30_percent(tmp_path):
-    """``make demo`` with 2 layers, 60 teacher and 40 QAD iterations: teacher trained from scratch
-    on the standard library's source, PTQ, QAD (measured: 56 % lower KL, 20 s)."""
+    """``make demo`` with 2 layers and 40 QAD iterations: teacher trained from scratch (120
+    iterations) on the shipped corpus, PTQ, QAD (measured: 77 % lower KL, 15 s; 42 % and 40 % at
+    model.seed 1235 and data.seed 7; a 60-iteration teacher, still unsettled, gave 18 %)."""
     config = load_config(RECIPE, [f"teacher.checkpoint={tmp_path / 'teacher'}", f"checkpoint.save={tmp_path / 'qad'}",
-                                  "model.num_layers=2", "teacher.pretrain_iters=60", "training.train_iters=40",
-                                  "training.eval_iters=2"])
+                                  "model.num_layers=2", "training.train_iters=40", "training.eval_iters=2"])
     summary = run(config)
     assert summary["ptq"]["kl"] > 0
     assert summary["kl_reduction"] == pytest.approx(1 - summary["final"]["kl"] / summary["ptq"]["kl"])
