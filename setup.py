@@ -21,7 +21,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_qad", "megatron_qad.*"]),
-    package_data={"megatron_qad": ["py.typed"]},
+    package_data={"megatron_qad": ["py.typed", "data/corpus/*"]},  # the shipped text corpus
     license="Apache-2.0",
     python_requires=">=3.12",
     install_requires=[

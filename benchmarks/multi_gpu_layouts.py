@@ -10,7 +10,7 @@ Models (small, so a whole comparison runs in minutes on 2 GPUs):
           shared expert, pattern MEME*M*E; hidden 256, 512 tokens), in BF16 on the GPU, with the
           hybrid policy (attention and the Mamba layers feeding it stay BF16)
 
-The first (1-GPU) run trains the teacher from scratch on the standard library's Python source and
+The first (1-GPU) run trains the teacher from scratch on the shipped text corpus and
 saves it; every layout then runs ``megatron-qad train`` from that teacher at the same global batch
 (the data of a step does not depend on the layout), logging every iteration. Layouts: 1 GPU, TP=2
 (sequence parallel), PP=2, and DP=2 (dense; megatron.core's distributed optimizer, checkpoint saved)
@@ -41,7 +41,7 @@ from repeats import MIN_REPEATS, Spread, ratio_claim
 
 STEPS, SHOWN = 10, 5
 COMMON = [f"training.train_iters={STEPS}", "training.log_interval=1", "training.eval_iters=2",
-          "training.lr_warmup_iters=0", "model.params_dtype=bfloat16", "data.sources=[{type: python_stdlib}]",
+          "training.lr_warmup_iters=0", "model.params_dtype=bfloat16", "data.sources=[{type: corpus}]",
           "teacher.pretrain_iters=150", "teacher.pretrain_lr=1.0e-3", "distill.calibration_iters=2"]
 MODELS = {
     "dense": ("configs/qwen2_1p5b_shape.yaml",

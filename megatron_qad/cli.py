@@ -13,8 +13,9 @@ All run as one process (the CPU when no GPU is visible) or under torchrun / the 
 ``scripts/``, where every rank takes its shard and rank 0 prints. ``train`` and ``ptq`` print the
 resolved recipe first and save it next to the checkpoints (``checkpoint.save/config.yaml``).
 
-Exit codes: 0 success, 2 bad command line or invalid recipe (the message says which key and how to
-fix it, without a traceback).
+Exit codes: 0 success, 2 bad command line, invalid recipe or unusable input (a data file, a damaged
+checkpoint or one of another architecture, an output path under a regular file: the one-line message
+says which key or file and how to fix it, without a traceback), 130 interrupted (Ctrl-C).
 """
 
 import argparse
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"megatron-qad: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's convention for SIGINT, 128 + 2
+        print("megatron-qad: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -316,7 +316,7 @@ class CheckpointConfig:
 @dataclass
 class DataConfig:
     """Where tokens come from: ``sources`` is a list of mappings ``{type: ..., weight: ...}`` (see
-    ``megatron_qad.data``: random, python_stdlib, text, jsonl, indexed, teacher_generated);
+    ``megatron_qad.data``: random, corpus, text, jsonl, indexed, teacher_generated);
     ``seed`` fixes sampling; ``cache_dir`` holds generated data (null: next to the checkpoints).
     ``validation_sources``: held-out data for the KL / CE reports (null: the validation split of
     ``sources``), e.g. real text while training on random tokens."""
@@ -372,7 +372,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML recipe, apply ``section.key=value`` overrides, and validate the result.
 
     Override values are parsed with the type of the field they set (``model.hidden_size=128`` is an
-    int, ``model.moe_grouped_gemm=true`` a bool, ``model.moe_ffn_hidden_size=null`` None).
+    int, ``model.moe_grouped_gemm=true`` a bool, ``model.moe_ffn_hidden_size=null`` None). Null
+    (``null``, ``none``, ``~``; in YAML too) sets a field whose type allows None; any other field
+    refuses it, naming its type and default.
     Raises :class:`ConfigError` for a missing or unparsable file, unknown keys, wrong types,
     missing required keys, and inconsistent sizes.
     """
@@ -436,6 +438,8 @@ def _build(cls: type, data: Any, prefix: str, source: str):
     for name, f in fields.items():
         key_path = _key(prefix, name)
         if name in data:
+            if data[name] is None and not _is_optional(hints[name]) and not dataclasses.is_dataclass(hints[name]):
+                raise _null_error(source, key_path, hints[name], f)
             kwargs[name] = _coerce(data[name], hints[name], key_path, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
@@ -464,6 +468,17 @@ def _describe(tp: Any) -> str:
     if _is_optional(tp):
         return _describe(_strip_optional(tp)) + " or null"
     return str(tp)
+
+
+def _null_error(source: str, key_path: str, tp: Any, f: dataclasses.Field) -> ConfigError:
+    """The error for null given to field ``f`` (type ``tp``, not Optional): its type and its default."""
+    if f.default is not dataclasses.MISSING:
+        fix = f"give {_describe(tp)}, or leave the key out for its default ({f.default!r})"
+    elif f.default_factory is not dataclasses.MISSING:
+        fix = f"give {_describe(tp)}, or leave the key out for its default ({f.default_factory()!r})"
+    else:
+        fix = f"give {_describe(tp)}; the key is required"
+    return ConfigError(f"{source}: '{key_path}' cannot be null; {fix}")
 
 
 def _is_optional(tp: Any) -> bool:
@@ -501,6 +516,8 @@ def _coerce(value: Any, tp: Any, key_path: str, source: str) -> Any:
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+_NULL = {"null", "none", "~"}
+"""Override texts that mean null: accepted by Optional fields, refused by the others."""
 
 
 def _apply_override(data: dict, override: str) -> None:
@@ -522,6 +539,9 @@ def _apply_override(data: dict, override: str) -> None:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override '{override}': '{prefix}' is a section; set one of its "
                                   f"keys, e.g. {prefix}.{dataclasses.fields(tp)[0].name}=...")
+            if text.strip().lower() in _NULL and not _is_optional(tp):
+                field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
+                raise _null_error(f"override '{override}'", prefix, tp, field_)
             target[name] = _parse_text(text.strip(), tp, f"override '{override}'", prefix)
             return
         if not dataclasses.is_dataclass(tp):
@@ -538,7 +558,7 @@ def _apply_override(data: dict, override: str) -> None:
 def _parse_text(text: str, tp: Any, source: str, key_path: str) -> Any:
     """Parse override text as field type ``tp``."""
     if _is_optional(tp):
-        if text.lower() in ("null", "none", "~"):
+        if text.lower() in _NULL:
             return None
         return _parse_text(text, _strip_optional(tp), source, key_path)
     try:

@@ -19,9 +19,13 @@ MICRO_BATCHES, MICRO_BATCH_SIZE = 4, 2
 # arithmetic of the models. The reference KL is computed in fp64 from the fp32 logits; the loss
 # computes it in fp32, where each token's KL (~5e-4 here) is a p-weighted sum of differences of
 # log-probabilities of size ~7, so fp32 rounding (~5e-7 per token) leaves ~1e-3 relative error per
-# token and ~3e-5 on the sum over the 200-odd tokens (measured 2.7e-5).
-KL_RTOL = 1e-4
-GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-7
+# token and a few 1e-5 on the sum over the 200-odd tokens. Measured with
+# tests/measure_layout_spread.py at seeds 0-3 (model.seed 1234-1237, micro-batch seeds 0-3; seed 0
+# is the tests'), every layout against its reference: KL at most 5.1e-5 relative (PP=1 and PP=2,
+# seed 1; VPP 5.0e-5, TP=2 4.3e-5, DP=2 4.1e-5, EP=2 7e-7); gradients need at most 9.8e-8
+# absolute at rtol 1e-5 (PP=1 and PP=2 alike, seed 3). Tolerances are >= 3x these.
+KL_RTOL = 2e-4
+GRAD_RTOL, GRAD_ATOL = 1e-5, 4e-7
 
 
 def small_config(*extra):

@@ -1,5 +1,7 @@
 """The recipe loader: strict keys and types, typed overrides, and size checks that name the key."""
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,48 @@ def test_overrides_are_parsed_with_the_field_type():
     assert config.model.moe_ffn_hidden_size is None
     assert config.model.params_dtype == "float32"
     assert config.parallel.sequence_parallel is False
+
+
+def optional_fields() -> list[str]:
+    """Every recipe key whose type allows None, as ``section.key``."""
+    hints = typing.get_type_hints(QADConfig)
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(QADConfig)
+            for f in dataclasses.fields(hints[section.name])
+            if type(None) in typing.get_args(typing.get_type_hints(hints[section.name])[f.name])]
+
+
+def test_every_optional_key_takes_null_from_the_command_line(tmp_path):
+    path = write(tmp_path, {"model": MODEL, "quantization": {"format": "nvfp4"}})
+    keys = optional_fields()
+    assert {"model.moe_ffn_hidden_size", "teacher.checkpoint", "data.validation_sources"} <= set(keys)
+    for key in keys:
+        if key in ("quantization.policy",):  # the recipe's format needs a policy; tested on its own below
+            continue
+        config = load_config(path, [f"{key}=null"])
+        section, name = key.split(".")
+        assert getattr(getattr(config, section), name) is None, key
+    assert "quantization.format sets the format of a built-in policy" in error_of(path, ["quantization.policy=null"])
+    assert load_config(write(tmp_path, {"model": MODEL, "quantization": {"rules": [
+        {"kinds": ["mlp"], "weight": "nvfp4"}]}}), ["quantization.policy=~"]).quantization.policy is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.num_moe_experts=null",
+     "'model.num_moe_experts' cannot be null; give an integer, or leave the key out for its default (0)"),
+    ("model.hybrid_layer_pattern=null",  # a string field would otherwise read the text 'null'
+     "'model.hybrid_layer_pattern' cannot be null; give a string, or leave the key out for its default ('')"),
+    ("model.normalization=None", "'model.normalization' cannot be null; give one of 'RMSNorm', 'LayerNorm'"),
+    ("data.sources=~", "'data.sources' cannot be null; give a list, e.g. [{type: random}], or leave the key "
+                       "out for its default ([{'type': 'random'}])"),
+    ("model.vocab_size=null", "'model.vocab_size' cannot be null; give an integer; the key is required"),
+])
+def test_null_for_a_key_that_needs_a_value_names_its_type(tmp_path, override, expected):
+    assert expected in error_of(recipe(tmp_path), [override])
+    section, _, rest = override.partition(".")
+    key, _, _ = rest.partition("=")
+    data = {"model": {**MODEL}}
+    data.setdefault(section, {})[key] = None
+    assert expected.split(";")[0] in error_of(write(tmp_path, data))  # the same refusal in a YAML recipe
 
 
 def test_yaml_int_is_accepted_for_float(tmp_path):

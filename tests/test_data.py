@@ -1,7 +1,9 @@
 """The data pipeline: sources, splits, windows, mixtures, teacher-generated sequences and step batches."""
 
+import hashlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +13,13 @@ import pytest
 import torch
 
 from megatron_qad.data import ByteTokenizer, build_dataset, step_micro_batches, validate_sources
-from megatron_qad.data.documents import stdlib_files
+from megatron_qad.config import ConfigError
+from megatron_qad.data.documents import CORPUS_DIR, corpus_documents, corpus_files
 from megatron_qad.data.mixture import BLOCK
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
-STDLIB = [{"type": "python_stdlib", "max_files": 20}]
+CORPUS = [{"type": "corpus", "max_files": 20}]
 
 
 def same_samples(a, b) -> bool:
@@ -47,35 +50,56 @@ def test_byte_tokenizer():
         tokenizer.decode([300])
 
 
-def test_stdlib_samples_are_deterministic_in_any_process():
+def test_corpus_samples_are_deterministic_in_any_process():
     indices = [0, 1, 17, 123]
-    here = sample_digest(STDLIB, "train", 64, VOCAB, 7, indices)
-    assert here == sample_digest(STDLIB, "train", 64, VOCAB, 7, indices)
-    assert here != sample_digest(STDLIB, "train", 64, VOCAB, 8, indices)
-    code = ("from tests.test_data import STDLIB, VOCAB, sample_digest; "
-            f"print(sample_digest(STDLIB, 'train', 64, VOCAB, 7, {indices}))")
+    here = sample_digest(CORPUS, "train", 64, VOCAB, 7, indices)
+    assert here == sample_digest(CORPUS, "train", 64, VOCAB, 7, indices)
+    assert here != sample_digest(CORPUS, "train", 64, VOCAB, 8, indices)
+    code = ("from tests.test_data import CORPUS, VOCAB, sample_digest; "
+            f"print(sample_digest(CORPUS, 'train', 64, VOCAB, 7, {indices}))")
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert other.stdout.strip() == here
 
 
-def test_stdlib_splits_are_disjoint_documents():
-    files = stdlib_files()
-    assert files == sorted(files) and all(f.endswith(".py") for f in files)
-    assert not any(part in ("site-packages", "test", "tests") for f in files for part in f.split("/"))
-    train = build_dataset([{"type": "python_stdlib"}], "train", 256, VOCAB, 0)
-    validation = build_dataset([{"type": "python_stdlib"}], "validation", 256, VOCAB, 0)
-    assert not set(train.documents) & set(validation.documents)
-    assert set(validation.documents) <= set(files[::50])
-    assert len(validation.documents) >= len(files[::50]) - 2
-    assert set(train.documents) | set(validation.documents) <= set(files)
-    assert len(train.documents) + len(validation.documents) >= len(files) - 5
-    limited = build_dataset([{"type": "python_stdlib", "max_files": 3}], "validation", 256, VOCAB, 0)
-    assert limited.documents == validation.documents[:3]
+@pytest.mark.parametrize("split, documents, tokens, digest", [
+    ("train", 106, 302636, "319960f4"), ("validation", 3, 9363, "3f0809f5")])
+def test_corpus_tokens_are_the_same_on_every_machine(split, documents, tokens, digest):
+    """The shipped corpus, not the interpreter, fixes the tokens: pinned counts (311,890 bytes + one
+    end-of-document token per file) and stream digest."""
+    dataset = build_dataset([{"type": "corpus"}], split, 64, VOCAB, 0)
+    stream = dataset.stream.tokens
+    assert (len(dataset.documents), len(stream)) == (documents, tokens)
+    assert hashlib.sha256(stream.astype("<i4").tobytes()).hexdigest()[:8] == digest
+
+
+def test_corpus_splits_are_disjoint_documents():
+    files = corpus_files()
+    assert len(files) == 109 and files == sorted(files) and all(f.endswith(".py.txt") for f in files)
+    train = build_dataset([{"type": "corpus"}], "train", 256, VOCAB, 0)
+    validation = build_dataset([{"type": "corpus"}], "validation", 256, VOCAB, 0)
+    assert validation.documents == files[::50]
+    assert sorted(train.documents + validation.documents) == files
+    limited = build_dataset([{"type": "corpus", "max_files": 2}], "validation", 256, VOCAB, 0)
+    assert limited.documents == validation.documents[:2]
+
+
+def test_a_changed_or_missing_corpus_file_is_refused(tmp_path):
+    copy = tmp_path / "corpus"
+    shutil.copytree(CORPUS_DIR, copy)
+    name = corpus_files()[1]
+    text = (copy / name).read_bytes()
+    (copy / name).write_bytes(text.replace(b"\n", b"\r\n"))  # what a line-ending conversion does
+    with pytest.raises(ConfigError, match=rf"{name} differs from its SHA-256 in SHA256SUMS"):
+        corpus_documents("train", None, copy)
+    (copy / name).unlink()
+    with pytest.raises(ConfigError, match=rf"the text corpus lacks {name}"):
+        corpus_documents("train", None, copy)
+    assert [doc for doc, _ in corpus_documents("validation", None, copy)] == corpus_files()[::50]
 
 
 def test_windows_are_shifted_by_one_and_cover_the_stream():
     seq_length = 32
-    dataset = build_dataset(STDLIB, "train", seq_length, VOCAB, 3)
+    dataset = build_dataset(CORPUS, "train", seq_length, VOCAB, 3)
     stream = dataset.stream.tokens
     assert len(dataset) == -(-(len(stream) - 1) // seq_length)
     assert sorted(dataset.order.tolist()) == list(range(len(dataset)))
@@ -121,7 +145,7 @@ def test_random_tokens():
 
 
 def test_mixture_proportions_and_reproducibility():
-    sources = [{"type": "random", "weight": 1.0}, {"type": "python_stdlib", "max_files": 20, "weight": 3}]
+    sources = [{"type": "random", "weight": 1.0}, {"type": "corpus", "max_files": 20, "weight": 3}]
     mixture = build_dataset(sources, "train", 32, VOCAB, 5)
     picks = [mixture.source_of(i) for i in range(2000)]
     share = sum(source == 1 for source, _ in picks) / len(picks)
@@ -133,13 +157,13 @@ def test_mixture_proportions_and_reproducibility():
         assert same_samples(mixture[index], mixture.datasets[source][sample])
     again = build_dataset(sources, "train", 32, VOCAB, 5)
     assert all(same_samples(mixture[i], again[i]) for i in range(0, 2000, 37))
-    stdlib_windows = len(mixture.datasets[1])
-    assert abs(len(mixture) - stdlib_windows / 0.75) <= 4
-    assert mixture.source_of(len(mixture))[1] == stdlib_windows
+    corpus_windows = len(mixture.datasets[1])
+    assert abs(len(mixture) - corpus_windows / 0.75) <= 4
+    assert mixture.source_of(len(mixture))[1] == corpus_windows
 
 
 def test_step_micro_batches_do_not_depend_on_the_data_parallel_size():
-    dataset = build_dataset([{"type": "random"}, {"type": "python_stdlib", "max_files": 10}], "train", 16,
+    dataset = build_dataset([{"type": "random"}, {"type": "corpus", "max_files": 10}], "train", 16,
                             VOCAB, 0)
     step, global_batch, micro = 3, 16, 2
     expected = torch.stack([dataset[step * global_batch + row]["tokens"] for row in range(global_batch)])
@@ -298,11 +322,11 @@ def test_teacher_sampler_with_the_wrong_vocabulary_is_rejected():
 
 def test_validate_sources_names_the_key_and_the_fix(tmp_path):
     message = error_of([{"type": "random"}, {"type": "parquet"}])
-    assert "'data.sources[1].type'" in message and "python_stdlib" in message
+    assert "'data.sources[1].type'" in message and "corpus" in message
     message = error_of([{"type": "jsonl", "paths": ["corpus/*.jsonl"]}])
     assert "'data.sources[0].paths'" in message and "no file matches 'corpus/*.jsonl'" in message
     assert "'data.sources[0].paths': missing" in error_of([{"type": "text"}])
-    message = error_of([{"type": "python_stdlib"}], vocab_size=256)
+    message = error_of([{"type": "corpus"}], vocab_size=256)
     assert "'model.vocab_size' is 256" in message and "'byte'" in message and ">= 258" in message
     (tmp_path / "a.txt").write_text("x")
     message = error_of([{"type": "text", "paths": [str(tmp_path / "a.txt")]}], vocab_size=100)
@@ -314,7 +338,7 @@ def test_validate_sources_names_the_key_and_the_fix(tmp_path):
                                                        "tokenizer": str(tmp_path / "no_such_dir")}])
     assert "'data.sources[0].num_sequences'" in error_of([{"type": "teacher_generated", "num_sequences": 1}])
     assert "'data.sources'" in error_of([])
-    validate_sources([{"type": "random", "weight": 2}, {"type": "python_stdlib", "max_files": 3}], VOCAB)
+    validate_sources([{"type": "random", "weight": 2}, {"type": "corpus", "max_files": 3}], VOCAB)
 
 
 def test_too_small_split_is_a_clear_error(tmp_path):

@@ -21,13 +21,18 @@ from megatron_qad.models import build_gpt_model, build_model_chunks, causal_atte
 
 FOUR_LAYERS = ["model.num_layers=4"]
 VPP = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]
-# Data parallelism splits each micro-batch's rows over the ranks: every GEMM sees one row instead
-# of two and the DP all-reduce adds the ranks' fp32 partial gradients, so summation orders differ
-# from one process (as in the EP=2 test of test_distill_pipeline.py).
+# Data parallelism splits each micro-batch's rows over the ranks and the DP all-reduce adds the
+# ranks' fp32 partial gradients, so summation orders differ from the one-row reference (as in the
+# EP=2 test of test_distill_pipeline.py). Measured with tests/measure_layout_spread.py at seeds
+# 0-3 (see KL_RTOL): gradients need at most 6.6e-8 absolute at rtol 1e-4 (15x under DP_ATOL);
+# calibrated amaxes at most 6.8e-7 relative (DP_AMAX_RTOL 4.4x that); the KL is compared at KL_RTOL.
 DP_RTOL, DP_ATOL = 1e-4, 1e-6
+DP_AMAX_RTOL = 3e-6
 # The loss's gradient T * (p_s - p_t) is computed in fp32; the reference differentiates an fp64
 # KL. With calibrated (static) scales the largest gradients here are ~0.25 (dynamic: ~0.13), so
-# fp32 rounding reaches ~1.3e-7 absolute (measured at PP=2 x VPP=2), above GRAD_ATOL.
+# fp32 rounding is larger than GRAD_ATOL allows for: measured at PP=2 x VPP=2 at seeds 0-3, the
+# gradients need at most 9.2e-8 absolute at rtol 1e-5 (5.4x under STATIC_GRAD_ATOL); the
+# calibrated amaxes were equal bit for bit at every seed.
 STATIC_GRAD_ATOL = 5e-7
 
 
@@ -153,25 +158,52 @@ def _dp2_ddp_rank(teacher_state: dict, batches: list, reference_amaxes: dict):
         parallel.destroy()
 
 
-def test_data_parallel_ddp_step_averages_over_the_global_batch(static_reference):
+@pytest.fixture(scope="module")
+def row_reference(static_reference):
+    teacher_state, batches, amaxes, _, _ = static_reference
+    return one_row_kl_and_grads(teacher_state, batches, amaxes)
+
+
+def one_row_kl_and_grads(teacher_state: dict, batches: list, amaxes: dict):
+    """KL and grads of the calibrated student (``amaxes``) in one process, with one row of a
+    micro-batch per forward pass: the GEMM shapes a data-parallel rank of the DP=2 test runs."""
+    cfg = small_config(*FOUR_LAYERS)
+    rows = [{key: value[row:row + 1] for key, value in batch.items()}
+            for batch in batches for row in range(MICRO_BATCH_SIZE)]
+    with single_process(cfg.parallel):
+        teacher = build_gpt_model(cfg.model, cfg.parallel)
+        student = build_gpt_model(cfg.model, cfg.parallel)
+        teacher.load_state_dict(teacher_state)
+        student.load_state_dict(teacher_state)
+        quantize.apply(student, "transformer")
+        student.load_state_dict(amaxes, strict=False)
+        return plain_kl_and_grads(student, teacher, rows)
+
+
+def test_data_parallel_ddp_step_averages_over_the_global_batch(static_reference, row_reference):
     """DP=2, each rank one row of every micro-batch: the calibrated amaxes are MAX-reduced over
     DP, and ``finalize_model_grads`` leaves in every rank's ``main_grad`` the gradient of the KL
     averaged over the non-masked tokens of the whole global batch.
 
-    A GEMM over one row rounds differently from one over two, so 3 of the 56 calibrated amaxes
-    differ from the reference in the last bit; that moves NVFP4 block scales across E4M3 rounding
-    boundaries and changes gradients by up to 1 %. The ranks therefore train with the reference's
-    amaxes, which isolates what DDP and finalize_model_grads do (then within 1e-6 absolute)."""
-    teacher_state, batches, amaxes, ref_kl, ref_grads = static_reference
+    A GEMM over one row rounds differently from one over two. In the calibrated amaxes that is a
+    difference of a few ulps (see DP_AMAX_RTOL; the ranks then train with the reference's
+    amaxes); in the activations it moves NVFP4 inputs across rounding boundaries, which changes
+    the gradients by up to 1 % on some machines and not on others (measured: 1.2e-3 absolute on
+    the embedding, 0.2 % of its norm, at seed 0 on one machine; nothing at seeds 1 to 3): a
+    comparison with the two-row reference depends on the machine's fp32 kernels. The
+    gradients are therefore compared with the one-row reference (``row_reference``), which leaves
+    only the order of the fp32 sums of DDP and the DP all-reduce (see DP_RTOL)."""
+    teacher_state, batches, amaxes, _, _ = static_reference
+    ref_kl, ref_grads = row_reference
     ranks = run_distributed(_dp2_ddp_rank, 2, teacher_state, batches, amaxes, timeout_s=300)
     assert [r["data_parallel_size"] for r in ranks] == [2, 2]
     for r in ranks:
         assert r["amaxes"].keys() == amaxes.keys()
         for key, value in r["amaxes"].items():  # one row per GEMM: activations may differ in the last bit
-            torch.testing.assert_close(value, amaxes[key], rtol=1e-6, atol=0, msg=key)
+            torch.testing.assert_close(value, amaxes[key], rtol=DP_AMAX_RTOL, atol=0, msg=key)
     kl, tokens = (sum(sum_reports(r["reports"])["kl"][i].item() for r in ranks) for i in (0, 1))
     assert tokens == sum(batch["loss_mask"].sum().item() for batch in batches)
-    assert kl == pytest.approx(ref_kl, rel=DP_RTOL)
+    assert kl == pytest.approx(ref_kl, rel=KL_RTOL)
     for r in ranks:
         assert r["plain_grads"] == 0  # DDP accumulated into main_grad
         assert r["grads"].keys() == ref_grads.keys()

@@ -6,6 +6,10 @@ from torchrun_helpers import ROOT, json_lines, torchrun
 
 RECIPE = "configs/tiny_cpu.yaml"
 SMALL = ["model.params_dtype=float32", "model.num_layers=2", "model.seq_length=32"]
+# Two-process runs against the one-process run, measured at model.seed 1234-1237 (1234 is the
+# test's) over both steps: PP=2 gives the same KL bit for bit and the gradient norm to 1.1e-7
+# relative; EP=2 the KL to 3.4e-6 (seed 1235; 0 at the others) and the gradient norm to 1.6e-7.
+KL_RTOL, GRAD_NORM_RTOL = 2e-5, 1e-5
 
 
 def _torchrun(processes: int, script: str, *args: str) -> list[dict]:
@@ -33,5 +37,5 @@ def test_distill_layouts_two_process_run_repeats_the_one_process_run(one_process
     assert [line["step"] for line in one] == [line["step"] for line in two] == [0, 1]
     for a, b in zip(one, two):
         assert a["kl"] > 0
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["kl"] == pytest.approx(a["kl"], rel=KL_RTOL)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=GRAD_NORM_RTOL)

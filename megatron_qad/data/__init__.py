@@ -7,9 +7,9 @@ The recipe's ``data.sources`` is a list of sources, each a mapping with a ``type
 type                keys
 =================== ==================================================================================
 random              (none): uniform random token ids in ``[0, model.vocab_size)``
-python_stdlib       ``max_files`` (optional: read at most that many files of the split): the ``.py``
-                    files of this interpreter's standard library, byte-tokenized; text that exists on
-                    every machine
+corpus              ``max_files`` (optional: read at most that many files of the split): the text
+                    corpus shipped with the package (109 source files of CPython 3.12.1's standard
+                    library, ``data/corpus/``), byte-tokenized; the same bytes on every machine
 arithmetic          ``num_problems`` (default 100000), ``digits`` (default 3), ``seed`` (default 0):
                     distinct addition problems ``"A+B=C\\n"``, one document each, byte-tokenized; a
                     task whose answers can be checked (:mod:`.tasks`)

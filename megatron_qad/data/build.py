@@ -2,7 +2,8 @@
 
 import os
 
-from .documents import jsonl_documents, stdlib_documents, text_documents, token_stream
+from ..config import ConfigError
+from .documents import corpus_documents, jsonl_documents, text_documents, token_stream
 from .indexed import indexed_stream
 from .mixture import Mixture
 from .random_tokens import RandomTokens
@@ -33,7 +34,7 @@ def build_dataset(sources: list[dict], split: str, seq_length: int, vocab_size: 
     validate_sources(sources, vocab_size)
     check_split(split)
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
-        raise ValueError(f"'model.seq_length': must be a positive integer, got {seq_length!r}")
+        raise ConfigError(f"'model.seq_length': must be a positive integer, got {seq_length!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     specs = [with_defaults(spec) for spec in sources]
@@ -59,8 +60,8 @@ def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_siz
     if kind == "indexed":
         stream, documents = indexed_stream(spec["path_prefix"], split, vocab_size, f"{where}.path_prefix")
     else:
-        if kind == "python_stdlib":
-            named_texts, tokenizer = stdlib_documents(split, spec["max_files"]), ByteTokenizer()
+        if kind == "corpus":
+            named_texts, tokenizer = corpus_documents(split, spec["max_files"]), ByteTokenizer()
         elif kind == "arithmetic":
             named_texts, tokenizer = arithmetic_documents(spec, split), ByteTokenizer()
         elif kind == "text":
@@ -73,7 +74,7 @@ def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_siz
         documents = [name for name, _ in named_texts]
         stream = ArrayStream(token_stream([text for _, text in named_texts], tokenizer))
     if len(stream) < 2:
-        raise ValueError(f"'{where}': the {split!r} split has {len(documents)} documents and {len(stream)} "
-                         f"tokens, too few for one sample; documents at positions 0, {HELD_OUT_EVERY}, "
-                         f"{2 * HELD_OUT_EVERY}, ... form the validation split and the rest train: add documents")
+        raise ConfigError(f"'{where}': the {split!r} split has {len(documents)} documents and {len(stream)} "
+                          f"tokens, too few for one sample; documents at positions 0, {HELD_OUT_EVERY}, "
+                          f"{2 * HELD_OUT_EVERY}, ... form the validation split and the rest train: add documents")
     return TokenWindows(stream, seq_length, derive_seed(seed, "windows", index, split), documents)

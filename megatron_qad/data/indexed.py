@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from ..config import ConfigError
 from .splits import split_mask
 
 
@@ -31,7 +32,7 @@ class IndexedStream:
         return int(self.starts[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """int64 tokens ``[start, stop)`` of the stream; ValueError if one is outside ``[0, vocab_size)``."""
+        """int64 tokens ``[start, stop)`` of the stream; ConfigError if one is outside ``[0, vocab_size)``."""
         pieces = []
         item = int(np.searchsorted(self.starts, start, side="right")) - 1
         position = start
@@ -45,9 +46,9 @@ class IndexedStream:
         tokens = np.concatenate(pieces).astype(np.int64)
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
-            raise ValueError(f"'{self.key}': token id {bad} is outside [0, model.vocab_size = {self.vocab_size}); "
-                             f"the dataset was tokenized for another vocabulary: set model.vocab_size to that "
-                             f"tokenizer's size or re-tokenize the data")
+            raise ConfigError(f"'{self.key}': token id {bad} is outside [0, model.vocab_size = {self.vocab_size}); "
+                              f"the dataset was tokenized for another vocabulary: set model.vocab_size to that "
+                              f"tokenizer's size or re-tokenize the data")
         return tokens
 
 

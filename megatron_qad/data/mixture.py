@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from ..config import ConfigError
+
 BLOCK = 10_000
 """Samples per repetition of the schedule; a source's share is exact to within 1 / BLOCK."""
 
@@ -37,9 +39,9 @@ class Mixture:
             counts[source] += 1
         for source, count in enumerate(counts):
             if count == 0:
-                raise ValueError(f"'{weight_keys[source]}': {weights[source]!r} is under 1/{BLOCK} of the total "
-                                 f"weight {float(np.sum(weights))!r}, so the source would never be sampled; "
-                                 f"raise it or remove the source")
+                raise ConfigError(f"'{weight_keys[source]}': {weights[source]!r} is under 1/{BLOCK} of the total "
+                                  f"weight {float(np.sum(weights))!r}, so the source would never be sampled; "
+                                  f"raise it or remove the source")
         self.per_block = [int(count) for count in counts]
         self.length = min(sys.maxsize, *(self._first_repeat(source) for source in range(len(self.datasets))))
 

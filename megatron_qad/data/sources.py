@@ -8,6 +8,7 @@ import glob
 import math
 import os
 
+from ..config import ConfigError
 from .tokenizers import ByteTokenizer, load_tokenizer
 
 REQUIRED = "required"
@@ -16,7 +17,7 @@ REQUIRED = "required"
 COMMON_KEYS = {"type": REQUIRED, "weight": 1.0}
 SOURCE_KEYS = {
     "random": {},
-    "python_stdlib": {"max_files": None},
+    "corpus": {"max_files": None},
     "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0},
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
@@ -42,21 +43,21 @@ def with_defaults(spec: dict) -> dict:
 def expand_globs(patterns, key: str) -> list[str]:
     """The files matched by ``patterns`` (one glob or a list; ``**`` recurses), sorted, without repeats.
 
-    Raises ValueError naming ``key`` when ``patterns`` is not a glob or list of globs, or when one
+    Raises ConfigError naming ``key`` when ``patterns`` is not a glob or list of globs, or when one
     of them matches no file.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     if not isinstance(patterns, (list, tuple)) or not patterns or not all(
             isinstance(pattern, str) and pattern for pattern in patterns):
-        raise ValueError(f"'{key}': must be a file glob or a non-empty list of file globs, got {patterns!r}")
+        raise ConfigError(f"'{key}': must be a file glob or a non-empty list of file globs, got {patterns!r}")
     files = set()
     for pattern in patterns:
         matched = [path for path in glob.glob(os.path.expanduser(pattern), recursive=True)
                    if os.path.isfile(path)]
         if not matched:
-            raise ValueError(f"'{key}': no file matches {pattern!r}; fix the glob (relative globs start in "
-                             f"the working directory {os.getcwd()}) or remove it")
+            raise ConfigError(f"'{key}': no file matches {pattern!r}; fix the glob (relative globs start in "
+                              f"the working directory {os.getcwd()}) or remove it")
         files.update(matched)
     return sorted(files)
 
@@ -66,62 +67,62 @@ def validate_sources(sources: list[dict], vocab_size: int) -> None:
 
     Checks each source's type, keys and values, that its globs match files, that an indexed
     dataset's ``.bin`` and ``.idx`` exist and that its tokenizer fits in the vocabulary. Raises
-    ValueError naming the offending key path and the fix; returns None.
+    ConfigError naming the offending key path and the fix; returns None.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"'model.vocab_size': must be a positive integer, got {vocab_size!r}")
+        raise ConfigError(f"'model.vocab_size': must be a positive integer, got {vocab_size!r}")
     if not isinstance(sources, (list, tuple)) or not sources:
-        raise ValueError(f"'data.sources': must be a non-empty list of sources (mappings with a 'type'), "
-                         f"got {sources!r}")
+        raise ConfigError(f"'data.sources': must be a non-empty list of sources (mappings with a 'type'), "
+                          f"got {sources!r}")
     for index, spec in enumerate(sources):
         _check_source(spec, f"data.sources[{index}]", vocab_size)
 
 
 def _check_source(spec, where: str, vocab_size: int) -> None:
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"'{where}': must be a mapping with a 'type' key, one of "
-                         f"{', '.join(SOURCE_KEYS)}; got {spec!r}")
+        raise ConfigError(f"'{where}': must be a mapping with a 'type' key, one of "
+                          f"{', '.join(SOURCE_KEYS)}; got {spec!r}")
     kind = spec["type"]
     if not isinstance(kind, str) or kind not in SOURCE_KEYS:
-        raise ValueError(f"'{where}.type': unknown source type {kind!r}; expected one of "
-                         f"{', '.join(SOURCE_KEYS)}")
+        raise ConfigError(f"'{where}.type': unknown source type {kind!r}; expected one of "
+                          f"{', '.join(SOURCE_KEYS)}")
     allowed = {**COMMON_KEYS, **SOURCE_KEYS[kind]}
     for key in spec:
         if key not in allowed:
-            raise ValueError(f"'{where}.{key}': unknown key for a {kind!r} source; its keys are "
-                             f"{', '.join(sorted(allowed))}")
+            raise ConfigError(f"'{where}.{key}': unknown key for a {kind!r} source; its keys are "
+                              f"{', '.join(sorted(allowed))}")
     for key, default in allowed.items():
         if default is REQUIRED and key not in spec:
-            raise ValueError(f"'{where}.{key}': missing; a {kind!r} source needs {key} ({KEY_HELP[key]})")
+            raise ConfigError(f"'{where}.{key}': missing; a {kind!r} source needs {key} ({KEY_HELP[key]})")
     for key, value in with_defaults(spec).items():
         if key in _CHECKS:
             _CHECKS[key](value, f"{where}.{key}", vocab_size)
-    if kind in ("python_stdlib", "arithmetic"):
+    if kind in ("corpus", "arithmetic"):
         check_tokenizer_fits(ByteTokenizer(), f"{where}.type", vocab_size)
     if kind == "arithmetic":
         _check_problem_count(spec, where)
 
 
 def check_tokenizer_fits(tokenizer, key: str, vocab_size: int) -> None:
-    """Raise ValueError unless ``tokenizer`` has an end-of-document token and fits in ``vocab_size``."""
+    """Raise ConfigError unless ``tokenizer`` has an end-of-document token and fits in ``vocab_size``."""
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"'model.vocab_size' is {vocab_size} but the tokenizer {tokenizer.name!r} of '{key}' "
-                         f"has {tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}")
+        raise ConfigError(f"'model.vocab_size' is {vocab_size} but the tokenizer {tokenizer.name!r} of '{key}' "
+                          f"has {tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}")
     if tokenizer.eod_id is None:
-        raise ValueError(f"'{key}': the tokenizer {tokenizer.name!r} has no EOS token to end documents with; "
-                         f"use a tokenizer that defines eos_token")
+        raise ConfigError(f"'{key}': the tokenizer {tokenizer.name!r} has no EOS token to end documents with; "
+                          f"use a tokenizer that defines eos_token")
 
 
 def _check_weight(value, key: str, vocab_size: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"'{key}': must be a number > 0 (a source's share of the samples is its weight "
-                         f"over the sum of weights), got {value!r}")
+        raise ConfigError(f"'{key}': must be a number > 0 (a source's share of the samples is its weight "
+                          f"over the sum of weights), got {value!r}")
 
 
 def _positive_int(minimum: int, meaning: str):
     def check(value, key: str, vocab_size: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"'{key}': must be an integer >= {minimum} ({meaning}), got {value!r}")
+            raise ConfigError(f"'{key}': must be an integer >= {minimum} ({meaning}), got {value!r}")
     return check
 
 
@@ -152,7 +153,7 @@ def _check_problem_count(spec: dict, where: str) -> None:
 
 def _check_text(value, key: str, vocab_size: int) -> None:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"'{key}': must be a non-empty string, got {value!r}")
+        raise ConfigError(f"'{key}': must be a non-empty string, got {value!r}")
 
 
 def _check_optional_text(value, key: str, vocab_size: int) -> None:
@@ -178,8 +179,8 @@ def _check_path_prefix(value, key: str, vocab_size: int) -> None:
     prefix = os.path.expanduser(value)
     for suffix in (".bin", ".idx"):
         if not os.path.isfile(prefix + suffix):
-            raise ValueError(f"'{key}': {prefix + suffix!r} does not exist; give the prefix of an indexed "
-                             f"dataset written by Megatron's preprocess_data.py (PREFIX.bin and PREFIX.idx)")
+            raise ConfigError(f"'{key}': {prefix + suffix!r} does not exist; give the prefix of an indexed "
+                              f"dataset written by Megatron's preprocess_data.py (PREFIX.bin and PREFIX.idx)")
 
 
 _CHECKS = {

@@ -19,6 +19,7 @@ import socket
 
 import torch
 
+from ..config import ConfigError
 from .documents import jsonl_documents
 from .samples import make_sample, wrapped_index
 from .seeds import generator
@@ -71,8 +72,8 @@ def start_tokens(spec: dict, where: str, seq_length: int) -> list[list[int]]:
     prompts = [text for _, text in jsonl_documents(spec["prompts"], spec["field"], f"{where}.prompts",
                                                    f"{where}.field")]
     if not prompts:
-        raise ValueError(f"'{where}.prompts': the files hold no prompt (every line is blank); add prompts or "
-                         f"remove the key to start every sequence from BOS")
+        raise ConfigError(f"'{where}.prompts': the files hold no prompt (every line is blank); add prompts or "
+                          f"remove the key to start every sequence from BOS")
     return [([tokenizer.bos_id] + tokenizer.encode(prompts[i % len(prompts)]))[:seq_length]
             for i in range(spec["num_sequences"])]
 

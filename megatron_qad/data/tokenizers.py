@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from ..config import ConfigError
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0-255 are the bytes, 256 ends a document, 257 begins a sequence."""
@@ -73,8 +75,8 @@ def load_tokenizer(spec: str, key: str):
     if spec == "byte":
         return ByteTokenizer()
     if not isinstance(spec, str) or not os.path.isdir(os.path.expanduser(spec)):
-        raise ValueError(f"'{key}': {spec!r} is neither 'byte' nor an existing directory; give 'byte' or "
-                         f"the directory of a Hugging Face tokenizer (its tokenizer.json / tokenizer_config.json)")
+        raise ConfigError(f"'{key}': {spec!r} is neither 'byte' nor an existing directory; give 'byte' or "
+                          f"the directory of a Hugging Face tokenizer (its tokenizer.json / tokenizer_config.json)")
     return _load_hf(os.path.realpath(os.path.expanduser(spec)))
 
 

@@ -30,6 +30,7 @@ def export(config: QADConfig) -> Path:
     from .. import parallel, quantize
     from ..models import DTYPES, build_model
     from ..train import checkpointing
+    from ..train.preflight import check_output_dir
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("export runs as one process (it gathers every shard); start it without torchrun")
@@ -38,13 +39,14 @@ def export(config: QADConfig) -> Path:
                                  context_parallel_size=1)
     model_cfg = dataclasses.replace(config.model, transformer_impl="local", moe_grouped_gemm=False)
     source = checkpointing.student_checkpoint(config.checkpoint.save)
+    out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
+    check_output_dir(out_dir, "export.dir")  # before the model is built and loaded
     context = parallel.initialize(single, seed=config.model.seed)
     try:
         model = build_model(model_cfg, single, context.device)
         hf_config(model_cfg, model.config)  # ConfigError for what the HF architecture cannot hold, before loading
         quantize.apply(model, config.quantization.to_policy())
         checkpointing.load_model([model], source)
-        out_dir = config.export.dir or Path(config.checkpoint.save) / "hf_nvfp4"
         return write_checkpoint(model, model_cfg, out_dir, DTYPES[config.export.dtype],
                                 max_shard_bytes=int(config.export.max_shard_gib * 2**30),
                                 export_format=config.export.format)

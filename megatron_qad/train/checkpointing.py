@@ -27,6 +27,7 @@ where the checkpoint has none.
 """
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from ..config import ConfigError
 from ..distill import TeacherStudentStage, innermost
+from .checkpoint_checks import check_checkpoint_files, check_fits_model
+
 
 def bare_model(chunk: torch.nn.Module) -> torch.nn.Module:
     """The megatron.core model inside ``chunk``: under DDP (``.module``) and, for a teacher-student
@@ -112,18 +115,27 @@ def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
 
     ``strict=False`` skips tensors the checkpoint does not have (a BF16 teacher's weights loaded
     into a quantized student keep the student's amax buffers). The checkpoint may come from a
-    model of the other layer spec (see the module doc)."""
+    model of the other layer spec (see the module doc). Before anything is read, ConfigError names
+    a missing or cut file of the checkpoint, or the recipe keys whose values disagree with the
+    shapes of its tensors (:mod:`.checkpoint_checks`)."""
     directory = resolve_checkpoint(directory)
+    check_checkpoint_files(directory)
     state = _model_state(chunks)
-    saved_keys = {value.key for value in load_sharded_metadata(str(directory)).values()}
+    saved = load_sharded_metadata(str(directory))
+    saved_keys = {value.key for value in saved.values()}
     lacking = {}
     for name, chunk_state in state.items():
         _read_under_spec_aliases(chunk_state, saved_keys)
         lacking[name] = _lacking_extra_states(chunk_state, saved_keys)
+        check_fits_model(chunk_state, saved, directory, strict)
         kept = {key: value for key, value in chunk_state.items()
                 if key not in lacking[name] and (strict or getattr(value, "key", None) in saved_keys)}
         state[name] = kept
-    loaded = dist_checkpointing.load(state, str(directory))
+    try:
+        loaded = dist_checkpointing.load(state, str(directory))
+    except (EOFError, pickle.UnpicklingError) as error:  # a file garbled inside, not cut short
+        raise ConfigError(f"checkpoint '{directory}' is damaged: a file of it cannot be read "
+                          f"({type(error).__name__}: {error}); copy it again or re-create it") from None
     for index, chunk in enumerate(chunks):
         name = f"model{index}"
         result = bare_model(chunk).load_state_dict(loaded[name], strict=False)

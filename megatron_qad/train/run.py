@@ -29,9 +29,9 @@ import yaml
 from .. import parallel
 from ..config import QADConfig, to_dict
 from .arguments import recipe_to_argv
-from .checkpointing import student_checkpoint
+from .checkpointing import MEGATRON_LATEST, resolve_checkpoint, student_checkpoint
 from .megatron import run_pretrain
-from .preflight import check_runnable
+from .preflight import check_runnable, check_teacher_checkpoint
 
 
 def _uses_gpu() -> bool:
@@ -60,12 +60,6 @@ def _resolved_recipe(config: QADConfig) -> str:
     return handle.name
 
 
-def teacher_exists(directory: str) -> bool:
-    """Whether ``directory`` holds a checkpoint (Megatron-LM layout or a bare dist checkpoint)."""
-    path = Path(directory)
-    return (path / "latest_checkpointed_iteration.txt").is_file() or (path / "metadata.json").is_file()
-
-
 def _without_load(argv: list[str]) -> list[str]:
     """``argv`` without ``--load DIR`` (PTQ and evaluation resume no training state)."""
     if "--load" not in argv:
@@ -78,6 +72,9 @@ def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> d
     """Run ``config`` in ``mode``; see the module docstring."""
     device = torch.device("cuda" if _uses_gpu() else "cpu")
     check_runnable(config, device)
+    check_teacher_checkpoint(config)
+    if config.checkpoint.save and config.checkpoint.resume and (Path(config.checkpoint.save) / MEGATRON_LATEST).is_file():
+        resolve_checkpoint(config.checkpoint.save)  # a damaged tracker is named before Megatron reads it
     if config.parallel.tensor_model_parallel_size > 1 or config.parallel.context_parallel_size > 1:
         # Megatron's requirement for overlapping TP / CP communication before Blackwell GPUs; it
         # must be set before CUDA starts in this process (it does not start before this).
@@ -89,7 +86,7 @@ def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> d
 
 
 def _run(config: QADConfig, mode: str, common: dict) -> dict:
-    if mode != "eval" and not teacher_exists(config.teacher.checkpoint) and config.teacher.pretrain_iters:
+    if check_teacher_checkpoint(config) and mode != "eval":
         run_pretrain(recipe_to_argv(config, mode="teacher", **common))
     argv = recipe_to_argv(config, **common)
     if mode == "ptq":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Mamba-2 kernels for a GPU machine that cannot build CUDA extensions or reach PyPI.
+# Mamba-2 kernels for a GPU machine that cannot build CUDA extensions or reach a package index.
 #
-#   scripts/wheels/mamba_ssm.sh OUT_DIR [VERSION]      # on a machine with internet and torch
+#   scripts/wheels/mamba_ssm.sh OUT_DIR [VERSION]      # where pip reaches an index and torch is installed
 #
 # Writes OUT_DIR/mamba_ssm-VERSION-py3-none-any.whl: mamba-ssm built without its CUDA extensions
 # (MAMBA_SKIP_CUDA_BUILD), i.e. its Triton kernels only, which is what megatron.core's MambaMixer
@@ -20,18 +20,13 @@ python=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
-"$python" - "$version" "$work" <<'PY'
-import json, sys, urllib.parse, urllib.request
-version, work = sys.argv[1:]
-index = "https://pypi.org/pypi/mamba-ssm/json"
-project = json.load(urllib.request.urlopen(index))
-sdist = next(u for u in project["releases"][version] if u["packagetype"] == "sdist")
-urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), f"{work}/mamba_ssm.tar.gz")
-PY
-tar -xzf "$work/mamba_ssm.tar.gz" -C "$work"
-# FORCE_BUILD: build here instead of downloading a prebuilt CUDA wheel from GitHub.
-MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
-  "$python" -m pip wheel --no-deps --no-build-isolation -w "$out" "$work"/mamba_ssm-"$version"
+# MAMBA_SKIP_CUDA_BUILD: no CUDA extensions (Triton kernels only); MAMBA_FORCE_BUILD: build here
+# instead of fetching a prebuilt CUDA wheel. Both apply to the metadata step of the download too,
+# which runs the sdist's setup.py against the torch installed here (no build isolation).
+export MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE
+"$python" -m pip download --no-deps --no-binary mamba-ssm --no-build-isolation -d "$work" \
+  "mamba-ssm==$version"
+"$python" -m pip wheel --no-deps --no-build-isolation -w "$out" "$work"/mamba_ssm-"$version".tar.gz
 cat > "$out/selective_scan_cuda.py" <<'PY'
 """Stands in for mamba-ssm's Mamba-1 CUDA extension in a Triton-only build (mamba_ssm imports it
 eagerly; Mamba2 never calls it). Any use raises ImportError."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Transformer Engine for a GPU machine without internet whose file transfers are size-limited.
 #
-#   scripts/wheels/transformer_engine.sh fetch DIR [PART_MIB]   # on a machine with internet
+#   scripts/wheels/transformer_engine.sh fetch DIR [PART_MIB]   # where pip reaches an index (torch installed)
 #   scripts/wheels/transformer_engine.sh install DIR SITE       # on the GPU machine (nvcc, torch, pip)
 #
 # fetch writes to DIR, for TE $TE_VERSION (default 2.20.2) and CUDA $TE_CUDA (default 13, torch cu13):
@@ -34,14 +34,9 @@ fetch() {
   "$python" -m pip download "${wheel_args[@]}" -d "$dir" "transformer_engine==$version" "$core==$version" \
       "nvidia-cudnn-frontend>=1.29"
   "$python" -m pip download "${wheel_args[@]}" -d "$dir/deps" einops onnx onnxscript onnx_ir ml_dtypes protobuf
-  "$python" - "$version" "$dir" <<'PY'
-import json, sys, urllib.parse, urllib.request
-version, out = sys.argv[1:]
-index = "https://pypi.org/pypi/transformer-engine-torch/json"
-files = json.load(urllib.request.urlopen(index))["releases"][version]
-sdist = next(f for f in files if f["packagetype"] == "sdist")
-urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), f"{out}/{sdist['filename']}")
-PY
+  # The extension's source: its metadata step runs setup.py against the torch installed here.
+  "$python" -m pip download --no-deps --no-binary transformer-engine-torch --no-build-isolation -d "$dir" \
+      "transformer_engine_torch==$version"
   local wheel
   wheel=$(ls "$dir"/"$core"-"$version"-*.whl)
   (cd "$dir" && sha256sum "$(basename "$wheel")" > "$core.sha256")

@@ -1,0 +1,159 @@
+"""Faults of the input a run is given end in one line naming the file or the recipe key, never in a
+traceback: a cut teacher shard, a teacher of another architecture, an existing but empty teacher
+directory, an export directory under a regular file, a malformed JSON-lines record, and Ctrl-C.
+
+The checkpoints are real megatron.core dist checkpoints of a 2-layer tiny GPT-MoE (hidden 64),
+written once per module by ``checkpointing.save_model``."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_helpers import single_process
+from megatron_qad.cli import main
+from megatron_qad.config import ConfigError, load_config
+from megatron_qad.models import build_model_chunks
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
+         "model.moe_shared_expert_intermediate_size=64", "model.seq_length=32"]
+
+
+def chunks_of(*overrides):
+    config = load_config(TINY, [*SMALL, *overrides])
+    return build_model_chunks(config.model, config.parallel, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A dist checkpoint of the SMALL model (what ``teacher.pretrain_iters`` would leave)."""
+    from megatron_qad.train import checkpointing
+
+    directory = tmp_path_factory.mktemp("faults") / "teacher"
+    with single_process():
+        checkpointing.save_model(chunks_of(), directory)
+    return directory
+
+
+def copy_of(directory: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / directory.name
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def test_a_cut_teacher_shard_names_the_file(teacher_dir, tmp_path):
+    from megatron_qad.train import checkpointing
+    from megatron_qad.train.preflight import check_teacher_checkpoint
+
+    damaged = copy_of(teacher_dir, tmp_path)
+    shard = damaged / "__0_0.distcp"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as handle:
+        handle.truncate(size // 2)
+    expected = f"checkpoint '{damaged}' is damaged: {shard} has {size // 2} bytes but its index needs {size}"
+    config = load_config(TINY, [*SMALL, f"teacher.checkpoint={damaged}"])
+    with pytest.raises(ConfigError, match="^" + expected.replace(".", r"\.")):
+        check_teacher_checkpoint(config)  # before any model is built
+    with single_process(), pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        checkpointing.load_model(chunks_of(), damaged)  # today an EOFError in torch's unpickler
+    (damaged / ".metadata").write_bytes((damaged / ".metadata").read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"is damaged: its index .*\.metadata cannot be read"):
+        check_teacher_checkpoint(config)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.hidden_size=128"], "model.hidden_size gives 128 here but 64 in the checkpoint (e.g. 'embedding."
+                                "word_embeddings.weight' is [1024, 64] in the checkpoint and [1024, 128] here)"),
+    (["model.num_layers=4"], "model.num_layers gives 4 here but 2 in the checkpoint"),
+    (["model.vocab_size=512", "model.moe_ffn_hidden_size=32"],
+     "model.vocab_size gives 512 here but 1024 in the checkpoint; model.moe_ffn_hidden_size gives 32 here but 64"),
+    (["model.num_moe_experts=0"], "holds another architecture than the recipe's model: it has no tensor "
+                                  "'decoder.layers.mlp.linear_fc1.weight'"),
+])
+def test_a_teacher_of_another_architecture_names_the_recipe_keys(teacher_dir, overrides, expected):
+    from megatron_qad.train import checkpointing
+
+    with single_process(), pytest.raises(ConfigError) as info:
+        checkpointing.load_model(chunks_of(*overrides), teacher_dir)
+    assert expected in str(info.value) and str(teacher_dir) in str(info.value)
+    if "num_moe_experts" in overrides[0]:
+        assert "set model.num_moe_experts" in str(info.value)
+
+
+def test_the_teacher_checkpoint_is_trained_only_where_no_directory_exists(teacher_dir, tmp_path):
+    from megatron_qad.train.preflight import check_teacher_checkpoint
+
+    def check(path, pretrain_iters=100):
+        config = load_config(TINY, [*SMALL, f"teacher.checkpoint={path}", f"teacher.pretrain_iters={pretrain_iters}"])
+        return check_teacher_checkpoint(config)
+
+    assert check(teacher_dir) is False  # a complete checkpoint is loaded, never trained over
+    assert check(tmp_path / "new" / "teacher") is True
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^'teacher.checkpoint' \(.*empty\) is empty: it is not a megatron.core "
+                                          r"dist checkpoint\. Point it at one, or remove the directory"):
+        check(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"\(.*other\) holds no metadata.json"):
+        check(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"does not exist; point it at the teacher's dist checkpoint, or set "
+                                          r"teacher.pretrain_iters > 0"):
+        check(tmp_path / "missing", pretrain_iters=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"is a file, not a dist checkpoint directory"):
+        check(tmp_path / "file")
+    with pytest.raises(ConfigError, match=rf"^'teacher.checkpoint' \({tmp_path / 'file' / 'teacher'}\) lies under "
+                                          rf"{tmp_path / 'file'}, which is a regular file"):
+        check(tmp_path / "file" / "teacher")
+    with pytest.raises(ConfigError, match="'teacher.checkpoint' is not set"):
+        check_teacher_checkpoint(load_config(TINY, [*SMALL, "teacher.checkpoint=null"]))
+
+
+def test_an_export_dir_under_a_regular_file_exits_2_before_loading(teacher_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(teacher_dir, run / "ptq")  # a model checkpoint where export looks for the student
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "hf"
+    assert main(["export", TINY, *SMALL, f"checkpoint.save={run}", f"export.dir={out}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"megatron-qad: error: 'export.dir' ({out}) lies under {tmp_path / 'file'}, which is "
+                            f"a regular file, not a directory; choose another export.dir\n")
+    assert captured.out == ""
+
+
+def test_a_malformed_jsonl_line_exits_2_naming_the_file_and_line(teacher_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one document"}\n{"text": "cut short\n{"text": "three"}\n')
+    code = main(["train", TINY, *SMALL, f"teacher.checkpoint={teacher_dir}", f"checkpoint.save={tmp_path / 'run'}",
+                 f"data.sources=[{{type: jsonl, paths: ['{data}']}}]", "training.train_iters=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"megatron-qad: error: 'data.sources[0].paths': {data}:2 is not valid JSON (")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_ctrl_c_prints_interrupted_and_exits_130(tmp_path):
+    """SIGINT once the recipe is printed (the run is then building or training its teacher)."""
+    command = [sys.executable, "-m", "megatron_qad.cli", "train", TINY, *SMALL,
+               f"teacher.checkpoint={tmp_path / 'teacher'}", f"checkpoint.save={tmp_path / 'run'}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
+    try:
+        assert process.stdout.readline().startswith("config ")
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "megatron-qad: interrupted"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
