@@ -288,6 +288,10 @@ def hf_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dic
     biases) or Qwen2-MoE. ``megatron_config``: the student's megatron.core ``TransformerConfig``,
     whose MoE routing settings (from the recipe's ``model.moe_router_*``) decide the Nemotron-H and
     Qwen2-MoE routing keys. Raises ConfigError for a model the target architecture cannot hold."""
+    if model_cfg.heterogeneous_layers_config is not None:
+        raise ConfigError("'model.heterogeneous_layers_config' is set: this DeciLM model's blocks cannot be "
+                          "exported yet (the export writes Llama, Qwen2, Qwen2-MoE and Nemotron-H "
+                          "checkpoints, whose layers are all alike)")
     if model_cfg.is_hybrid:
         return _nemotron_h_config(model_cfg, megatron_config)
     return _gpt_config(model_cfg, megatron_config)
