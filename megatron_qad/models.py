@@ -3,7 +3,7 @@
 
 DeciLM models (``model.heterogeneous_layers_config``: Llama-Nemotron-Super's blocks with their own
 attention groups and MLP widths, linear replacements and no-op parts) are GPT models built from
-megatron.core's heterogeneous local spec (:func:`heterogeneous_block_spec`).
+megatron.core's heterogeneous local spec (:func:`~megatron_qad.heterogeneous.heterogeneous_block_spec`).
 
 GPT models use megatron.core's Transformer Engine spec with ``model.transformer_impl:
 transformer_engine`` (GPU only). Otherwise models use its local layer spec, with two adjustments that are
@@ -46,7 +46,6 @@ from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                       get_gpt_layer_local_submodules,
                                                       get_gpt_layer_with_transformer_engine_spec,
                                                       get_mlp_module_spec_for_backend)
-from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -66,6 +65,7 @@ from megatron.core.transformer.transformer_layer import (MoETransformerLayer, Tr
                                                          TransformerLayerSubmodules)
 
 from .config import HYBRID_PIPE, ConfigError, ModelConfig, ParallelConfig
+from .heterogeneous import heterogeneous_block_spec
 
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "squared_relu": (squared_relu, False)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -198,9 +198,9 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
                    vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """This pipeline stage's layers: local-spec ones with sequence-parallel-capable norms, or
     (``model.transformer_impl: transformer_engine``) megatron.core's Transformer Engine spec, or
-    (``model.heterogeneous_layers_config``) :func:`heterogeneous_block_spec`."""
+    (``model.heterogeneous_layers_config``) :func:`~megatron_qad.heterogeneous.heterogeneous_block_spec`."""
     if model_cfg.heterogeneous_layers_config is not None:
-        return heterogeneous_block_spec(config, vp_stage)
+        return heterogeneous_block_spec(config, sequence_parallel_torch_norm, vp_stage)
     layers = get_num_layers_to_build(config, vp_stage)
     if model_cfg.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
@@ -218,34 +218,6 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
                                      pre_mlp_layernorm=sequence_parallel_torch_norm)
     layer = dataclasses.replace(layer, submodules=submodules)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=sequence_parallel_torch_norm)
-
-
-def heterogeneous_block_spec(config: HeterogeneousTransformerConfig,
-                             vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers of a DeciLM model: megatron.core's own heterogeneous local spec
-    (``get_gpt_heterogeneous_layer_spec(use_te=False)``) with :func:`sequence_parallel_torch_norm`
-    for its norms.
-
-    megatron.core's spec gives each layer, from its block: ``SelfAttention`` (local linear and
-    ``DotProductAttention`` modules, the block's K/V groups), one ``ColumnParallelLinearGathered``
-    (hidden -> hidden, output gathered back to the residual's layout) in place of attention or of the
-    MLP, or ``IdentityOp`` for a part that is nothing, whose norm is ``IdentityOp`` too; an MLP gets
-    its block's width from ``config.get_config_for_layer``. Its norms are ``WrappedTorchNorm``, which
-    refuses sequence parallelism; the norms that exist become sequence-parallel-capable torch norms
-    (same class, same parameter names). The spec's checkpoint key map is kept: as in the local GPT
-    spec, norms are saved under the names of Transformer Engine's fused ones.
-    """
-    block = get_gpt_heterogeneous_layer_spec(config, use_te=False, vp_stage=vp_stage)
-
-    def norm(spec):
-        return spec if spec is IdentityOp else sequence_parallel_torch_norm
-
-    layer_specs = []
-    for layer in block.layer_specs:
-        submodules = dataclasses.replace(layer.submodules, input_layernorm=norm(layer.submodules.input_layernorm),
-                                         pre_mlp_layernorm=norm(layer.submodules.pre_mlp_layernorm))
-        layer_specs.append(dataclasses.replace(layer, submodules=submodules))
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=sequence_parallel_torch_norm)
 
 
 class LocalNormHybridStack(HybridStack):
