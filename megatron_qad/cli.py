@@ -4,7 +4,10 @@
   ``ptq``      calibrate the student and evaluate it against the teacher (no training);
   ``eval``     the run's newest student against the teacher: KL, CE, top-1, per-layer weight error;
   ``export``   the run's newest student as an NVFP4 Hugging Face checkpoint (one process);
-  ``inspect``  build the student and print its quantization report.
+  ``inspect``  build the student and print its quantization report;
+
+and ``import HF_DIR --out DIR [--recipe BASE.yaml]``: a Hugging Face checkpoint as the dist
+checkpoint ``teacher.checkpoint: DIR`` loads, with its recipe's model section (``DIR/model.yaml``).
 
 All run as one process (the CPU when no GPU is visible) or under torchrun / the launchers in
 ``scripts/``, where every rank takes its shard and rank 0 prints. ``train`` and ``ptq`` print the
@@ -49,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("config", help="YAML recipe, e.g. configs/tiny_cpu.yaml")
         command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                              help="recipe overrides, e.g. training.train_iters=50")
+    importer = commands.add_parser(
+        "import", help="convert a Hugging Face checkpoint into a teacher checkpoint and its model section",
+        description="Read a Hugging Face checkpoint (config.json + safetensors), write the megatron.core dist "
+                    "checkpoint that 'teacher.checkpoint: DIR' loads, DIR/model.yaml (the recipe's model "
+                    "section) and, with --recipe, DIR/recipe.yaml (the base recipe with that model). One process.")
+    importer.add_argument("hf_dir", help="Hugging Face checkpoint directory")
+    importer.add_argument("--out", required=True, help="new (or empty) output directory")
+    importer.add_argument("--recipe", help="base recipe whose other sections recipe.yaml keeps")
+    importer.add_argument("--params-dtype", choices=("bfloat16", "float32"),
+                          help="dtype of the written weights (default: the base recipe's, else float32 for a "
+                               "float32 checkpoint and bfloat16 otherwise)")
     return parser
 
 
@@ -104,6 +118,15 @@ def run_export(config_path: str, overrides: list[str]) -> None:
     print(f"exported {export(config)}")
 
 
+def run_import(hf_dir: str, out: str, recipe: str | None, params_dtype: str | None) -> None:
+    """``import``: convert the checkpoint at ``hf_dir``; print what was written."""
+    from .hf_import import import_checkpoint
+
+    result = import_checkpoint(hf_dir, out, base_recipe=recipe, params_dtype=params_dtype)
+    print(f"imported {hf_dir} ({result.family}, {result.model.params_dtype}) -> {result.directory}")
+    print(f"model section: {result.model_yaml}" + (f"; recipe: {result.recipe_yaml}" if result.recipe_yaml else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]); return the exit code."""
     try:
@@ -115,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             run_inspect(args.config, args.overrides)
         elif args.command == "export":
             run_export(args.config, args.overrides)
+        elif args.command == "import":
+            run_import(args.hf_dir, args.out, args.recipe, args.params_dtype)
         else:
             run_training(args.command, args.config, args.overrides)
     except ConfigError as err:

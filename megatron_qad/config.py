@@ -55,7 +55,12 @@ class ModelConfig:
     Routing: ``moe_router_score_function`` "softmax" (megatron.core's default) or "sigmoid"
     (Nemotron-H / Nemotron 3 Nano, DeepSeek-V3), ``moe_router_enable_expert_bias`` adds a per-expert
     bias to the scores that pick the top-k (sigmoid only; saved in checkpoints),
-    ``moe_router_topk_scaling_factor`` multiplies the routing weights (None: 1), and
+    ``moe_router_topk_scaling_factor`` multiplies the routing weights (None: 1),
+    ``moe_router_pre_softmax`` (softmax only) takes the top-k of the softmax over all experts without
+    renormalising them (Qwen2-MoE's ``norm_topk_prob: false``; false: softmax over the top-k logits),
+    ``moe_router_num_groups`` / ``moe_router_group_topk`` (null: none) limit each token's experts to
+    the ``moe_router_group_topk`` groups (of ``moe_router_num_groups`` equal groups) with the largest
+    sums of their top-(topk / group_topk) scores (DeepSeek-V3's ``n_group`` / ``topk_group``), and
     ``moe_router_bias_update_rate`` is the step of megatron.core's aux-loss-free bias update after
     every optimizer step (0, the default here: the student keeps the teacher's bias and routing).
     ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP; TE spec
@@ -69,6 +74,11 @@ class ModelConfig:
     the dtype of the parameters; ``seed`` fixes their initialisation (normal, std
     ``init_method_std``). ``kv_channels``: the attention head size (None: hidden_size / heads);
     ``add_qkv_bias``: biases on the QKV projection only (Qwen2), ``add_bias_linear`` on all.
+    ``norm_epsilon``: the epsilon of every RMSNorm / LayerNorm (megatron.core's default 1e-5;
+    Qwen2 uses 1e-6; the Mamba mixers' gated norm always uses 1e-5). ``rotary_base`` is RoPE's
+    theta; ``rope_scaling`` applies Llama 3.1's frequency scaling to it with factor
+    ``rope_scaling_factor`` (megatron.core's, with low / high frequency factors 1 / 4 and an original
+    context of 8192 tokens; GPT models with RoPE only).
 
     ``hybrid_layer_pattern`` empty builds a GPT model (every layer attention + MLP). Otherwise it
     builds a hybrid model (megatron.core ``HybridModel``, e.g. Nemotron-H / Nemotron 3 Nano) with one
@@ -103,6 +113,9 @@ class ModelConfig:
     moe_router_enable_expert_bias: bool = False
     moe_router_topk_scaling_factor: float | None = None
     moe_router_bias_update_rate: float = 0.0
+    moe_router_pre_softmax: bool = False
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int = 0
     moe_shared_expert_gate: bool = False
@@ -112,6 +125,9 @@ class ModelConfig:
     activation: Literal["swiglu", "gelu", "squared_relu"] = "swiglu"
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     rotary_base: int = 10000
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1.0e-5
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     kv_channels: int | None = None
@@ -354,7 +370,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                           f"got a {type(data).__name__}")
     for override in overrides:
         _apply_override(data, override)
-    config = _build(QADConfig, data, prefix="", source=str(path))
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_dict(data: dict, source: str) -> QADConfig:
+    """The validated config of a recipe already parsed into nested dicts (``source`` names it in
+    errors); ConfigError as :func:`load_config`."""
+    config = _build(QADConfig, data, prefix="", source=source)
     validate(config)
     return config
 
@@ -545,6 +567,11 @@ def validate(config: QADConfig) -> None:
                                     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
                                     "context_parallel_size"))
     _require(m.init_method_std > 0, f"'model.init_method_std' must be > 0, got {m.init_method_std}")
+    _require(m.norm_epsilon > 0, f"'model.norm_epsilon' must be > 0, got {m.norm_epsilon}")
+    _require(not m.rope_scaling or (m.position_embedding_type == "rope" and not m.is_hybrid),
+             "'model.rope_scaling' is true but the model is hybrid or has no RoPE ('model.position_embedding_type'); "
+             "megatron.core scales RoPE of GPT models only: set model.rope_scaling=false")
+    _require(m.rope_scaling_factor > 0, f"'model.rope_scaling_factor' must be > 0, got {m.rope_scaling_factor}")
     _require(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
              f"'model.hidden_size' ({m.hidden_size}) must be a multiple of 'model.num_attention_heads' "
              f"({m.num_attention_heads}); change one of them, or set 'model.kv_channels' (the head size)")
@@ -693,6 +720,17 @@ def _validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
              f"'model.moe_router_topk_scaling_factor' must be > 0 or null, got {m.moe_router_topk_scaling_factor}")
     _require(m.moe_router_bias_update_rate >= 0,
              f"'model.moe_router_bias_update_rate' must be >= 0, got {m.moe_router_bias_update_rate}")
+    _require(not m.moe_router_pre_softmax or m.moe_router_score_function == "softmax",
+             "'model.moe_router_pre_softmax' needs 'model.moe_router_score_function: softmax'; set one of them")
+    groups, group_topk = m.moe_router_num_groups, m.moe_router_group_topk
+    _require((groups is None) == (group_topk is None),
+             "'model.moe_router_num_groups' and 'model.moe_router_group_topk' go together; set both or neither")
+    if groups is not None:
+        _require(groups >= 1 and m.num_moe_experts % groups == 0 and 1 <= group_topk <= groups
+                 and m.moe_router_topk % group_topk == 0,
+                 f"group-limited routing needs 'model.moe_router_num_groups' ({groups}) to divide "
+                 f"'model.num_moe_experts' ({m.num_moe_experts}) and 'model.moe_router_group_topk' ({group_topk}) "
+                 f"to be in 1..num_groups and divide 'model.moe_router_topk' ({m.moe_router_topk})")
     _require(m.num_moe_experts % p.expert_model_parallel_size == 0,
              f"'parallel.expert_model_parallel_size' ({p.expert_model_parallel_size}) must divide "
              f"'model.num_moe_experts' ({m.num_moe_experts})")

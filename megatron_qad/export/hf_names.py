@@ -1,5 +1,6 @@
 """Megatron tensor names -> Hugging Face names and row splits: GPT models in Llama / Qwen2 /
-Qwen2-MoE names, hybrid (Mamba) models in Nemotron-H names.
+Qwen2-MoE names, hybrid (Mamba) models in Nemotron-H names. ``megatron-qad import`` reads the same
+table backwards (:func:`hf_sources`, :func:`put_rows`).
 
 A Megatron tensor maps to one or more HF tensors, each a contiguous range of its rows (dim 0).
 
@@ -91,9 +92,13 @@ MAMBA_CONV_KERNEL = 4
 default, which the recipe does not set."""
 MAMBA_CHUNK_SIZE = 128
 """Chunk length of the Mamba2 SSD scan: megatron.core ``MambaMixer``'s ``chunk_size`` default."""
-NORM_EPS = 1e-5
-"""Epsilon of every norm of the built models (the layer norms of ``models.sequence_parallel_torch_norm``,
-the final norm and the Mamba gated norm)."""
+MAMBA_NORM_EPS = 1e-5
+"""Epsilon of the Mamba mixers' gated norm (megatron.core ``MambaMixer`` fixes it; the other norms
+use ``model.norm_epsilon``). Nemotron-H uses ``layer_norm_epsilon`` for all of them."""
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+"""Llama 3.1's RoPE frequency scaling as megatron.core applies it with ``rope_scaling`` (these
+constants; the factor is ``model.rope_scaling_factor``), in ``config.json``'s ``rope_scaling`` keys."""
 _NON_GATED_ACTIVATIONS = {"squared_relu": "relu2", "gelu": "gelu"}
 """HF names of the MLP activations a Nemotron-H MLP (``up_proj`` -> act -> ``down_proj``) can have."""
 
@@ -229,6 +234,10 @@ def _check_nemotron_h_layout(model_cfg: ModelConfig) -> None:
     if m.add_bias_linear or m.add_qkv_bias:
         problems.append("'model.add_bias_linear' / 'model.add_qkv_bias' is true, but Nemotron-H projections "
                         "have no biases; set both to false")
+    if "M" in symbols and m.norm_epsilon != MAMBA_NORM_EPS:
+        problems.append(f"'model.norm_epsilon' is {m.norm_epsilon}, but Nemotron-H normalises its Mamba mixers' "
+                        f"gates with the same epsilon and megatron.core's with {MAMBA_NORM_EPS}; set "
+                        f"model.norm_epsilon={MAMBA_NORM_EPS}")
     if m.share_embeddings_and_output_weights:
         problems.append("'model.share_embeddings_and_output_weights' is true, but NemotronHForCausalLM has its "
                         "own lm_head; set it to false")
@@ -283,6 +292,40 @@ def take_rows(tensor, piece: Piece, num_query_groups: int):
     return grouped[:, piece.rows].reshape(-1, *tensor.shape[1:]).contiguous()
 
 
+def piece_row_count(piece: Piece, rows: int, num_query_groups: int) -> int:
+    """How many rows (dim 0) ``piece`` takes of a Megatron tensor with ``rows`` rows."""
+    if not piece.per_group:
+        return len(range(rows)[piece.rows])
+    return num_query_groups * len(range(rows // num_query_groups)[piece.rows])
+
+
+def put_rows(tensor: torch.Tensor, piece: Piece, num_query_groups: int, value: torch.Tensor) -> None:
+    """Write ``value`` (the HF tensor of ``piece``) into the rows of ``tensor`` that ``piece`` names,
+    divided by ``piece.output_scale``: the inverse of :func:`take_rows`, in place."""
+    value = value.to(tensor.dtype) / piece.output_scale if piece.output_scale != 1.0 else value
+    if not piece.per_group:
+        tensor[piece.rows].copy_(value)
+        return
+    grouped = tensor.view(num_query_groups, -1, *tensor.shape[1:])
+    grouped[:, piece.rows].copy_(value.reshape(num_query_groups, -1, *value.shape[1:]))
+
+
+def hf_sources(model_cfg: ModelConfig, names) -> dict[str, list[tuple[str, Piece]]]:
+    """The export's table read backwards: {Megatron tensor name: [(HF tensor name, the rows of the
+    Megatron tensor it fills)]} for each of ``names`` (a bare TP=1 model's state-dict names) that
+    has HF counterparts: linear weights and biases from :func:`module_map`, the rest from
+    :func:`plain_name` (whole tensors). Names without an entry have none."""
+    modules = module_map(model_cfg)
+    sources = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        if module in modules and leaf in ("weight", "bias"):
+            sources[name] = [(f"{piece.name}.{leaf}", piece) for piece in modules[module]]
+        elif (hf_name := plain_name(name, model_cfg)) is not None:
+            sources[name] = [(hf_name, Piece(hf_name))]
+    return sources
+
+
 def hf_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dict:
     """``config.json`` of the exported model: Nemotron-H for hybrid models, else Llama, Qwen2 (QKV
     biases) or Qwen2-MoE. ``megatron_config``: the student's megatron.core ``TransformerConfig``,
@@ -304,9 +347,11 @@ def _gpt_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> d
         "num_hidden_layers": model_cfg.num_layers, "num_attention_heads": model_cfg.num_attention_heads,
         "num_key_value_heads": model_cfg.num_query_groups, "head_dim": head_dim(model_cfg),
         "vocab_size": model_cfg.vocab_size, "max_position_embeddings": model_cfg.seq_length,
-        "rope_theta": float(model_cfg.rotary_base), "rms_norm_eps": NORM_EPS, "hidden_act": activation,
+        "rope_theta": float(model_cfg.rotary_base), "rms_norm_eps": model_cfg.norm_epsilon, "hidden_act": activation,
         "tie_word_embeddings": model_cfg.share_embeddings_and_output_weights, "torch_dtype": "bfloat16",
     }
+    if model_cfg.rope_scaling:
+        config["rope_scaling"] = {**LLAMA3_ROPE_SCALING, "factor": float(model_cfg.rope_scaling_factor)}
     if model_cfg.is_moe:
         config.update(_qwen2_moe_keys(model_cfg, megatron_config))
     elif model_cfg.add_qkv_bias:
@@ -383,7 +428,7 @@ def _nemotron_h_config(model_cfg: ModelConfig, megatron_config: TransformerConfi
         "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
         "hybrid_override_pattern": m.hybrid_layer_symbols, "num_hidden_layers": m.num_layers,
         "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "max_position_embeddings": m.seq_length,
-        "layer_norm_epsilon": NORM_EPS, "tie_word_embeddings": False, "use_bias": False,
+        "layer_norm_epsilon": m.norm_epsilon, "tie_word_embeddings": False, "use_bias": False,
         "residual_in_fp32": False, "torch_dtype": "bfloat16",
         # attention (*)
         "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
