@@ -96,8 +96,7 @@ def read_blocks(path: str | Path, sizes: dict[str, int]) -> list[Block]:
 
     ``sizes``: the recipe's ``num_layers``, ``hidden_size``, ``num_attention_heads`` and
     ``vocab_size`` (model keys -> values). Raises ConfigError naming :data:`KEY` and the file if it
-    is missing or not JSON, has no ``block_configs`` list of ``num_layers`` entries, states a size
-    that differs from the recipe's, or has a block megatron.core cannot build.
+    is missing or not JSON, or as :func:`parse_blocks`.
     """
     path = Path(path)
     where = f"'{KEY}' ({path})"
@@ -108,6 +107,13 @@ def read_blocks(path: str | Path, sizes: dict[str, int]) -> list[Block]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{where}: not valid JSON ({err}); give the model's config.json") from None
+    return parse_blocks(data, sizes, where)
+
+
+def parse_blocks(data, sizes: dict[str, int], where: str) -> list[Block]:
+    """The blocks of a parsed DeciLM ``config.json`` (``where`` names it in errors), checked against
+    ``sizes`` (see :func:`read_blocks`): ConfigError if it has no ``block_configs`` list of
+    ``num_layers`` entries, states a size that differs, or has a block megatron.core cannot build."""
     if not isinstance(data, dict) or not isinstance(data.get("block_configs"), list):
         raise ConfigError(f"{where}: no 'block_configs' list; this key takes a DeciLM (nemotron-nas) config.json")
     for file_key, recipe_key in _SIZES_IN_FILE.items():

@@ -1,9 +1,9 @@
 """DeciLM (Llama-Nemotron-Super) models: per-layer blocks from a ``block_configs`` file, built with
 megatron.core's heterogeneous layers, quantized and distilled.
 
-The tiny model's six blocks hold every kind of part a DeciLM block has: attention with 2 and with
-4 K/V groups, attention replaced by one linear layer, no attention, MLPs of three widths, an MLP
-replaced by one linear layer, no MLP, and a block with neither part. The expected MLP widths come
+The tiny model's six blocks (``decilm_helpers``) hold every kind of part a DeciLM block has: attention
+with 2 and with 4 K/V groups, attention replaced by one linear layer, no attention, MLPs of three
+widths, an MLP replaced by one linear layer, no MLP, and a block with neither part. The expected MLP widths come
 from the published DeciLM modeling code's rule, computed here on its own: ``int(2 * ffn_mult *
 hidden / 3)`` rounded up to a multiple of 256. transformers 5.24 has no DeciLM class, so
 megatron.core's ``HeterogeneousTransformerConfig`` is the independent reading the file is checked
@@ -22,6 +22,7 @@ from megatron.core.transformer.heterogeneous.heterogeneous_config import Heterog
 
 from distill_helpers import (GRAD_RTOL, KL_RTOL, MICRO_BATCH_SIZE, MICRO_BATCHES, assert_grads_close,
                              dynamic_policy, global_namer, micro_batches, plain_kl_and_grads, student_of)
+from decilm_helpers import BLOCKS, BLOCKS_FILE, FFN_WIDTHS, HEAD_DIM, HEADS, HIDDEN, QUERY_GROUPS, VOCAB, block
 from distributed_helpers import run_distributed, single_process
 from model_helpers import make_batches
 from megatron_qad import parallel, quantize
@@ -33,26 +34,6 @@ from megatron_qad.models import build_gpt_model, decoder_layers
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-HIDDEN, HEADS, HEAD_DIM, VOCAB = 256, 4, 64, 512
-
-
-def _block(attention: str, ffn: str, heads_in_group: int | None = None, ffn_mult: float | None = None) -> dict:
-    return {"attention": {"no_op": attention == "none", "replace_with_linear": attention == "linear",
-                          "n_heads_in_group": heads_in_group},
-            "ffn": {"no_op": ffn == "none", "replace_with_linear": ffn == "linear", "ffn_mult": ffn_mult}}
-
-
-BLOCKS = [
-    _block("full", "full", heads_in_group=2, ffn_mult=5.25),
-    _block("none", "full", ffn_mult=1.3125),
-    _block("linear", "full", ffn_mult=2.625),
-    _block("full", "none", heads_in_group=1),
-    _block("none", "linear"),
-    _block("none", "none"),
-]
-# int(2 * mult * 256 / 3) = 896, 224, 448, rounded up to multiples of 256.
-FFN_WIDTHS = [1024, 256, 512, None, None, None]
-QUERY_GROUPS = [2, None, None, 4, None, None]
 # (type, mlp_type, attention replaced by a linear layer) of each decoder layer.
 LAYER_KINDS = [("attention", "mlp", False), ("mlp", "mlp", False), ("mlp", "mlp", True),
                ("attention", None, False), ("linear", "linear", False), ("noop", None, False)]
@@ -73,8 +54,8 @@ def decilm_config(blocks_path: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def blocks_path(tmp_path_factory) -> Path:
-    return write_blocks(tmp_path_factory.mktemp("decilm"), num_hidden_layers=len(BLOCKS), hidden_size=HIDDEN)
+def blocks_path() -> Path:
+    return BLOCKS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +121,9 @@ def test_the_super_49b_recipe_holds_the_published_blocks(monkeypatch):
 @pytest.mark.parametrize("blocks, sizes, extra, message", [
     (BLOCKS[:5], {}, [], "5 block_configs but 'model.num_layers' is 6"),
     (BLOCKS, {"hidden_size": 512}, [], "hidden_size is 512 but 'model.hidden_size' is 256"),
-    ([_block("full", "full", heads_in_group=3, ffn_mult=1.0)] + BLOCKS[1:], {}, [],
+    ([block("full", "full", heads_in_group=3, ffn_mult=1.0)] + BLOCKS[1:], {}, [],
      r"block_configs\[0\].attention.n_heads_in_group is 3"),
-    (BLOCKS[:5] + [_block("none", "none", ffn_mult=1.0)], {}, [], r"block_configs\[5\].ffn has no MLP"),
+    (BLOCKS[:5] + [block("none", "none", ffn_mult=1.0)], {}, [], r"block_configs\[5\].ffn has no MLP"),
     (BLOCKS, {}, ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=false"],
      r"block_configs\[0\] has 2 K/V groups"),
     (BLOCKS, {}, ["model.transformer_impl=transformer_engine"], "set model.transformer_impl=local"),
@@ -184,7 +165,8 @@ def tp1_reference(cpu_process, blocks_path):
 
 def test_each_layer_is_built_as_its_block_says(tp1_reference):
     model, logits, grads = tp1_reference
-    shapes = {name: tuple(param.shape) for name, param in model.named_parameters() if name.startswith("decoder.layers.")}
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters()
+              if name.startswith("decoder.layers.")}
     assert shapes == expected_parameter_shapes()
     assert [(layer.type, layer.mlp_type, layer.attention_linear is not None)
             for layer in decoder_layers(model)] == LAYER_KINDS
@@ -198,7 +180,8 @@ def test_the_transformer_policy_quantizes_every_gemm_but_the_output_layer(tp1_re
     formats = {linear.name: (linear.kind, weight) for linear, weight, _ in quantize.plan(model, quantize.transformer())}
     attention = {f"decoder.layers.{i}.self_attention.{name}": ("attention", "nvfp4")
                  for i in (0, 3) for name in ("linear_qkv", "linear_proj")}
-    mlp = {f"decoder.layers.{i}.mlp.{name}": ("mlp", "nvfp4") for i in (0, 1, 2) for name in ("linear_fc1", "linear_fc2")}
+    mlp = {f"decoder.layers.{i}.mlp.{name}": ("mlp", "nvfp4")
+           for i in (0, 1, 2) for name in ("linear_fc1", "linear_fc2")}
     linear = {"decoder.layers.2.self_attention": ("linear_replacement", "nvfp4"),
               "decoder.layers.4.mlp": ("linear_replacement", "nvfp4")}
     assert formats == {**attention, **mlp, **linear, "output_layer": ("output_layer", "bf16")}
