@@ -128,7 +128,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         )
     heterogeneous = {}
     if model_cfg.heterogeneous_layers_config is not None:
-        # The file's text goes into the config (and with it into checkpoints), not its path.
+        # The file's text, parsed by megatron.core itself (the checks of config.py ran on the same file).
         heterogeneous = dict(heterogeneous_layers_config_encoded_json=Path(
             model_cfg.heterogeneous_layers_config).read_text())
     config_class = HeterogeneousTransformerConfig if heterogeneous else TransformerConfig
