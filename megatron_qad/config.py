@@ -93,6 +93,14 @@ class ModelConfig:
     ``mamba_head_dim``, SSM state size ``mamba_state_dim`` and ``mamba_num_groups`` B/C groups; their
     inner width ``mamba_num_heads * mamba_head_dim`` is the K dimension of ``out_proj``. Nemotron
     models use ``position_embedding_type: none`` and ``activation: squared_relu``.
+
+    ``heterogeneous_layers_config``: path (relative paths start at the current directory) of a
+    DeciLM ``config.json`` (Hugging Face ``nemotron-nas``, e.g. Llama-3.3-Nemotron-Super-49B) whose
+    ``block_configs`` give each of the ``num_layers`` layers its own attention (grouped-query
+    attention with its own K/V groups, one linear layer, or nothing) and FFN (a SwiGLU MLP of its
+    own width, one linear layer, or nothing); see :mod:`megatron_qad.block_configs`. The model is
+    then built with megatron.core's heterogeneous layers (dense, local spec, SwiGLU);
+    ``num_query_groups`` and ``ffn_hidden_size`` are the defaults the blocks override.
     """
 
     num_layers: int
@@ -136,6 +144,7 @@ class ModelConfig:
     mamba_head_dim: int = 64
     mamba_num_groups: int = 8
     mamba_num_heads: int | None = None
+    heterogeneous_layers_config: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -619,6 +628,7 @@ def validate(config: QADConfig) -> None:
              f"'model.num_attention_heads' ({m.num_attention_heads}) must be a multiple of "
              f"'model.num_query_groups' ({m.num_query_groups}); change one of them")
     _validate_hybrid(m, p)
+    _validate_heterogeneous(m, p)
     _validate_moe(m, p)
     _validate_parallel(m, p)
     _validate_nvfp4_k_dims(m, p)
@@ -720,6 +730,36 @@ def _validate_hybrid(m: ModelConfig, p: ParallelConfig) -> None:
     _require(heads % tp == 0 and groups % tp == 0,
              f"'parallel.tensor_model_parallel_size' ({tp}) must divide the Mamba head count ({heads}, "
              f"'model.mamba_num_heads') and 'model.mamba_num_groups' ({groups})")
+
+
+def _validate_heterogeneous(m: ModelConfig, p: ParallelConfig) -> None:
+    """The DeciLM block file parses, fits the recipe, and every block's sizes split over TP into
+    whole NVFP4 blocks."""
+    if m.heterogeneous_layers_config is None:
+        return
+    from .block_configs import KEY, read_blocks
+
+    for setting, allowed in (("transformer_impl", "local"), ("activation", "swiglu")):
+        _require(getattr(m, setting) == allowed,
+                 f"'{KEY}' builds megatron.core's heterogeneous layers with the local spec and SwiGLU MLPs; "
+                 f"set model.{setting}={allowed}")
+    _require(not m.is_moe and not m.is_hybrid,
+             f"'{KEY}' describes a dense transformer; set model.num_moe_experts=0 and "
+             f"model.hybrid_layer_pattern=''")
+    blocks = read_blocks(m.heterogeneous_layers_config,
+                         {name: getattr(m, name) for name in ("num_layers", "hidden_size", "num_attention_heads",
+                                                               "vocab_size")})
+    tp = p.tensor_model_parallel_size
+    for index, block in enumerate(blocks):
+        where = f"'{KEY}' ({m.heterogeneous_layers_config}): block_configs[{index}]"
+        if block.num_query_groups is not None:
+            _require(block.num_query_groups % tp == 0,
+                     f"{where} has {block.num_query_groups} K/V groups, which "
+                     f"'parallel.tensor_model_parallel_size' ({tp}) must divide")
+        if block.ffn_hidden_size is not None:
+            _require(block.ffn_hidden_size % (NVFP4_BLOCK_SIZE * tp) == 0,
+                     f"{where} has an MLP of width {block.ffn_hidden_size} (its fc2's K), not a multiple of "
+                     f"{NVFP4_BLOCK_SIZE} x 'parallel.tensor_model_parallel_size' ({tp})")
 
 
 def _validate_moe(m: ModelConfig, p: ParallelConfig) -> None:

@@ -1,6 +1,10 @@
 """Build megatron.core GPT models (dense or MoE) and hybrid Mamba models from a
 :class:`~megatron_qad.config.ModelConfig`, and describe their decoder layers.
 
+DeciLM models (``model.heterogeneous_layers_config``: Llama-Nemotron-Super's blocks with their own
+attention groups and MLP widths, linear replacements and no-op parts) are GPT models built from
+megatron.core's heterogeneous local spec (:func:`~megatron_qad.heterogeneous.heterogeneous_block_spec`).
+
 GPT models use megatron.core's Transformer Engine spec with ``model.transformer_impl:
 transformer_engine`` (GPU only). Otherwise models use its local layer spec, with two adjustments that are
 plain spec choices: norms that accept sequence parallelism (:func:`sequence_parallel_torch_norm`)
@@ -28,6 +32,7 @@ of a model is and where its attention, Mamba mixer and MLP / MoE modules are.
 import dataclasses
 import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,6 +53,9 @@ from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
+from megatron.core.transformer.heterogeneous.linear_replacements import ColumnParallelLinearGathered
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -57,6 +65,7 @@ from megatron.core.transformer.transformer_layer import (MoETransformerLayer, Tr
                                                          TransformerLayerSubmodules)
 
 from .config import HYBRID_PIPE, ConfigError, ModelConfig, ParallelConfig
+from .heterogeneous import heterogeneous_block_spec
 
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "squared_relu": (squared_relu, False)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -81,7 +90,9 @@ def sequence_parallel_torch_norm(config: TransformerConfig, hidden_size: int,
 
 def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
                        device: torch.device) -> TransformerConfig:
-    """The megatron.core TransformerConfig of ``model_cfg`` laid out as ``parallel_cfg`` (no dropout)."""
+    """The megatron.core TransformerConfig of ``model_cfg`` laid out as ``parallel_cfg`` (no dropout);
+    a ``HeterogeneousTransformerConfig`` holding the block file's text when
+    ``model.heterogeneous_layers_config`` is set."""
     activation_func, gated = _ACTIVATIONS[model_cfg.activation]
     dtype = DTYPES[model_cfg.params_dtype]
     tp = parallel_cfg.tensor_model_parallel_size
@@ -115,7 +126,13 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             # mixer runs megatron.core's unfused path (torch conv1d, then mamba_ssm's Triton scan).
             use_mamba_mem_eff_path=importlib.util.find_spec("causal_conv1d") is not None,
         )
-    return TransformerConfig(
+    heterogeneous = {}
+    if model_cfg.heterogeneous_layers_config is not None:
+        # The file's text, parsed by megatron.core itself (the checks of config.py ran on the same file).
+        heterogeneous = dict(heterogeneous_layers_config_encoded_json=Path(
+            model_cfg.heterogeneous_layers_config).read_text())
+    config_class = HeterogeneousTransformerConfig if heterogeneous else TransformerConfig
+    return config_class(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
         ffn_hidden_size=model_cfg.ffn_hidden_size,
@@ -149,6 +166,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         cuda_graph_modules=[],
         **moe,
         **hybrid,
+        **heterogeneous,
     )
 
 
@@ -183,7 +201,10 @@ def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
 def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
                    vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """This pipeline stage's layers: local-spec ones with sequence-parallel-capable norms, or
-    (``model.transformer_impl: transformer_engine``) megatron.core's Transformer Engine spec."""
+    (``model.transformer_impl: transformer_engine``) megatron.core's Transformer Engine spec, or
+    (``model.heterogeneous_layers_config``) :func:`~megatron_qad.heterogeneous.heterogeneous_block_spec`."""
+    if model_cfg.heterogeneous_layers_config is not None:
+        return heterogeneous_block_spec(config, sequence_parallel_torch_norm, vp_stage)
     layers = get_num_layers_to_build(config, vp_stage)
     if model_cfg.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
@@ -433,7 +454,8 @@ def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -
 # ---------------------------------------------------------------------------------------------
 # What each decoder layer of a built model is.
 
-LayerType = Literal["mamba", "attention", "mlp", "moe"]
+LayerType = Literal["mamba", "attention", "mlp", "moe", "linear", "noop"]
+MlpType = Literal["mlp", "moe", "linear"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,15 +474,22 @@ class DecoderLayer:
     "attention"   ``TransformerLayer`` with self-attention:   ``<name>.self_attention``    None, or
                   hybrid ``*`` (no MLP) or a GPT layer        (an ``Attention``)           ``<name>.mlp``
                   (attention + MLP or MoE)                                                 for GPT
-    "mlp"         ``MLPLayer`` (hybrid ``-``)                 None                         ``<name>.mlp``
+    "mlp"         ``MLPLayer`` (hybrid ``-``), or a           None                         ``<name>.mlp``
+                  heterogeneous layer without attention
     "moe"         ``MoETransformerLayer`` (hybrid ``E``)      None                         ``<name>.mlp``
+    "linear"      heterogeneous layer whose only GEMM is      None                         ``<name>.mlp``
+                  one linear layer (no attention, no MLP)                                  or None
+    "noop"        heterogeneous layer with neither part       None                         None
+                  (it passes its input on unchanged)
     ============  ==========================================  ===========================  ==========
 
-    ``mlp_type`` is "mlp" (a dense ``MLP``) or "moe" (a ``MoELayer``: ``router``,
-    ``experts.local_experts.<i>``, optional ``shared_experts``) for the module at ``mlp``, None
-    when there is none. So a GPT-MoE layer is ``type="attention", mlp_type="moe"``: its MoE
-    modules are under ``mlp`` just as in a hybrid ``E`` layer, and a policy keeping attention in
-    BF16 keeps ``mixer`` (not the whole layer) for such layers.
+    ``mlp_type`` is "mlp" (a dense ``MLP``), "moe" (a ``MoELayer``: ``router``,
+    ``experts.local_experts.<i>``, optional ``shared_experts``) or "linear" (a DeciLM FFN replaced
+    by one linear layer) for the module at ``mlp``, None when there is none. So a GPT-MoE layer is
+    ``type="attention", mlp_type="moe"``: its MoE modules are under ``mlp`` just as in a hybrid
+    ``E`` layer, and a policy keeping attention in BF16 keeps ``mixer`` (not the whole layer) for
+    such layers. ``attention_linear`` is ``<name>.self_attention`` where a DeciLM block replaced
+    attention by one linear layer (it mixes no tokens, so it is no ``mixer``), else None.
     """
 
     name: str
@@ -468,15 +497,20 @@ class DecoderLayer:
     type: LayerType
     mixer: str | None
     mlp: str | None
-    mlp_type: Literal["mlp", "moe"] | None
+    mlp_type: MlpType | None
+    attention_linear: str | None = None
 
 
-def _mlp_type(module: torch.nn.Module) -> Literal["mlp", "moe"] | None:
+def _mlp_type(module: torch.nn.Module) -> MlpType | None:
     if isinstance(module, MoELayer):
         return "moe"
     if isinstance(module, MLP):
         return "mlp"
-    return None  # IdentityOp: the layer has no MLP
+    if isinstance(module, ColumnParallelLinearGathered):
+        return "linear"
+    if isinstance(module, IdentityOp):
+        return None  # the layer has no MLP
+    raise TypeError(f"unknown MLP module {type(module).__name__}")
 
 
 def _describe_layer(name: str, layer: torch.nn.Module) -> DecoderLayer:
@@ -488,16 +522,20 @@ def _describe_layer(name: str, layer: torch.nn.Module) -> DecoderLayer:
         return DecoderLayer(name, index, "mamba", f"{name}.mixer", None, None)
     if not isinstance(layer, TransformerLayer):
         raise TypeError(f"{name}: unknown decoder layer class {type(layer).__name__}")
-    mlp_type = _mlp_type(layer.mlp)
+    try:
+        mlp_type = _mlp_type(layer.mlp)
+    except TypeError as err:
+        raise TypeError(f"{name}.mlp: {err}") from None
     mlp = f"{name}.mlp" if mlp_type else None
-    if isinstance(layer.self_attention, Attention):
+    attention = layer.self_attention
+    if isinstance(attention, Attention):
         return DecoderLayer(name, index, "attention", f"{name}.self_attention", mlp, mlp_type)
-    if type(layer.self_attention).__name__ != "IdentityOp":
-        raise TypeError(f"{name}: unknown token mixer {type(layer.self_attention).__name__} "
+    if isinstance(attention, ColumnParallelLinearGathered):
+        return DecoderLayer(name, index, mlp_type or "linear", None, mlp, mlp_type, f"{name}.self_attention")
+    if not isinstance(attention, IdentityOp):
+        raise TypeError(f"{name}: unknown token mixer {type(attention).__name__} "
                         f"(e.g. a gated delta net), not an attention or Mamba layer")
-    if mlp_type is None:
-        raise TypeError(f"{name}: a TransformerLayer with neither attention nor an MLP / MoE")
-    return DecoderLayer(name, index, mlp_type, None, mlp, mlp_type)
+    return DecoderLayer(name, index, mlp_type or "noop", None, mlp, mlp_type)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[DecoderLayer]:
@@ -505,7 +543,7 @@ def decoder_layers(model: torch.nn.Module) -> list[DecoderLayer]:
 
     Found by module class, not from a config: each ``TransformerBlock`` (GPT) or ``HybridStack``
     (hybrid) inside ``model`` (also under wrappers such as DDP) contributes its ``layers``.
-    Raises TypeError for a layer that is none of the four types of :class:`DecoderLayer`.
+    Raises TypeError for a layer that is none of the types of :class:`DecoderLayer`.
     """
     layers = []
     for block_name, block in model.named_modules():
@@ -518,8 +556,9 @@ def decoder_layers(model: torch.nn.Module) -> list[DecoderLayer]:
 def layer_types(model: torch.nn.Module) -> list[tuple[str, LayerType]]:
     """``(module name, type)`` of every decoder layer of this rank's part of ``model``, in order.
 
-    ``type`` is "mamba", "attention", "mlp" or "moe" (see :class:`DecoderLayer`; a GPT layer, which
-    holds attention and an MLP or MoE, is "attention"; :func:`decoder_layers` also names its MLP).
+    ``type`` is "mamba", "attention", "mlp", "moe", "linear" or "noop" (see :class:`DecoderLayer`; a
+    GPT layer, which holds attention and an MLP or MoE, is "attention"; :func:`decoder_layers` also
+    names its MLP).
     """
     return [(layer.name, layer.type) for layer in decoder_layers(model)]
 

@@ -103,7 +103,7 @@ def test_valid_policies_and_builtins():
                   kv_cache="bf16", input_amax="dynamic").rules[0].input_format == "bf16"
     assert Rule(weight="nvfp4").input_format == "nvfp4"  # input: same as weight by default
     assert quantize.transformer().rules == (
-        Rule(weight="nvfp4", kinds=("attention", "mlp", "moe_expert", "shared_expert")),)
+        Rule(weight="nvfp4", kinds=("attention", "mlp", "moe_expert", "shared_expert", "linear_replacement")),)
     assert quantize.transformer("nvfp4_4over6").rules[0].weight == "nvfp4_4over6"
     assert (quantize.transformer().kv_cache, quantize.transformer().input_amax) == ("fp8", "static")
     hybrid = quantize.hybrid()

@@ -32,15 +32,19 @@ def stage_layout(model: torch.nn.Module) -> dict:
     """What must agree between a teacher and a student stage for them to share the pipeline.
 
     Keys: ``layers`` (global 0-based indices of this stage's decoder layers: count and stage
-    boundaries), ``hidden_size``, ``vocab_size`` (the size the model was built with; megatron.core
+    boundaries), ``layer_kinds`` (per layer: its type, MLP type and whether a linear layer stands in
+    for its attention, see ``models.DecoderLayer``; a DeciLM teacher and a student built from
+    another block file differ here), ``hidden_size``, ``vocab_size`` (the size the model was built with; megatron.core
     pads nothing itself, so equal sizes give equal vocab shards), ``pre_process``, ``post_process``,
     ``vp_stage`` and ``pipeline_dtype`` (the dtype of the p2p buffers both halves share).
     """
     from ..models import decoder_layers  # megatron.core is imported only when stages are built
 
     config = model.config
+    layers = decoder_layers(model)
     return {
-        "layers": tuple(layer.index for layer in decoder_layers(model)),
+        "layers": tuple(layer.index for layer in layers),
+        "layer_kinds": tuple((layer.type, layer.mlp_type, layer.attention_linear is not None) for layer in layers),
         "hidden_size": config.hidden_size,
         "vocab_size": getattr(model, "vocab_size", None),
         "pre_process": model.pre_process,

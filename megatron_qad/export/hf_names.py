@@ -112,12 +112,15 @@ class Piece:
     """HF module ``name`` takes rows ``rows`` (a slice; all by default) of the Megatron tensor,
     grouped per query group when ``per_group`` (QKV: the slice is within each group's row block).
     ``output_scale``: the HF module computes this power of two times the Megatron module's output
-    (its weight and bias scaled: exactly, in the NVFP4 tensor scale or the BF16 values)."""
+    (its weight and bias scaled: exactly, in the NVFP4 tensor scale or the BF16 values).
+    ``groups``: the query groups of this piece's attention layer where it has its own (a DeciLM
+    block's ``n_heads_in_group``); None: the model's ``num_query_groups``."""
 
     name: str
     rows: slice = slice(None)
     per_group: bool = False
     output_scale: float = 1.0
+    groups: int | None = None
 
 
 def head_dim(model_cfg: ModelConfig) -> int:
@@ -125,22 +128,24 @@ def head_dim(model_cfg: ModelConfig) -> int:
     return model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
 
 
-def _attention_pieces(megatron: str, hf: str, model_cfg: ModelConfig) -> dict[str, list[Piece]]:
+def attention_pieces(megatron: str, hf: str, model_cfg: ModelConfig,
+                     groups: int | None = None) -> dict[str, list[Piece]]:
     """The fused QKV (split per query group), output projection and core attention (K / V scales)
-    of the Megatron attention module ``megatron``, as pieces of the HF attention module ``hf``."""
+    of the Megatron attention module ``megatron``, as pieces of the HF attention module ``hf``;
+    ``groups``: the layer's own query groups (None: the model's)."""
     d = head_dim(model_cfg)
-    per_group = model_cfg.num_attention_heads // model_cfg.num_query_groups
+    per_group = model_cfg.num_attention_heads // (groups or model_cfg.num_query_groups)
     return {
         f"{megatron}.linear_qkv": [
-            Piece(f"{hf}.q_proj", slice(0, per_group * d), per_group=True),
-            Piece(f"{hf}.k_proj", slice(per_group * d, (per_group + 1) * d), per_group=True),
-            Piece(f"{hf}.v_proj", slice((per_group + 1) * d, (per_group + 2) * d), per_group=True)],
+            Piece(f"{hf}.{name}_proj", slice(start * d, stop * d), per_group=True, groups=groups)
+            for name, start, stop in (("q", 0, per_group), ("k", per_group, per_group + 1),
+                                      ("v", per_group + 1, per_group + 2))],
         f"{megatron}.linear_proj": [Piece(f"{hf}.o_proj")],
         f"{megatron}.core_attention": [Piece(hf)],
     }
 
 
-def _mlp_pieces(megatron: str, hf: str, gated: bool, ffn: int) -> dict[str, list[Piece]]:
+def mlp_pieces(megatron: str, hf: str, gated: bool, ffn: int) -> dict[str, list[Piece]]:
     """fc1 (``[gate; up]`` halves when ``gated``) and fc2 of the Megatron MLP ``megatron`` (width
     ``ffn``), as pieces of the HF MLP ``hf``."""
     fc1 = ([Piece(f"{hf}.gate_proj", slice(0, ffn)), Piece(f"{hf}.up_proj", slice(ffn, 2 * ffn))]
@@ -154,11 +159,11 @@ def _moe_pieces(megatron: str, hf: str, shared_expert: str, gated: bool,
     MoE layer ``megatron``, as pieces of the HF MoE module ``hf``."""
     pieces = {}
     for e in range(model_cfg.num_moe_experts):
-        pieces.update(_mlp_pieces(f"{megatron}.experts.local_experts.{e}", f"{hf}.experts.{e}", gated,
-                                  model_cfg.expert_ffn_hidden_size))
+        pieces.update(mlp_pieces(f"{megatron}.experts.local_experts.{e}", f"{hf}.experts.{e}", gated,
+                                 model_cfg.expert_ffn_hidden_size))
     if model_cfg.moe_shared_expert_intermediate_size:
-        pieces.update(_mlp_pieces(f"{megatron}.shared_experts", f"{hf}.{shared_expert}", gated,
-                                  model_cfg.moe_shared_expert_intermediate_size))
+        pieces.update(mlp_pieces(f"{megatron}.shared_experts", f"{hf}.{shared_expert}", gated,
+                                 model_cfg.moe_shared_expert_intermediate_size))
     return pieces
 
 
@@ -178,7 +183,7 @@ def _gpt_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
     pieces: dict[str, list[Piece]] = {"output_layer": [Piece("lm_head")]}
     for i in range(model_cfg.num_layers):
         m, h = f"decoder.layers.{i}", f"model.layers.{i}"
-        pieces.update(_attention_pieces(f"{m}.self_attention", f"{h}.self_attn", model_cfg))
+        pieces.update(attention_pieces(f"{m}.self_attention", f"{h}.self_attn", model_cfg))
         if model_cfg.is_moe:
             pieces.update(_moe_pieces(f"{m}.mlp", f"{h}.mlp", "shared_expert", gated, model_cfg))
             if ungated_shared_expert(model_cfg):
@@ -187,7 +192,7 @@ def _gpt_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
                 pieces[f"{m}.mlp.shared_experts.linear_fc2"] = [
                     Piece(f"{h}.mlp.shared_expert.down_proj", output_scale=2.0)]
         else:
-            pieces.update(_mlp_pieces(f"{m}.mlp", f"{h}.mlp", gated, model_cfg.ffn_hidden_size))
+            pieces.update(mlp_pieces(f"{m}.mlp", f"{h}.mlp", gated, model_cfg.ffn_hidden_size))
     return pieces
 
 
@@ -239,9 +244,9 @@ def _nemotron_h_module_map(model_cfg: ModelConfig) -> dict[str, list[Piece]]:
             pieces[f"{m}.mixer.in_proj"] = [Piece(f"{mixer}.in_proj")]
             pieces[f"{m}.mixer.out_proj"] = [Piece(f"{mixer}.out_proj")]
         elif symbol == "*":
-            pieces.update(_attention_pieces(f"{m}.self_attention", mixer, model_cfg))
+            pieces.update(attention_pieces(f"{m}.self_attention", mixer, model_cfg))
         elif symbol == "-":
-            pieces.update(_mlp_pieces(f"{m}.mlp", mixer, False, model_cfg.ffn_hidden_size))
+            pieces.update(mlp_pieces(f"{m}.mlp", mixer, False, model_cfg.ffn_hidden_size))
         else:  # "E"
             pieces.update(_moe_pieces(f"{m}.mlp", mixer, "shared_experts", False, model_cfg))
     return pieces
@@ -315,6 +320,7 @@ def take_rows(tensor, piece: Piece, num_query_groups: int):
     """The rows of ``tensor`` (dim 0) that ``piece`` names (a contiguous copy)."""
     if not piece.per_group:
         return tensor[piece.rows].contiguous()
+    num_query_groups = piece.groups or num_query_groups
     grouped = tensor.reshape(num_query_groups, -1, *tensor.shape[1:])
     return grouped[:, piece.rows].reshape(-1, *tensor.shape[1:]).contiguous()
 
@@ -323,6 +329,7 @@ def piece_row_count(piece: Piece, rows: int, num_query_groups: int) -> int:
     """How many rows (dim 0) ``piece`` takes of a Megatron tensor with ``rows`` rows."""
     if not piece.per_group:
         return len(range(rows)[piece.rows])
+    num_query_groups = piece.groups or num_query_groups
     return num_query_groups * len(range(rows // num_query_groups)[piece.rows])
 
 
@@ -333,16 +340,18 @@ def put_rows(tensor: torch.Tensor, piece: Piece, num_query_groups: int, value: t
     if not piece.per_group:
         tensor[piece.rows].copy_(value)
         return
+    num_query_groups = piece.groups or num_query_groups
     grouped = tensor.view(num_query_groups, -1, *tensor.shape[1:])
     grouped[:, piece.rows].copy_(value.reshape(num_query_groups, -1, *value.shape[1:]))
 
 
-def hf_sources(model_cfg: ModelConfig, names) -> dict[str, list[tuple[str, Piece]]]:
+def hf_sources(model_cfg: ModelConfig, names, modules: dict[str, list[Piece]] | None = None
+               ) -> dict[str, list[tuple[str, Piece]]]:
     """The export's table read backwards: {Megatron tensor name: [(HF tensor name, the rows of the
     Megatron tensor it fills)]} for each of ``names`` (a bare TP=1 model's state-dict names) that
-    has HF counterparts: linear weights and biases from :func:`module_map`, the rest from
-    :func:`plain_name` (whole tensors). Names without an entry have none."""
-    modules = module_map(model_cfg)
+    has HF counterparts: linear weights and biases from ``modules`` (default :func:`module_map`),
+    the rest from :func:`plain_name` (whole tensors). Names without an entry have none."""
+    modules = module_map(model_cfg) if modules is None else modules
     sources = {}
     for name in names:
         module, _, leaf = name.rpartition(".")
@@ -358,6 +367,10 @@ def hf_config(model_cfg: ModelConfig, megatron_config: TransformerConfig) -> dic
     biases) or Qwen2-MoE. ``megatron_config``: the student's megatron.core ``TransformerConfig``,
     whose MoE routing settings (from the recipe's ``model.moe_router_*``) decide the Nemotron-H and
     Qwen2-MoE routing keys. Raises ConfigError for a model the target architecture cannot hold."""
+    if model_cfg.heterogeneous_layers_config is not None:
+        raise ConfigError("'model.heterogeneous_layers_config' is set: this DeciLM model's blocks cannot be "
+                          "exported yet (the export writes Llama, Qwen2, Qwen2-MoE and Nemotron-H "
+                          "checkpoints, whose layers are all alike)")
     if model_cfg.is_hybrid:
         return _nemotron_h_config(model_cfg, megatron_config)
     return _gpt_config(model_cfg, megatron_config)

@@ -6,7 +6,8 @@ Architectures are registry entries, one module per family, keyed by ``config.jso
 ``architectures[0]`` (else ``model_type``):
 
 * :mod:`.llama` ``LlamaForCausalLM``; :mod:`.qwen2` ``Qwen2ForCausalLM``;
-  :mod:`.qwen2_moe` ``Qwen2MoeForCausalLM``; :mod:`.nemotron_h` ``NemotronHForCausalLM``.
+  :mod:`.qwen2_moe` ``Qwen2MoeForCausalLM``; :mod:`.nemotron_h` ``NemotronHForCausalLM``;
+  :mod:`.decilm` ``DeciLMForCausalLM`` (Llama-Nemotron-Super's per-block layers).
 
 Adding an architecture is one module that registers a :class:`~.family.Family`::
 
@@ -23,7 +24,7 @@ name table read backwards, :func:`megatron_qad.export.hf_names.hf_sources`); a f
 names differ passes its own function of the same signature.
 """
 
-from . import llama, nemotron_h, qwen2, qwen2_moe  # noqa: F401  (each registers its family)
+from . import decilm, llama, nemotron_h, qwen2, qwen2_moe  # noqa: F401  (each registers its family)
 from .convert import ImportResult, import_checkpoint
 from .family import FAMILIES, Family, HFConfig, family_for, register
 

@@ -13,6 +13,7 @@ near the model in ``params_dtype`` plus the pages of the file being read.
 import dataclasses
 import os
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,9 @@ from .reader import CONFIG, HFCheckpoint, open_checkpoint
 
 MODEL_YAML = "model.yaml"
 RECIPE_YAML = "recipe.yaml"
+BLOCKS_FILE = "heterogeneous_layers_config.json"
+"""The copy of a DeciLM checkpoint's config.json (its ``block_configs``) that the imported
+``model.heterogeneous_layers_config`` names."""
 RUNTIME_FIELDS = ("seq_length", "params_dtype", "seed", "init_method_std", "transformer_impl", "moe_grouped_gemm",
                   "moe_token_dispatcher_type", "moe_router_bias_update_rate")
 """``model`` fields that are choices of the run, not of the architecture: a base recipe's values are kept."""
@@ -48,7 +52,8 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, base_recipe: str 
     """Import the Hugging Face checkpoint at ``hf_dir`` into ``out_dir`` (new or empty).
 
     Writes the dist checkpoint that ``teacher.checkpoint: OUT_DIR`` loads, ``OUT_DIR/model.yaml``
-    (the recipe's ``model:`` section) and, with ``base_recipe``, ``OUT_DIR/recipe.yaml``: the base
+    (the recipe's ``model:`` section; a DeciLM model's names ``OUT_DIR/`` :data:`BLOCKS_FILE`, a copy
+    of its config.json) and, with ``base_recipe``, ``OUT_DIR/recipe.yaml``: the base
     recipe with its model section replaced (its run-time model fields, :data:`RUNTIME_FIELDS`, kept)
     and ``teacher.checkpoint`` set to ``out_dir``. ``params_dtype`` ("bfloat16" / "float32"; None:
     the base recipe's, else float32 for a float32 checkpoint and bfloat16 otherwise) is the dtype
@@ -66,6 +71,11 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, base_recipe: str 
     model_cfg = config_from_dict(recipe, source=f"the recipe imported from {hf_dir}").model
     _check_output_dir(out)
     _write_weights(checkpoint, family, model_cfg, out)
+    if model_section.get("heterogeneous_layers_config"):  # the recipe reads the copy, not the source
+        copy = out / BLOCKS_FILE
+        shutil.copyfile(model_section["heterogeneous_layers_config"], copy)
+        model_section["heterogeneous_layers_config"] = str(copy)  # also recipe["model"]
+        model_cfg = dataclasses.replace(model_cfg, heterogeneous_layers_config=str(copy))
     header = f"# imported from {Path(hf_dir).resolve()} ({family.name})\n"
     model_yaml = out / MODEL_YAML
     model_yaml.write_text(header + yaml.safe_dump({"model": model_section}, sort_keys=False))

@@ -3,7 +3,9 @@
 Kinds of linear layers (the modules a policy can put in NVFP4, ``policy.QUANTIZABLE_KINDS``):
 ``attention`` (QKV and output
 projections), ``mlp`` (dense MLP), ``moe_expert`` (routed experts), ``shared_expert``,
-``mamba_mixer`` (Mamba in/out projections). Never quantized: ``router``, ``embedding``,
+``mamba_mixer`` (Mamba in/out projections), ``linear_replacement`` (the one hidden x hidden
+linear layer a DeciLM block has in place of its attention, ``<layer>.self_attention``, or of its
+MLP, ``<layer>.mlp``). Never quantized: ``router``, ``embedding``,
 ``output_layer`` (and norms). A module's kind comes from the outermost enclosing module whose
 type names one, so an expert's own MLP counts as ``moe_expert``.
 """
@@ -16,6 +18,7 @@ from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.heterogeneous.linear_replacements import ColumnParallelLinearGathered
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.router import Router
@@ -36,6 +39,7 @@ _KIND_OF_ANCESTOR = (
     (Attention, "attention"),
     (MambaMixer, "mamba_mixer"),
     (MLP, "mlp"),
+    (ColumnParallelLinearGathered, "linear_replacement"),
 )
 
 

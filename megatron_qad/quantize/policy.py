@@ -8,12 +8,17 @@ layer are never swapped (they stay BF16).
 
 Built-ins: :func:`transformer` (attention, MLP and expert linears in NVFP4) and :func:`hybrid`
 (MLP/expert linears and Mamba mixers in NVFP4; attention, and the nearest Mamba layer before each
-attention layer, in BF16). Both fake-quantize K and V to FP8 on their way into core attention.
+attention layer, in BF16). Both fake-quantize K and V to FP8 on their way into core attention, and
+both put the linear layers that replace a DeciLM block's attention or MLP in NVFP4: each is a
+GEMM on the normed residual stream whose output is added back to it, like an MLP's fc1 and fc2;
+it computes no attention scores and gives no K or V, so the reasons that keep attention (and the
+Mamba layer feeding it in hybrid models) in BF16 do not apply. A rule
+``{kinds: [linear_replacement], weight: bf16}`` keeps them in BF16.
 """
 
 from dataclasses import dataclass, fields
 
-QUANTIZABLE_KINDS = ("attention", "mlp", "moe_expert", "shared_expert", "mamba_mixer")
+QUANTIZABLE_KINDS = ("attention", "mlp", "moe_expert", "shared_expert", "mamba_mixer", "linear_replacement")
 """Kinds of linear layers a rule can select (see :mod:`.kinds`)."""
 BF16_KINDS = ("router", "embedding", "output_layer")
 """Kinds that always stay BF16."""
@@ -81,16 +86,19 @@ class Policy:
 
 
 def transformer(weight_format: str = "nvfp4") -> Policy:
-    """Every linear layer of attention, dense MLPs, routed and shared experts in ``weight_format``."""
-    return Policy(rules=(Rule(weight=weight_format, kinds=("attention", "mlp", "moe_expert", "shared_expert")),),
+    """Every linear layer of attention, dense MLPs, routed and shared experts, and DeciLM linear
+    replacements in ``weight_format``."""
+    return Policy(rules=(Rule(weight=weight_format, kinds=("attention", "mlp", "moe_expert", "shared_expert",
+                                                           "linear_replacement")),),
                   name="transformer")
 
 
 def hybrid(weight_format: str = "nvfp4") -> Policy:
     """For Mamba-Transformer-MoE models: MLP / expert linears and Mamba mixers in ``weight_format``;
-    attention layers, and the nearest Mamba layer before each attention layer, in BF16."""
+    attention layers, and the nearest Mamba layer before each attention layer, in BF16 (DeciLM
+    linear replacements, which are no attention, in ``weight_format``)."""
     return Policy(rules=(
-        Rule(weight=weight_format, kinds=("mlp", "moe_expert", "shared_expert", "mamba_mixer")),
+        Rule(weight=weight_format, kinds=("mlp", "moe_expert", "shared_expert", "mamba_mixer", "linear_replacement")),
         Rule(weight="bf16", kinds=("mamba_mixer",), feeds_attention=True),
     ), name="hybrid")
 
