@@ -53,10 +53,19 @@ def _losses(summary: dict) -> list[tuple[int, float]]:
     ["parallel.tensor_model_parallel_size=2", "model.norm_epsilon=1e-6", "model.rope_scaling=true",
      "model.rope_scaling_factor=32.0", "model.moe_router_pre_softmax=true", "model.add_qkv_bias=true",
      "model.share_embeddings_and_output_weights=true", "model.kv_channels=64", "model.activation=squared_relu"],
-], ids=["tiny", "hybrid-pp-vpp-bf16", "gpt-flags"])
+    ["model.num_moe_experts=0", "model.moe_shared_expert_intermediate_size=0", "model.moe_ffn_hidden_size=null",
+     "model.hidden_size=256",
+     "model.num_layers=6", "model.ffn_hidden_size=1024", "model.vocab_size=512",
+     "model.heterogeneous_layers_config={one_group_blocks}", "model.rope_scaling=true"],
+], ids=["tiny", "hybrid-pp-vpp-bf16", "gpt-flags", "decilm-blocks"])
 def test_a_recipe_compiles_to_megatron_flags_that_mean_the_same_model(tmp_path, monkeypatch, overrides):
     """recipe -> Megatron-LM command line -> Megatron's parser -> the same model and layout."""
-    config = small_config(tmp_path, *overrides)
+    blocks = json.loads((ROOT / "configs" / "tiny_decilm.blocks.json").read_text())
+    for block in blocks["block_configs"]:  # Megatron-LM's arguments take one KV group count
+        if block["attention"]["n_heads_in_group"] is not None:
+            block["attention"]["n_heads_in_group"] = 2
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    config = small_config(tmp_path, *(item.format(one_group_blocks=tmp_path / "blocks.json") for item in overrides))
     world_size = config.parallel.tensor_model_parallel_size * config.parallel.pipeline_model_parallel_size
     monkeypatch.setenv("WORLD_SIZE", str(world_size))  # what Megatron's parser reads (torchrun's variable)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")

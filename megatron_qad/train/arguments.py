@@ -159,6 +159,11 @@ def _model_argv(m: ModelConfig, p: ParallelConfig) -> list[str]:
     argv += [flag for field, flag in _MODEL_SWITCHES if getattr(m, field)]
     if m.rope_scaling:
         argv += ["--rope-scaling-factor", repr(m.rope_scaling_factor)]
+    if m.heterogeneous_layers_config:
+        _check_one_kv_group_count(m.heterogeneous_layers_config)
+        # Megatron-LM checks the older RoPE switch too for heterogeneous models.
+        argv += ["--heterogeneous-layers-config-path", m.heterogeneous_layers_config,
+                 "--use-rotary-position-embeddings"]
     argv += {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}[m.activation]
     if not m.add_bias_linear:
         argv.append("--disable-bias-linear")
@@ -167,6 +172,17 @@ def _model_argv(m: ModelConfig, p: ParallelConfig) -> list[str]:
     if m.params_dtype == "bfloat16":
         argv += ["--bf16", "--accumulate-allreduce-grads-in-fp32"]
     return argv
+
+
+def _check_one_kv_group_count(path: str) -> None:
+    """Megatron-LM's argument checks take one ``n_heads_in_group`` for every attention block (the
+    published Llama-Nemotron-Super-49B has 8 everywhere); ConfigError names the key otherwise."""
+    blocks = json.loads(Path(path).read_text())["block_configs"]
+    groups = {block["attention"]["n_heads_in_group"] for block in blocks} - {None}
+    if len(groups) > 1:
+        raise ConfigError(f"'model.heterogeneous_layers_config' ({path}): its attention blocks have "
+                          f"n_heads_in_group {sorted(groups)}; Megatron-LM's training arguments take one value "
+                          f"for all blocks")
 
 
 def _parallel_argv(p: ParallelConfig, hybrid: bool) -> list[str]:
@@ -315,6 +331,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         seed=args.seed, transformer_impl=args.transformer_impl, norm_epsilon=args.layernorm_epsilon,
         rope_scaling=bool(args.use_rope_scaling), rope_scaling_factor=args.rope_scaling_factor,
         hybrid_layer_pattern=getattr(args, "hybrid_layer_pattern", None) or "",
+        heterogeneous_layers_config=args.heterogeneous_layers_config_path,
     )
     if values["num_moe_experts"]:
         values.update(
