@@ -131,8 +131,11 @@ for dtype in (torch.bfloat16, torch.float32):
         weights = [torch.randn(16, 32, dtype=dtype), buffer[8:8 + 512].view(16, 32), torch.randn(16, 32, dtype=dtype) * 5]
         token_starts = [0, 5 * 32, 5 * 32, 105 * 32, 150 * 32]
         weight_starts = [0, 640, 1280]  # results 128 elements apart, with gaps between them
+        # the first weight (the kernel's base) inside a larger buffer, off its allocation's boundary
+        weights_after_a_view = [weights[1], weights[0], weights[2]]
         for segments, out, starts in ((tokens, torch.empty_like(x), token_starts),
-                                      (weights, torch.zeros(1280 + 512, dtype=dtype), weight_starts)):
+                                      (weights, torch.zeros(1280 + 512, dtype=dtype), weight_starts),
+                                      (weights_after_a_view, torch.zeros(1280 + 512, dtype=dtype), weight_starts)):
             amax = grouped.segments_amax(segments)
             expected_amax = [s.abs().amax().float() if s.numel() else torch.zeros(()) for s in segments]
             assert torch.equal(amax, torch.stack(expected_amax)), (dtype, amax)
@@ -148,7 +151,9 @@ print("interpreted kernels agree")
 
 def test_triton_kernels_under_the_interpreter_equal_the_single_tensor_kernel():
     """The multi-tensor kernels' addressing (program -> expert search, tokens of one buffer, weights
-    in separate buffers, a weight not a whole block away from the first, experts with no tokens)
+    in separate buffers, a weight not a whole block away from the first, a first weight off its
+    allocation's boundary (found on the GPU: its separately allocated neighbours were read from the
+    wrong place), experts with no tokens)
     against the single-tensor kernel, both run by Triton's CPU interpreter. The interpreter's own
     rounding differs from a GPU's, so this checks the layout; the GPU test below checks the bits."""
     pytest.importorskip("triton")

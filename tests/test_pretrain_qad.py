@@ -43,11 +43,11 @@ def _env() -> dict:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
 
-def pretrain_qad(*flags: str, expect: int = 0) -> dict:
-    """Run the script under torchrun (2 processes); its summary line (exit code checked)."""
+def pretrain_qad(*flags: str, expect: tuple[int, ...] = (0,)) -> dict:
+    """Run the script under torchrun (2 processes); its summary line (exit code one of ``expect``)."""
     result = subprocess.run(_torchrun_argv(*flags), env=_env(), cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode in expect, result.stdout[-3000:] + result.stderr[-3000:]
     (summary,) = json_lines(result.stdout, "summary ")
     summary["stdout"] = result.stdout
     return summary
@@ -118,14 +118,11 @@ def test_a_diverging_run_stops_before_the_step_and_keeps_its_last_checkpoint_fin
     run_dir = tmp_path / "run"
     summary = pretrain_qad("--qad-teacher-load", str(megatron_teacher), "--qad-calibration-iters", "1",
                            "--train-iters", "20", "--lr", "1e6", "--min-lr", "1e5", "--save", str(run_dir),
-                           "--save-interval", "1", expect=None or 16)
-    assert summary["exit_code"] in (16, 17)
+                           "--save-interval", "1", expect=(16, 17))
+    # Megatron's rerun state machine: 16 = checkpoint saved to re-run the step, 17 = stopped.
+    assert summary["exit_code"] in (16, 17) and "final" not in summary
     assert "non-finite loss or gradient" in summary["stdout"]
     tracker = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
-    state = dist_checkpointing.load_common_state_dict(str(run_dir / f"iter_{tracker:07d}"))
-    assert state is not None
-    from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
-
-    names = [name for name in load_tensors_metadata(str(run_dir / f"iter_{tracker:07d}"))]
+    assert tracker < summary["stopped_at"] + 1
     tensors = dist_checkpointing.load_plain_tensors(str(run_dir / f"iter_{tracker:07d}"))
-    assert names and all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())
+    assert tensors and all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())

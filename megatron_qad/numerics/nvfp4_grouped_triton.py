@@ -71,11 +71,22 @@ def _segments_fake_quant_kernel(base_ptr, table_ptr, amax_ptr, out_ptr, n_segmen
     tl.store(out_ptr + offsets, _signed(values, negative).to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
 
+def _block_aligned_copy(segment: torch.Tensor, base: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """A copy of ``segment`` that starts a whole number of blocks (``block_bytes``) away from
+    ``base``: a plain clone is aligned to the allocator's boundary, which a ``base`` inside a larger
+    allocation need not be, so the copy is placed at the right element of a slightly larger buffer."""
+    buffer = torch.empty(segment.numel() + block_bytes // segment.element_size(), dtype=segment.dtype,
+                         device=segment.device)
+    shift = ((base.data_ptr() - buffer.data_ptr()) % block_bytes) // segment.element_size()
+    return buffer[shift:shift + segment.numel()].view_as(segment).copy_(segment)
+
+
 def segment_table(segments: Sequence[torch.Tensor], output_starts: Sequence[int], blocks: int = _BLOCKS_PER_PROGRAM):
     """(base tensor, table int64 [4, n] on the segments' device, program count) of ``segments``:
     contiguous CUDA tensors of one dtype, each of a multiple of 16 elements, whose outputs start at
     the element offsets ``output_starts`` (multiples of 16). A segment not a whole number of blocks
-    away from the first is copied (kept alive by the returned base tuple's second item)."""
+    away from the first is copied to a place that is (kept alive by the returned base tuple's
+    second item)."""
     base = segments[0]
     block_bytes = BLOCK_SIZE * base.element_size()
     copies = []
@@ -84,7 +95,7 @@ def segment_table(segments: Sequence[torch.Tensor], output_starts: Sequence[int]
     for segment, output_start in zip(segments, output_starts):
         offset = segment.data_ptr() - base.data_ptr()
         if offset % block_bytes:
-            segment = segment.clone()
+            segment = _block_aligned_copy(segment, base, block_bytes)
             copies.append(segment)
             offset = segment.data_ptr() - base.data_ptr()
         n_blocks = segment.numel() // BLOCK_SIZE
