@@ -121,7 +121,7 @@ def run_one(args, data, name: str, seed: int, lr: float | None) -> dict:
               "seconds": round(time.perf_counter() - start, 1),
               **{f"{split} {key}": value for split in ("task", "general") for key, value in metrics[split].items()}}
     directory.mkdir(parents=True, exist_ok=True)
-    checkpointing.write_json(record, result)
+    record.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"{name} (seed {seed}, lr {result['lr']}): {json.dumps(result)}", flush=True)
     return result
 

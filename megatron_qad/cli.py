@@ -30,6 +30,8 @@ from .config import ConfigError, QADConfig, load_config, to_dict
 
 # Notices megatron.core and torch print on every CPU-only start; they say nothing about the run.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|absl\.logging).* not installed")
+# megatron.training's advice to pass a model config object; the package's model provider builds the model.
+warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
 logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # "GPTModel IS DEPRECATED"
 

@@ -548,7 +548,7 @@ def _apply_override(data: dict, override: str) -> None:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override '{override}': '{prefix}' is a section; set one of its "
                                   f"keys, e.g. {prefix}.{dataclasses.fields(tp)[0].name}=...")
-            if text.strip().lower() in _NULL and not _is_optional(tp):
+            if text.strip().lower() in _NULL and not _is_optional(tp) and not _is_literal_value(text.strip(), tp):
                 field_ = next(f for f in dataclasses.fields(cls) if f.name == name)
                 raise _null_error(f"override '{override}'", prefix, tp, field_)
             target[name] = _parse_text(text.strip(), tp, f"override '{override}'", prefix)
@@ -562,6 +562,12 @@ def _apply_override(data: dict, override: str) -> None:
         if not isinstance(section, dict):
             raise ConfigError(f"'{prefix}' must be a mapping of keys to values, got {section!r}")
         cls, target = tp, section
+
+
+def _is_literal_value(text: str, tp: Any) -> bool:
+    """Whether ``text`` is one of the values of a Literal field type (``"none"`` is one for
+    ``model.position_embedding_type``, not null)."""
+    return typing.get_origin(tp) is Literal and text in typing.get_args(tp)
 
 
 def _parse_text(text: str, tp: Any, source: str, key_path: str) -> Any:

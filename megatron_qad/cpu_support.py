@@ -19,6 +19,13 @@ synchronizes when ``batch_p2p_comm and batch_p2p_sync`` (both megatron.core defa
 ``_communicate_shapes`` when ``variable_seq_lengths``; on the CPU ``batch_p2p_sync=False`` and
 ``variable_seq_lengths=False`` are set (gloo's ``batch_isend_irecv`` needs no device sync).
 
+:func:`apply_training` adds seven for Megatron-LM's training loop (``megatron.training.pretrain``),
+each explained where it is installed: ``initialize_megatron`` told that no GPU is fine (the process
+groups exist already), the GPU architecture read by the argument checks, the JIT fusion warm-up,
+``Module.cuda`` to the CPU device, the DDP set-up's side stream, the rerun state machine's CUDA RNG
+state, and the small tensors that ``training``, its checkpointing, its utilities and the rerun state
+machine allocate on a hard-coded "cuda".
+
 :func:`apply` installs the shims for the life of the process; :mod:`megatron_qad.parallel` calls
 it when the process runs on the CPU. It refuses to run where CUDA is available: there the patched
 ``torch.cuda.current_device`` would also feed torch's own CUDA code (torch.compile's device

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from distributed_helpers import single_process
+from megatron_qad.config import ParallelConfig
 from torchrun_helpers import json_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,11 +120,13 @@ def test_a_diverging_run_stops_before_the_step_and_keeps_its_last_checkpoint_fin
     run_dir = tmp_path / "run"
     summary = pretrain_qad("--qad-teacher-load", str(megatron_teacher), "--qad-calibration-iters", "1",
                            "--train-iters", "20", "--lr", "1e6", "--min-lr", "1e5", "--save", str(run_dir),
-                           "--save-interval", "1", expect=(16, 17))
+                           "--save-interval", "1", expect=(1,))  # torchrun's code for a failed worker
     # Megatron's rerun state machine: 16 = checkpoint saved to re-run the step, 17 = stopped.
     assert summary["exit_code"] in (16, 17) and "final" not in summary
     assert "non-finite loss or gradient" in summary["stdout"]
     tracker = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
     assert tracker < summary["stopped_at"] + 1
-    tensors = dist_checkpointing.load_plain_tensors(str(run_dir / f"iter_{tracker:07d}"))
-    assert tensors and all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())
+    with single_process(ParallelConfig()):  # megatron.core's loader asks for a process group
+        tensors = dist_checkpointing.load_plain_tensors(str(run_dir / f"iter_{tracker:07d}"))
+    floats = [value for value in tensors.values() if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    assert floats and all(torch.isfinite(tensor).all() for tensor in floats)

@@ -42,9 +42,9 @@ def _sizes(num_layers: int, hidden_size: int, num_attention_heads: int, vocab_si
 
 def decilm_fields(config: HFConfig) -> dict:
     """The recipe's architecture fields of a ``DeciLMForCausalLM`` config (see the module docstring)."""
-    hidden, heads = config.int("hidden_size"), config.int("num_attention_heads")
-    blocks = parse_blocks(config.data, _sizes(config.int("num_hidden_layers"), hidden, heads,
-                                              config.int("vocab_size")), config.source)
+    hidden, heads = config.integer("hidden_size"), config.integer("num_attention_heads")
+    blocks = parse_blocks(config.data, _sizes(config.integer("num_hidden_layers"), hidden, heads,
+                                              config.integer("vocab_size")), config.source)
     for key in ("attention_bias", "mlp_bias"):
         config.expect(key, [False], False, "DeciLM's linear replacements have no bias, and megatron.core gives "
                                            "every linear layer a bias or none")

@@ -124,8 +124,9 @@ def _stop_message(args, summary: dict) -> str:
         saved = f"; checkpoint in {args.save}, resume with the same command" if args.save else ""
         return f"stopped {where} (exit interval, duration or signal){saved}"
     last = f"the last good checkpoint is in {args.save}" if args.save else "no checkpoint was saved (--save unset)"
-    return (f"stopped {where} with exit code {summary['exit_code']} (Megatron's result validation: a "
-            f"non-finite loss or gradient, see the lines above); the step was not applied, {last}")
+    return (f"stopped in iteration {summary['stopped_at']} with exit code {summary['exit_code']} (Megatron's "
+            f"result validation: a non-finite loss or gradient, see the lines above); that step was not "
+            f"applied, {last}")
 
 
 def _after_training(args, state: RunState, summary: dict) -> None:

@@ -86,8 +86,14 @@ def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> d
 
 
 def _run(config: QADConfig, mode: str, common: dict) -> dict:
-    if check_teacher_checkpoint(config) and mode != "eval":
-        run_pretrain(recipe_to_argv(config, mode="teacher", **common))
+    if mode != "eval" and check_teacher_checkpoint(config):
+        teacher = run_pretrain(recipe_to_argv(config, mode="teacher", **common))
+        if "stopped_at" in teacher:  # stopped by a signal or the clock before the teacher was complete
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"the teacher's training stopped at iteration {teacher['stopped_at']} of "
+                      f"{config.teacher.pretrain_iters}; its checkpoint in {config.teacher.checkpoint} is "
+                      f"partial: delete that directory to train the teacher again", flush=True)
+            return teacher
     argv = recipe_to_argv(config, **common)
     if mode == "ptq":
         argv = _without_load(argv) + ["--skip-train"]

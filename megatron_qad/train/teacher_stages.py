@@ -39,8 +39,9 @@ def stage_dirs(config: QADConfig) -> tuple[Path, Path]:
 
 
 def has_checkpoint(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a complete megatron.core dist checkpoint."""
-    return (Path(directory) / "metadata.json").is_file()
+    """Whether ``directory`` holds a checkpoint (a bare dist checkpoint or a Megatron-LM checkpoint directory)."""
+    directory = Path(directory)
+    return (directory / "metadata.json").is_file() or (directory / checkpointing.MEGATRON_LATEST).is_file()
 
 
 def plain_ce_run(config: QADConfig, teacher_dir: Path, save: str | None) -> QADConfig:
@@ -110,6 +111,6 @@ def prepare_teacher(config: QADConfig) -> None:
     pretrain_dir, posttrain_dir = stage_dirs(config)
     if not has_checkpoint(pretrain_dir):
         run(pretrain_config(config), "ptq")
-    if checkpointing.latest_training_checkpoint(posttrain_dir) is None:
+    if not (Path(posttrain_dir) / checkpointing.MEGATRON_LATEST).is_file():
         run(posttrain_config(config), "train")
     copy_model(config, checkpointing.student_checkpoint(posttrain_dir), teacher.checkpoint)
