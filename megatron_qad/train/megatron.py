@@ -114,7 +114,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
         summary["train"] = state.loss_curve(state.start_iteration, getattr(args, "curr_iteration", -1) + 1)
         if args.qad_mode == "qad":
             _after_training(args, state, summary)
-    return _finish(summary, args, context, start_time)
+        return _finish(summary, args, context, start_time)
 
 
 def _stop_message(args, summary: dict) -> str:
@@ -151,8 +151,9 @@ def _after_training(args, state: RunState, summary: dict) -> None:
 
 
 def _finish(summary: dict, args, context, start_time: float) -> dict:
-    state = RunState._current
-    if state is not None and state.teacher_gib is not None:
+    """Add the derived figures to ``summary``, print it (rank 0) and return it."""
+    state = RunState.get()
+    if state.teacher_gib is not None:
         summary["teacher GiB"] = round(state.teacher_gib, 3)
     ptq, final = summary.get("ptq"), summary.get("final")
     if ptq and final and ptq.get("kl", 0) > 0:
