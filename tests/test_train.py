@@ -153,7 +153,9 @@ def test_two_process_runs_of_the_tiny_recipe(tmp_path, teacher_dir, layout):
     args = [*SMALL, f"teacher.checkpoint={teacher_dir}", "training.train_iters=3"]
     one = _torchrun(1, *args, f"checkpoint.save={tmp_path / 'one'}")
     two = _torchrun(2, *args, f"checkpoint.save={tmp_path / 'two'}", *layout)
-    tolerance = 1e-4 if "pipeline" in layout[0] else 1e-1
+    # TP=2 against 1 process, relative KL difference measured 2026-11-30 (this recipe, 3 steps,
+    # model.seed 1234 / 1235 / 1236, PTQ and final): largest 1.85e-2 (seed 1234, final); 3x that.
+    tolerance = 1e-4 if "pipeline" in layout[0] else 6e-2
     for phase in ("ptq", "final"):
         assert two[phase]["kl"] == pytest.approx(one[phase]["kl"], rel=tolerance)
         assert two[phase]["teacher ce"] == pytest.approx(one[phase]["teacher ce"], rel=1e-5)
