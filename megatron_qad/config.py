@@ -15,6 +15,7 @@ Adding a section is adding a dataclass and a field of :class:`QADConfig`; the lo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -404,9 +405,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(data, source=str(path))
 
 
-def config_from_dict(data: dict, source: str) -> QADConfig:
+def config_from_dict(data: dict, source: str, overrides: list[str] | tuple[str, ...] = ()) -> QADConfig:
     """The validated config of a recipe already parsed into nested dicts (``source`` names it in
-    errors); ConfigError as :func:`load_config`."""
+    errors), with ``section.key=value`` overrides applied as :func:`load_config` does; ConfigError
+    as :func:`load_config`."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        _apply_override(data, override)
     config = _build(QADConfig, data, prefix="", source=source)
     validate(config)
     return config

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 from ..config import (ConfigError, DataConfig, DistillConfig, ExportConfig, ModelConfig, ParallelConfig,
-                      QADConfig, QuantizationConfig, TeacherConfig, load_config, to_dict)
+                      QADConfig, QuantizationConfig, TeacherConfig, config_from_dict, load_config,
+                      to_dict)
 
 # ---------------------------------------------------------------------------------------------
 # The QAD flags (Megatron's ``extra_args_provider``).
@@ -389,22 +390,8 @@ def qad_sections_from_args(args: argparse.Namespace) -> QADSections:
     if args.qad_recipe:
         config = load_config(args.qad_recipe, overrides)
     else:
-        config = _config_from_overrides(model, overrides)
+        config = config_from_dict({"model": model}, "the command line's model and --qad-* flags", overrides)
     return QADSections(config.quantization, config.distill, config.teacher, config.data, config.export)
-
-
-def _config_from_overrides(model: dict, overrides: list[str]) -> QADConfig:
-    """A recipe of the command line's model and the ``--qad-*`` overrides (no recipe file)."""
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump({"model": model}, handle)
-    try:
-        return load_config(handle.name, overrides)
-    finally:
-        os.unlink(handle.name)
 
 
 def write_summary(path: str | Path, summary: dict) -> None:

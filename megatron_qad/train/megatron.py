@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.distributed as dist
 
 from .. import parallel, quantize
@@ -38,16 +37,9 @@ from . import checkpointing, megatron_fixes
 from .arguments import (model_config_from_args, parallel_config_from_args, parse_megatron_args,
                         qad_sections_from_args, write_summary)
 from .metrics import memory_gib
-from .preflight import device_capability, installed_version
+from .preflight import nvfp4_backend
 from .plugin import TeacherStudentCommunicator, datasets_provider, forward_step, model_provider
 from .state import RunState, run_state
-
-
-def nvfp4_backend(quantization, model_cfg, device: torch.device) -> str:
-    """The backend ("emulated" or "te") that runs the student's NVFP4 GEMMs on ``device``."""
-    return quantize.backend.select_backend(quantization.backend, device_capability(device),
-                                           installed_version("transformer_engine"),
-                                           te_spec_model=model_cfg.transformer_impl == "transformer_engine")
 
 
 def run_pretrain(argv: list[str]) -> dict:

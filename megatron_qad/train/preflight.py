@@ -34,6 +34,14 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
+def nvfp4_backend(quantization, model_cfg, device: torch.device) -> str:
+    """The backend ("emulated" or "te") that runs the student's NVFP4 GEMMs on ``device``
+    (``quantization.backend`` resolved; ConfigError where "te" cannot run)."""
+    return quantize.backend.select_backend(quantization.backend, device_capability(device),
+                                           installed_version("transformer_engine"),
+                                           te_spec_model=model_cfg.transformer_impl == "transformer_engine")
+
+
 def check_runnable(config: QADConfig, device: torch.device) -> None:
     """Errors a run would otherwise hit late, named by key."""
     if device.type == "cpu" and config.model.params_dtype != "float32":
@@ -42,9 +50,7 @@ def check_runnable(config: QADConfig, device: torch.device) -> None:
     if device.type == "cpu" and config.training.use_distributed_optimizer:
         raise ConfigError("'training.use_distributed_optimizer: true' needs GPUs (megatron.core's distributed "
                           "optimizer accepts CUDA parameters only); set it to null or false on the CPU")
-    quantize.backend.select_backend(config.quantization.backend, device_capability(device),
-                                    installed_version("transformer_engine"),
-                                    te_spec_model=config.model.transformer_impl == "transformer_engine")
+    nvfp4_backend(config.quantization, config.model, device)
     if config.teacher.checkpoint is None:
         raise ConfigError("'teacher.checkpoint' is not set: give the BF16 teacher's Megatron-LM or megatron.core "
                           "checkpoint (or a directory to train a small one in, with teacher.pretrain_iters)")
