@@ -247,6 +247,10 @@ class TrainingConfig:
     ``--exit-duration-in-mins``). ``exit_signals``: signals (names) that make every rank finish the
     current step, save and exit 0 (one rank receiving one is enough; Megatron's signal handler):
     SIGTERM from preemption, SIGINT (Ctrl-C), SIGUSR1 as SLURM's warning (``--signal=USR1@120``).
+    ``deterministic``: Megatron's ``--deterministic-mode`` (``torch.use_deterministic_algorithms``,
+    a fixed cuBLAS workspace, NCCL's ring all-reduce, Mamba's fixed Triton configs), so that a
+    repeated run on the same GPUs gives the same losses bit for bit (docs/LAYOUTS.md: the noise
+    without it).
     """
 
     train_iters: int = 100
@@ -269,6 +273,7 @@ class TrainingConfig:
     exit_interval: int | None = None
     exit_duration_minutes: int | None = None
     exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    deterministic: bool = False
 
 
 @dataclass

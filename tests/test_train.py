@@ -189,23 +189,25 @@ def test_eval_without_a_student_checkpoint_is_a_clear_error(tmp_path, teacher_di
         run(small_config(tmp_path, teacher=teacher_dir), "eval")
 
 
-def test_a_shared_adam_step_count_is_separated_per_parameter():
+def test_the_restored_adam_step_count_is_the_checkpoints_and_per_parameter():
     """megatron.core's distributed optimizer, resumed without TE / Apex, leaves one step tensor in
-    every parameter's torch Adam state; torch then counts it up once per parameter per step.
-    After :func:`separate_step_counts` each parameter counts its own steps again."""
-    from megatron_qad.train.megatron_fixes import separate_step_counts
+    every parameter's torch Adam state (and, in its default format, the load template's 0 in it);
+    torch then counts it up once per parameter per step. After :func:`restore_step_counts` each
+    parameter holds the checkpoint's step in its own tensor and counts one per step."""
+    from megatron_qad.train.megatron_fixes import restore_step_counts
 
     params = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
-    for shared in (False, True):
+    for fixed in (False, True):
         optimizer = torch.optim.AdamW(params, lr=0.1)
         for param in params:
             param.grad = torch.ones(3)
         optimizer.step()
-        step = torch.tensor(4.0)
+        shared = torch.tensor(4.0)
         for param in params:
-            optimizer.state[param]["step"] = step
-        if shared:
-            separate_step_counts(optimizer)
+            optimizer.state[param]["step"] = shared
+        if fixed:
+            shared.zero_()  # the template's step, copied over the loaded one
+            restore_step_counts(optimizer, 4)
         optimizer.step()
         counts = [float(optimizer.state[param]["step"]) for param in params]
-        assert counts == ([5.0] * 3 if shared else [7.0] * 3)  # 4 + 3 parameters without the fix
+        assert counts == ([5.0] * 3 if fixed else [7.0] * 3)  # 4 + 3 parameters without the fix

@@ -223,6 +223,8 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
                  "--qad-extra-exit-signals", ",".join(extra_signals)]
     if t.exit_duration_minutes:
         argv += ["--exit-duration-in-mins", str(t.exit_duration_minutes)]
+    if t.deterministic:
+        argv.append("--deterministic-mode")
     argv += ["--calculate-per-token-loss", "--num-workers", "0", "--ckpt-format", "torch_dist",
              "--distributed-backend", "nccl" if use_gpu else "gloo", "--qad-recipe", str(recipe_path),
              "--qad-mode", mode]
