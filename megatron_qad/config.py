@@ -249,8 +249,19 @@ class TrainingConfig:
     SIGTERM from preemption, SIGINT (Ctrl-C), SIGUSR1 as SLURM's warning (``--signal=USR1@120``).
     ``deterministic``: Megatron's ``--deterministic-mode`` (``torch.use_deterministic_algorithms``,
     a fixed cuBLAS workspace, NCCL's ring all-reduce, Mamba's fixed Triton configs), so that a
-    repeated run on the same GPUs gives the same losses bit for bit (docs/LAYOUTS.md: the noise
-    without it).
+    repeated run on the same GPUs gives the same losses bit for bit (docs/LAYOUTS.md: repeats
+    measured with and without it).
+
+    Divergence: a step whose loss (any micro-batch on any rank) is NaN or Inf, or whose gradients
+    hold a NaN or Inf or have an L2 norm that overflows FP32, is never applied: the weights, the
+    Adam moments and step count and the LR schedule stay as they were (Megatron's skipped
+    iteration), so no checkpoint ever holds its result. ``on_nonfinite`` says what the run does
+    then: "stop" ends it before that update, on every rank, with one line naming the iteration,
+    the value and the last good checkpoint, and exit code 17 (a teacher trained here stops its
+    run the same way); "skip" drops the step and goes on with the next global batch (its samples
+    count as consumed), until more than ``max_skipped_steps`` steps in a row were non-finite: that
+    step stops the run as "stop" does. A finite step sets the count back to 0; it is per job, so a
+    resumed run starts at 0.
     """
 
     train_iters: int = 100
@@ -274,6 +285,8 @@ class TrainingConfig:
     exit_duration_minutes: int | None = None
     exit_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     deterministic: bool = False
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -663,7 +676,7 @@ def validate(config: QADConfig) -> None:
 def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConfig) -> None:
     _check_at_least("training", t, ("train_iters", "global_batch_size", "micro_batch_size", "log_interval",
                                     "eval_iters"))
-    _check_at_least("training", t, ("lr_warmup_iters",), minimum=0)
+    _check_at_least("training", t, ("lr_warmup_iters", "max_skipped_steps"), minimum=0)
     _check_at_least("distill", d, ("calibration_iters",), minimum=0)
     _check_at_least("teacher", teacher, ("pretrain_iters", "posttrain_iters"), minimum=0)
     _require(not teacher.posttrain_iters or teacher.posttrain_sources,

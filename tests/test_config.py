@@ -114,6 +114,8 @@ def test_yaml_int_is_accepted_for_float(tmp_path):
     (["model.normalization=BatchNorm"], "'model.normalization' must be one of 'RMSNorm', 'LayerNorm'"),
     (["model.hidden_size"], "must look like section.key=value"),
     (["model=1"], "'model' is a section"),
+    (["training.on_nonfinite=retry"], "'training.on_nonfinite' must be one of 'stop', 'skip', got 'retry'"),
+    (["training.max_skipped_steps=-1"], "'training.max_skipped_steps' must be >= 0, got -1"),
 ])
 def test_bad_overrides_name_the_key(overrides, expected):
     assert expected in error_of(TINY, overrides)

@@ -3,11 +3,13 @@
 A Megatron-LM user's flags (model, batch, LR schedule, ``--mock-data`` with Megatron's own GPT
 dataset and NullTokenizer, ``--save`` / ``--load``, ``--exit-interval``, ``--exit-signal-handler``)
 plus the QAD flags. The teacher is a Megatron-LM checkpoint directory written by the same loop in
-``--qad-mode teacher``, loaded as it is. Stops go through Megatron's own mechanisms: its exit
-interval, its signal handler, and its rerun state machine for a non-finite loss.
+``--qad-mode teacher``, loaded as it is. Stops go through Megatron's own mechanisms (its exit
+interval, its signal handler); a step with a non-finite loss or gradient through the divergence
+policy, which stops the run or has Megatron's optimizer skip the step.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed_helpers import single_process
 from megatron_qad.config import ParallelConfig
@@ -111,22 +114,78 @@ def test_sigterm_to_one_rank_saves_and_exits_cleanly(tmp_path, megatron_teacher)
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(summary["stopped_at"])
 
 
-def test_a_diverging_run_stops_before_the_step_and_keeps_its_last_checkpoint_finite(tmp_path, megatron_teacher):
-    """LR 1e6: the loss turns non-finite; Megatron's rerun state machine stops the run before that
-    step's update, non-zero exit, and the newest checkpoint is finite and resumable."""
-    import torch
+def _checkpoint(directory: Path) -> tuple[dict, dict]:
+    """(the tensors: model and optimizer state, the common state: optimizer step count and param
+    groups, LR schedule, ...) of a torch_dist checkpoint directory."""
     from megatron.core import dist_checkpointing
 
-    run_dir = tmp_path / "run"
-    summary = pretrain_qad("--qad-teacher-load", str(megatron_teacher), "--qad-calibration-iters", "1",
-                           "--train-iters", "20", "--lr", "1e6", "--min-lr", "1e5", "--save", str(run_dir),
-                           "--save-interval", "1", expect=(1,))  # torchrun's code for a failed worker
-    # Megatron's rerun state machine: 16 = checkpoint saved to re-run the step, 17 = stopped.
-    assert summary["exit_code"] in (16, 17) and "final" not in summary
-    assert "non-finite loss or gradient" in summary["stdout"]
-    tracker = int((run_dir / "latest_checkpointed_iteration.txt").read_text())
-    assert tracker < summary["stopped_at"] + 1
     with single_process(ParallelConfig()):  # megatron.core's loader asks for a process group
-        tensors = dist_checkpointing.load_plain_tensors(str(run_dir / f"iter_{tracker:07d}"))
-    floats = [value for value in tensors.values() if isinstance(value, torch.Tensor) and value.is_floating_point()]
-    assert floats and all(torch.isfinite(tensor).all() for tensor in floats)
+        tensors = dist_checkpointing.load_plain_tensors(str(directory))
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+    return {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}, common
+
+
+def _assert_finite(directory: Path) -> None:
+    tensors, _ = _checkpoint(directory)
+    floats = [tensor for tensor in tensors.values() if tensor.is_floating_point()]
+    assert floats and all(torch.isfinite(tensor).all() for tensor in floats), directory
+
+
+def _stop_line(summary: dict) -> str:
+    (line,) = [line for line in summary["stdout"].splitlines() if line.startswith("stopped in iteration")]
+    return line
+
+
+DIVERGING = ("--qad-calibration-iters", "1", "--train-iters", "20", "--lr", "1e6", "--min-lr", "1e5",
+             "--save-interval", "1")
+
+
+def test_a_diverging_run_stops_before_the_step_and_resumes_from_its_last_finite_checkpoint(tmp_path, megatron_teacher):
+    """LR 1e6, the default policy (stop): the first step with a non-finite loss or gradient ends the
+    run before its update, exit 17, one line naming the iteration, the value and the last good
+    checkpoint, which is finite. A run resumed from it stops at its first step the same way (the
+    first step of a job, which Megatron's rerun state machine leaves unchecked) and saves nothing."""
+    run_dir = tmp_path / "run"
+    flags = ("--qad-teacher-load", str(megatron_teacher), *DIVERGING, "--save", str(run_dir))
+    summary = pretrain_qad(*flags, expect=(1,))  # torchrun's code for a failed worker
+    stopped, tracker = summary["stopped_at"], run_dir / "latest_checkpointed_iteration.txt"
+    assert summary["exit_code"] == 17 and "final" not in summary and "skipped" not in summary
+    assert int(tracker.read_text()) == stopped - 1 >= 1 and not (run_dir / f"iter_{stopped:07d}").exists()
+    line = _stop_line(summary)
+    assert re.fullmatch(rf"stopped in iteration {stopped}: (loss|gradient norm) (NaN|Inf)( and Inf)? "
+                        rf"\(training.on_nonfinite=stop, .*\)\. The step was not applied, the last good checkpoint "
+                        rf"is iteration {stopped - 1} in {re.escape(str(run_dir))}; .*", line), line
+    _assert_finite(run_dir / f"iter_{stopped - 1:07d}")
+
+    resumed = pretrain_qad(*flags, "--load", str(run_dir), expect=(1,))
+    assert (resumed["stopped_at"], resumed["exit_code"], resumed["ptq"]) == (stopped, 17, None)
+    assert _stop_line(resumed) == line
+    assert int(tracker.read_text()) == stopped - 1 and not (run_dir / f"iter_{stopped:07d}").exists()
+
+
+def test_skipped_steps_change_nothing_and_too_many_in_a_row_stop_the_run(tmp_path, megatron_teacher):
+    """LR 1e6 with --qad-on-nonfinite skip --qad-max-skipped-steps 2: the first two non-finite steps
+    are skipped (Megatron's skipped iterations: their checkpoints hold the last applied step's
+    weights, Adam moments and step count, learning rate and LR schedule bit for bit), the third in
+    a row stops the run (exit 17) with one line naming the skipped iterations and the setting."""
+    run_dir = tmp_path / "run"
+    summary = pretrain_qad("--qad-teacher-load", str(megatron_teacher), *DIVERGING, "--save", str(run_dir),
+                           "--qad-on-nonfinite", "skip", "--qad-max-skipped-steps", "2", expect=(1,))
+    first = summary["skipped"][0]
+    assert summary["skipped"] == [first, first + 1] and first >= 2
+    assert (summary["stopped_at"], summary["exit_code"]) == (first + 2, 17) and "final" not in summary
+    assert f"iteration {first}: " in summary["stdout"] and "step skipped (1 in a row, at most 2" in summary["stdout"]
+    line = _stop_line(summary)
+    assert (f", 3 non-finite steps in a row (iterations {first}-{first + 1} skipped) are more than "
+            f"training.max_skipped_steps=2 (--qad-max-skipped-steps). The step was not applied, the last good "
+            f"checkpoint is iteration {first + 1} in {run_dir}") in line, line
+    applied_tensors, applied = _checkpoint(run_dir / f"iter_{first - 1:07d}")
+    _assert_finite(run_dir / f"iter_{first - 1:07d}")
+    assert any(name.startswith("optimizer.state.exp_avg_sq.") for name in applied_tensors)
+    for iteration in (first, first + 1):
+        tensors, common = _checkpoint(run_dir / f"iter_{iteration:07d}")
+        assert common["iteration"] == iteration and tensors.keys() == applied_tensors.keys()
+        assert all(torch.equal(tensors[name], applied_tensors[name]) for name in tensors)
+        assert common["optimizer"]["state"]["common_step"] == applied["optimizer"]["state"]["common_step"] == first - 1
+        assert common["optimizer"]["param_groups"] == applied["optimizer"]["param_groups"]
+        assert common["opt_param_scheduler"] == applied["opt_param_scheduler"]

@@ -51,6 +51,7 @@ def _losses(summary: dict) -> list[tuple[int, float]]:
      "model.params_dtype=bfloat16", "training.lr_decay_iters=50", "model.hybrid_layer_pattern=M*-E|M*-E|M*-E|M*-E",
      "model.num_layers=16", "model.moe_shared_expert_gate=true", "model.mamba_num_groups=2"],
     ["parallel.tensor_model_parallel_size=2", "model.norm_epsilon=1e-6", "model.rope_scaling=true",
+     "training.on_nonfinite=skip", "training.max_skipped_steps=3",
      "model.rope_scaling_factor=32.0", "model.moe_router_pre_softmax=true", "model.add_qkv_bias=true",
      "model.share_embeddings_and_output_weights=true", "model.kv_channels=64", "model.activation=squared_relu"],
     ["model.num_moe_experts=0", "model.moe_shared_expert_intermediate_size=0", "model.moe_ffn_hidden_size=null",
@@ -75,6 +76,10 @@ def test_a_recipe_compiles_to_megatron_flags_that_mean_the_same_model(tmp_path, 
     assert parallel_config_from_args(args) == config.parallel
     assert (args.lr, args.min_lr, args.train_iters) == (config.training.lr, config.training.min_lr,
                                                        config.training.train_iters)
+    assert (args.qad_on_nonfinite, args.qad_max_skipped_steps) == (config.training.on_nonfinite,
+                                                                    config.training.max_skipped_steps)
+    # the divergence policy's settings: Megatron's NaN checks off, its optimizer skips an Inf norm
+    assert not args.check_for_nan_in_loss_and_grad and args.grad_norm_skip_threshold == torch.finfo(torch.float32).max
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, teacher_dir):

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from ..config import (ConfigError, DataConfig, DistillConfig, ExportConfig, ModelConfig, ParallelConfig,
-                      QADConfig, QuantizationConfig, TeacherConfig, config_from_dict, load_config,
-                      to_dict)
+                      QADConfig, QuantizationConfig, TeacherConfig, TrainingConfig, config_from_dict,
+                      load_config, to_dict)
 
 # ---------------------------------------------------------------------------------------------
 # The QAD flags (Megatron's ``extra_args_provider``).
@@ -77,6 +77,12 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-extra-exit-signals", default="SIGINT,SIGUSR1",
                        help="with --exit-signal-handler: more signals (comma-separated names) that stop "
                             "the run as --exit-signal does: finish the step, save, exit 0 ('' for none)")
+    group.add_argument("--qad-on-nonfinite", choices=("stop", "skip"), default=TrainingConfig.on_nonfinite,
+                       help="a step whose loss or gradient is NaN or Inf is never applied; stop: end the run "
+                            "there (exit 17); skip: drop it and go on with the next batch")
+    group.add_argument("--qad-max-skipped-steps", type=int, default=TrainingConfig.max_skipped_steps,
+                       help="with --qad-on-nonfinite skip: the most non-finite steps in a row that are "
+                            "skipped; the next one stops the run")
     group.add_argument("--qad-command", choices=("train", "ptq", "eval"), default="train",
                        help="what the run is, as the summary reports it (megatron-qad's subcommand)")
     group.add_argument("--qad-summary", default=None,
@@ -225,6 +231,7 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
         argv += ["--exit-duration-in-mins", str(t.exit_duration_minutes)]
     if t.deterministic:
         argv.append("--deterministic-mode")
+    argv += ["--qad-on-nonfinite", t.on_nonfinite, "--qad-max-skipped-steps", str(t.max_skipped_steps)]
     argv += ["--calculate-per-token-loss", "--num-workers", "0", "--ckpt-format", "torch_dist",
              "--distributed-backend", "nccl" if use_gpu else "gloo", "--qad-recipe", str(recipe_path),
              "--qad-mode", mode]
@@ -275,20 +282,23 @@ def _replace(argv: list[str], values: dict[str, str | None]) -> list[str]:
 
 
 def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` with Megatron-LM's parser plus :func:`add_qad_arguments` and validate it
-    (``megatron.training.arguments.validate_args``); nothing global is set yet. Where no GPU is
-    visible, the CPU shims of :func:`megatron_qad.cpu_support.apply_training` go in first (the
-    checks read the GPU's architecture)."""
+    """Parse ``argv`` with Megatron-LM's parser plus :func:`add_qad_arguments`, set the Megatron
+    arguments the divergence policy relies on (:func:`megatron_qad.train.divergence.configure_megatron`)
+    and validate it (``megatron.training.arguments.validate_args``); nothing global is set yet.
+    Where no GPU is visible, the CPU shims of :func:`megatron_qad.cpu_support.apply_training` go in
+    first (the checks read the GPU's architecture)."""
     import torch
     from megatron.training.arguments import parse_args, validate_args
 
     from .. import cpu_support
+    from .divergence import configure_megatron
 
     if not torch.cuda.is_available():
         cpu_support.apply_training()
 
     with _argv(argv):
         args = parse_args(extra_args_provider=add_qad_arguments)
+    configure_megatron(args)
     validate_args(args)
     return args
 

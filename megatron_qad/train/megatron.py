@@ -13,19 +13,21 @@ Both front doors end here: ``scripts/pretrain_qad.py`` passes its command line, 
    frozen, student quantized), the dataset provider (a fresh run calibrates there: PTQ), the
    forward step, and the pipeline communicator for the joined student / teacher activations.
    Megatron's loop then owns the steps, the optimizer and LR schedule, checkpoints
-   (``--save`` / ``--load``: ``iter_NNNNNNN``, ``latest_checkpointed_iteration.txt``), NaN checks
-   and the rerun state machine, the signal handler, ``--exit-interval`` and
-   ``--exit-duration-in-mins``;
+   (``--save`` / ``--load``: ``iter_NNNNNNN``, ``latest_checkpointed_iteration.txt``), the signal
+   handler, ``--exit-interval`` and ``--exit-duration-in-mins``; a step with a non-finite loss or
+   gradient is skipped or stops the run (:mod:`.divergence`, ``--qad-on-nonfinite``);
 4. the student is evaluated against the teacher on the first ``--eval-iters`` validation
    batches, as after calibration, and the summary is returned (and written with ``--qad-summary``).
 
-A run that Megatron ends early (exit interval, signal, duration; it calls ``sys.exit``) returns a
-summary with ``stopped_at`` and Megatron's exit code instead of the final figures.
+A run that Megatron ends early (exit interval, signal, duration; it calls ``sys.exit``) or that the
+divergence policy stops returns a summary with ``stopped_at`` and the exit code instead of the
+final figures. ``skipped`` lists the iterations the policy skipped, when there were any.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -33,7 +35,7 @@ from .. import parallel, quantize
 from ..config import ConfigError
 from ..distill import DistillationLoss
 from ..models import transformer_config
-from . import checkpointing, megatron_fixes
+from . import checkpointing, divergence, megatron_fixes
 from .arguments import (model_config_from_args, parallel_config_from_args, parse_megatron_args,
                         qad_sections_from_args, write_summary)
 from .metrics import memory_gib
@@ -69,6 +71,8 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     from megatron.training.global_vars import set_global_variables
 
     megatron_fixes.apply()
+    guard = divergence.DivergenceGuard(args.qad_on_nonfinite, args.qad_max_skipped_steps, context.device,
+                                       rank0=context.rank == 0)
     if args.tokenizer_type is None:  # the package's data sources tokenize themselves
         args.padded_vocab_size = args.vocab_size
     set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
@@ -85,7 +89,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     with run_state(device=context.device, sections=sections, backend=backend, loss=loss,
                    seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                    global_batch_size=args.global_batch_size, vocab_size=model_cfg.vocab_size,
-                   eval_iters=args.eval_iters, cache_dir=args.save, rank0=context.rank == 0,
+                   eval_iters=args.eval_iters, cache_dir=args.save, rank0=context.rank == 0, guard=guard,
                    communicator=communicator, student_load=args.qad_student_load) as state:
         cfg_container = pretrain_cfg_container_from_args(args)
         try:
@@ -93,20 +97,32 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
                      model_provider=model_provider,
                      p2p_communicator=communicator if args.qad_mode == "qad" else None,
                      pg_collection=pg_collection if args.qad_mode == "qad" else None)
-        except SystemExit as stop:  # Megatron's early exits: exit interval, signal, duration, NaN
-            summary["ptq"] = state.ptq
-            summary["stopped_at"] = getattr(args, "curr_iteration", -1) + 1
-            summary["train"] = state.loss_curve(state.start_iteration, summary["stopped_at"])
-            summary["exit_code"] = stop.code if isinstance(stop.code, int) else 1
-            state.print(_stop_message(args, summary))
+        except (SystemExit, divergence.NonFiniteStep) as stop:  # Megatron's early exits; divergence
+            if isinstance(stop, divergence.NonFiniteStep):
+                summary["stopped_at"], summary["exit_code"] = stop.iteration, divergence.EXIT_CODE
+                message = _divergence_message(args, guard, stop)
+            else:  # exit interval, signal, duration, Megatron's result validation
+                summary["stopped_at"] = getattr(args, "curr_iteration", -1) + 1
+                summary["exit_code"] = stop.code if isinstance(stop.code, int) else 1
+                message = _stop_message(args, summary)
+            _add_training_figures(summary, state, summary["stopped_at"])
+            state.print(message)
             if summary["exit_code"] and args.qad_mode == "teacher":
-                raise
+                raise SystemExit(summary["exit_code"]) from None
             return _finish(summary, args, context, start_time)
-        summary["ptq"] = state.ptq
-        summary["train"] = state.loss_curve(state.start_iteration, getattr(args, "curr_iteration", -1) + 1)
+        _add_training_figures(summary, state, getattr(args, "curr_iteration", -1) + 1)
         if args.qad_mode == "qad":
             _after_training(args, state, summary)
         return _finish(summary, args, context, start_time)
+
+
+def _add_training_figures(summary: dict, state: RunState, end: int) -> None:
+    """The PTQ figures, the loss curve of this job's iterations up to ``end`` (1-based, Megatron's
+    count) and the iterations the divergence policy skipped (when there were any)."""
+    summary["ptq"] = state.ptq
+    summary["train"] = state.loss_curve(state.start_iteration, end)
+    if state.guard.skipped:
+        summary["skipped"] = state.guard.skipped
 
 
 def _stop_message(args, summary: dict) -> str:
@@ -115,10 +131,38 @@ def _stop_message(args, summary: dict) -> str:
     if summary["exit_code"] == 0:
         saved = f"; checkpoint in {args.save}, resume with the same command" if args.save else ""
         return f"stopped {where} (exit interval, duration or signal){saved}"
-    last = f"the last good checkpoint is in {args.save}" if args.save else "no checkpoint was saved (--save unset)"
     return (f"stopped in iteration {summary['stopped_at']} with exit code {summary['exit_code']} (Megatron's "
-            f"result validation: a non-finite loss or gradient, see the lines above); that step was not "
-            f"applied, {last}")
+            f"result validation, see the lines above); that step was not applied, {_last_checkpoint(args)}")
+
+
+def _divergence_message(args, guard: divergence.DivergenceGuard, stop: divergence.NonFiniteStep) -> str:
+    """One line on the step that stopped the run: its iteration, what was not finite, the steps
+    skipped before it, the setting that decided and the last good checkpoint."""
+    if guard.policy == "stop":
+        rule = " (training.on_nonfinite=stop, --qad-on-nonfinite; 'skip' drops such a step and goes on)"
+    else:
+        count = len(stop.skipped) + 1
+        if count == 1:
+            skipped = ""
+        elif count == 2:
+            skipped = f" (iteration {stop.skipped[0]} skipped)"
+        else:
+            skipped = f" (iterations {stop.skipped[0]}-{stop.skipped[-1]} skipped)"
+        rule = (f", {count} non-finite step{'s' if count > 1 else ''} in a row{skipped} "
+                f"{'are' if count > 1 else 'is'} more than training.max_skipped_steps={guard.max_skipped_steps} "
+                f"(--qad-max-skipped-steps)")
+    return (f"stopped in iteration {stop.iteration}: {stop.value}{rule}. The step was not applied, "
+            f"{_last_checkpoint(args)}; a diverging run needs a lower learning rate")
+
+
+def _last_checkpoint(args) -> str:
+    """Where the newest complete checkpoint of ``--save`` is (Megatron's tracker names it)."""
+    if not args.save:
+        return "no checkpoint was saved (--save unset)"
+    tracker = Path(args.save) / checkpointing.MEGATRON_LATEST
+    if not tracker.is_file():
+        return f"no checkpoint was saved in {args.save} yet"
+    return f"the last good checkpoint is iteration {tracker.read_text().strip()} in {args.save}"
 
 
 def _after_training(args, state: RunState, summary: dict) -> None:

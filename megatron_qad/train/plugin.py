@@ -12,8 +12,9 @@ dataset provider and the teacher-student pipeline communicator.
   recipe's policy and returns the :class:`~megatron_qad.distill.TeacherStudentStage` (in
   ``--qad-mode teacher``, a plain model trained with cross entropy).
 * :func:`forward_step` runs one micro-batch through the stage and returns the loss function in
-  megatron.core's per-token contract; non-finite losses go to Megatron's rerun state machine
-  (as ``pretrain_gpt.loss_func`` does), which stops the run (or re-runs, per ``--rerun-mode``).
+  megatron.core's per-token contract; training losses go to the divergence guard
+  (:mod:`.divergence`), which the model provider installs as the models' gradient finalization:
+  a step with a non-finite loss or gradient is skipped or stops the run (``--qad-on-nonfinite``).
 * :func:`datasets_provider` builds the package's token sources (Megatron's ``--data-path`` /
   ``--mock-data`` use Megatron's own GPT datasets instead). ``pretrain`` calls it after the
   model, optimizer and any checkpoint are set up and before the first step: a fresh run
@@ -60,6 +61,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
                            f"{pre_process}/{post_process}, the model has {student.pre_process}/{student.post_process}")
     prepare_pipeline_config(student.config, state.device,
                             interleaved=(args.virtual_pipeline_model_parallel_size or 1) > 1)
+    student.config.finalize_model_grads_func = state.guard.finalize_model_grads
     if args.qad_mode == "teacher":
         state.chunks.append(student)
         return student
@@ -135,19 +137,15 @@ def _timers():
 
 
 def _checked_loss(loss_func, output):
-    """``loss_func(output)``, with the loss handed to Megatron's rerun state machine, which
-    rejects NaN and Inf (``--check-for-nan-in-loss-and-grad``, on by default)."""
+    """``loss_func(output)``; a training micro-batch's metrics are kept for the loss curve and its
+    loss goes to the divergence guard (:mod:`.divergence`)."""
     from megatron.core.rerun_state_machine import get_rerun_state_machine
 
     loss, num_tokens, report = loss_func(output)
-    machine = get_rerun_state_machine()
     if torch.is_grad_enabled():  # a training step, not validation
-        RunState.get().record(machine.current_iteration, report)
-    if _args().check_for_nan_in_loss_and_grad:
-        machine.validate_result(result=loss, rejection_func=torch.isnan,
-                                message="found NaN in local forward loss calculation", tolerance=0.0, fatal=True)
-        machine.validate_result(result=loss, rejection_func=torch.isinf,
-                                message="found Inf in local forward loss calculation", tolerance=0.0, fatal=True)
+        state = RunState.get()
+        state.record(get_rerun_state_machine().current_iteration, report)
+        state.guard.add_loss(loss)
     return loss, num_tokens, report
 
 

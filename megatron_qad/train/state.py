@@ -23,6 +23,7 @@ from ..distill import DistillationLoss, distillation_step
 from ..distill.pipeline import chunk_iterators
 from ..models import causal_attention_mask
 from .arguments import QADSections
+from .divergence import DivergenceGuard
 from .metrics import global_averages
 
 
@@ -33,7 +34,8 @@ class RunState:
     ``device``: this rank's device; ``sections``: the QAD settings; ``backend``: the NVFP4
     backend ("emulated" or "te"); ``loss``: the training loss; ``seq_length``,
     ``micro_batch_size``, ``global_batch_size``, ``vocab_size``, ``eval_iters``: Megatron's; ``cache_dir``: where
-    generated data is kept; ``communicator``: the pipeline's p2p communicator (its config is set
+    generated data is kept; ``guard``: the divergence policy (the training losses go to it, and the
+    models' gradient finalization is its); ``communicator``: the pipeline's p2p communicator (its config is set
     to the student's when the first stage is built); ``student_load``: a student checkpoint to
     start from (no calibration then). Filled while the run goes: ``chunks``, ``ptq`` (validation metrics
     after calibration, None on a resumed run)."""
@@ -49,6 +51,7 @@ class RunState:
     eval_iters: int
     cache_dir: str | None
     rank0: bool
+    guard: DivergenceGuard
     communicator: object = None
     student_load: str | None = None
     chunks: list = field(default_factory=list)

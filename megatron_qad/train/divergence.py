@@ -1,0 +1,137 @@
+"""The divergence policy: a training step whose loss or gradient is not finite is never applied;
+the run stops there, or skips the step a bounded number of times in a row.
+
+Settings: ``training.on_nonfinite`` ("stop" or "skip") and ``training.max_skipped_steps`` of a
+recipe, ``--qad-on-nonfinite`` / ``--qad-max-skipped-steps`` on a Megatron-LM command line (see
+:class:`megatron_qad.config.TrainingConfig`). A step is non-finite when a training micro-batch's
+loss is NaN or Inf on any rank, or the step's gradients hold a NaN or Inf or their squared L2
+norm overflows FP32 (what makes megatron.core's gradient norm Inf).
+
+How a step is kept from the weights, with every optimizer megatron.core builds (the FP32
+optimizer of CPU runs, the BF16 mixed-precision and the distributed optimizer; the training loop
+always holds them in a ``ChainedOptimizer``):
+
+1. the forward step hands every training micro-batch's loss to :meth:`DivergenceGuard.add_loss`
+   (on the last pipeline stage; counted on the device, no host sync);
+2. :meth:`DivergenceGuard.finalize_model_grads` is the model config's ``finalize_model_grads_func``
+   (megatron.training keeps a hook that the model builder installed). After megatron.core's
+   ``finalize_model_grads`` (data-parallel reduction, per-token scaling) it all-reduces, over all
+   ranks, the counts of NaN and Inf losses and the squared gradient norms of every rank: each
+   rank reaches the same verdict, for a loss on one data-parallel rank or a gradient on one
+   pipeline stage alike;
+3. a step to skip is dropped by megatron.core's own check, ``ChainedOptimizer.step``'s
+   ``grad_norm_skip_threshold``, which :func:`configure_megatron` sets to the largest FP32 number
+   (only an infinite norm exceeds it): the guard sets the step's gradients to +Inf, the optimizer's
+   norm is Inf, and the step returns unsuccessful before the inner Adam step, so the weights, the
+   Adam moments and step count stay as they were; megatron.training then logs a skipped
+   iteration and does not advance the LR schedule. Without the guard a NaN gradient would be
+   applied: a NaN norm fails every comparison, and the FP32 optimizer checks for none (the
+   mixed-precision ones only with a loss scale);
+4. to stop, the guard raises :class:`NonFiniteStep` at the same point on every rank, before the
+   optimizer step; :func:`megatron_qad.train.megatron.run_pretrain` prints the one-line reason and
+   returns :data:`EXIT_CODE`.
+
+Megatron's own NaN checks (``--check-for-nan-in-loss-and-grad``, on by default) are turned off
+by :func:`configure_megatron`: they hand a NaN loss or gradient to the rerun state machine, which
+would end the run before a skip could happen (exit 16 or 17), and which leaves the first
+iteration of every job unchecked.
+
+Not held back on a skipped step: a MoE router's expert bias (``model.moe_router_bias_update_rate``
+> 0; 0 by default), which megatron.core's ``finalize_model_grads`` moves by the rate from the
+step's token counts before any check (as on Megatron's own skipped iterations).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.rerun_state_machine import EXIT_CODE_FAILED_ON_RESULT_VALIDATION
+
+from ..config import ConfigError
+
+EXIT_CODE = EXIT_CODE_FAILED_ON_RESULT_VALIDATION
+"""The exit code of a run the policy stopped: megatron.core's for a run that failed the validation
+of its results (17)."""
+
+
+class NonFiniteStep(Exception):
+    """Raised on every rank, before the optimizer step, when the policy stops the run at
+    ``iteration`` (1-based, Megatron's count); ``value`` says what was not finite ("loss NaN",
+    "gradient norm Inf", ...), ``skipped`` the iterations skipped right before it."""
+
+    def __init__(self, iteration: int, value: str, skipped: list[int]):
+        super().__init__(f"iteration {iteration}: {value}")
+        self.iteration, self.value, self.skipped = iteration, value, skipped
+
+
+def configure_megatron(args) -> None:
+    """Set Megatron's arguments the guard relies on (see the module docstring): its own NaN checks
+    off, and a gradient-norm skip threshold that only an infinite norm exceeds."""
+    args.check_for_nan_in_loss_and_grad = False
+    args.grad_norm_skip_threshold = float(torch.finfo(torch.float32).max)
+
+
+class DivergenceGuard:
+    """One run's divergence policy on this rank. ``policy``: "stop", or "skip", where up to
+    ``max_skipped_steps`` non-finite steps in a row are skipped and the next one stops the run.
+    ``device``: this rank's; ``rank0``: whether this rank prints a line per skipped step.
+    ``skipped`` lists the iterations skipped so far (1-based, Megatron's count)."""
+
+    def __init__(self, policy: str, max_skipped_steps: int, device: torch.device, rank0: bool):
+        if max_skipped_steps < 0:
+            raise ConfigError(f"--qad-max-skipped-steps (training.max_skipped_steps) must be >= 0, got "
+                              f"{max_skipped_steps}")
+        self.policy, self.max_skipped_steps, self.rank0 = policy, max_skipped_steps, rank0
+        self.skipped: list[int] = []
+        self.in_a_row = 0
+        self._losses = torch.zeros(2, device=device)  # this step's NaN and Inf micro-batch losses
+        self._counted = None  # the last non-finite iteration counted (a re-run step counts once)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Count a training micro-batch's loss if it is NaN or Inf (on the device)."""
+        self._losses += torch.stack((loss.isnan().any(), loss.isinf().any()))
+
+    def finalize_model_grads(self, model: list[torch.nn.Module], num_tokens: torch.Tensor | None = None,
+                             **kwargs) -> None:
+        """megatron.core's ``finalize_model_grads(model, num_tokens, **kwargs)``, then the step's
+        verdict: nothing for a finite step; for a non-finite one, the gradients set to +Inf (the
+        optimizer skips the step) or :class:`NonFiniteStep` raised (the run stops)."""
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+        finalize_model_grads(model, num_tokens, **kwargs)
+        # Megatron's DistributedDataParallel keeps each trainable parameter's gradient in main_grad.
+        grads = [getattr(param, "main_grad", param.grad) for chunk in model for param in chunk.parameters()
+                 if param.requires_grad]
+        grad_square = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        stats = torch.cat((self._losses, grad_square.reshape(1)))
+        dist.all_reduce(stats)
+        self._losses.zero_()
+        nan_losses, inf_losses, grad_square = stats.tolist()
+        if not (nan_losses or inf_losses or not math.isfinite(grad_square)):
+            self.in_a_row = 0
+            return
+        iteration = get_rerun_state_machine().current_iteration
+        value = _describe(nan_losses, inf_losses, grad_square)
+        if iteration != self._counted:  # the rerun state machine may run a step twice
+            self._counted = iteration
+            self.in_a_row += 1
+            if self.policy == "skip" and self.in_a_row <= self.max_skipped_steps:
+                self.skipped.append(iteration)
+                if self.rank0:
+                    print(f"iteration {iteration}: {value}; step skipped ({self.in_a_row} in a row, at most "
+                          f"{self.max_skipped_steps}: training.max_skipped_steps)", flush=True)
+        if self.policy == "stop" or self.in_a_row > self.max_skipped_steps:
+            raise NonFiniteStep(iteration, value, self.skipped[len(self.skipped) - self.in_a_row + 1:])
+        for grad in grads:
+            grad.fill_(math.inf)
+
+
+def _describe(nan_losses: float, inf_losses: float, grad_square: float) -> str:
+    """What was not finite: the loss (NaN, Inf, or both in different micro-batches), else the
+    gradient norm."""
+    if nan_losses or inf_losses:
+        return "loss " + " and ".join(kind for kind, count in (("NaN", nan_losses), ("Inf", inf_losses)) if count)
+    return "gradient norm " + ("NaN" if math.isnan(grad_square) else "Inf")
