@@ -246,7 +246,8 @@ class TrainingConfig:
     stop the same way once the run has lasted that long (wall clock; Megatron's
     ``--exit-duration-in-mins``). ``exit_signals``: signals (names) that make every rank finish the
     current step, save and exit 0 (one rank receiving one is enough; Megatron's signal handler):
-    SIGTERM from preemption, SIGINT (Ctrl-C), SIGUSR1 as SLURM's warning (``--signal=USR1@120``).
+    SIGTERM from preemption, SIGINT (Ctrl-C), SIGUSR1 as SLURM's warning (``--signal=USR1@300`` in
+    ``scripts/slurm/qad.sbatch``, which then requeues the job; docs/LAUNCH.md).
     ``deterministic``: Megatron's ``--deterministic-mode`` (``torch.use_deterministic_algorithms``,
     a fixed cuBLAS workspace, NCCL's ring all-reduce, Mamba's fixed Triton configs), so that a
     repeated run on the same GPUs gives the same losses bit for bit (docs/LAYOUTS.md: repeats

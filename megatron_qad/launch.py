@@ -1,7 +1,7 @@
 """Start a recipe with one rank per GPU: ``torchrun`` on this machine, or ``srun`` + ``torchrun`` per node.
 
     python scripts/launch.py RECIPE [key.path=value ...] [--nodes N] [--gpus-per-node G]
-                             [--master-port P] [--dry-run]
+                             [--master-port P] [--stopped-exit-code CODE] [--dry-run]
 
 Where it runs decides the command:
 
@@ -22,13 +22,20 @@ Where it runs decides the command:
   come from the rendezvous; torchrun then gives every process RANK, LOCAL_RANK, WORLD_SIZE,
   MASTER_ADDR and MASTER_PORT.
 
+``torchrun`` runs with the signals of ``training.exit_signals`` that it does not handle itself
+(SIGUSR1, SLURM's warning signal in ``scripts/slurm/qad.sbatch``) ignored: such a signal would
+otherwise end ``torchrun`` at once, and with it the ranks, which stop the run cleanly on it (see
+:func:`torchrun_unhandled`).
+
 The variables of :data:`LAUNCH_ENVIRONMENT` are exported to every rank; a value already set in the
-launching environment wins. Pure Python: importing this module imports neither torch nor Megatron.
+launching environment wins. Importing this module imports neither torch nor Megatron; loading the
+recipe, before launching, does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -61,6 +68,11 @@ LAUNCH_ENVIRONMENT: dict[str, tuple[str, str]] = {
 }
 """Variable -> (default value, why it is set) exported to every rank."""
 
+TORCHRUN_HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+"""The signals torchrun handles unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` names others (torch's
+default there; torch/distributed/elastic/multiprocessing/api.py, ``PContext.start``). On one of
+them it sends it on to each rank's process group and kills the ranks left after 30 s."""
+
 # Layout products that must divide the world size, as every rank checks at start-up
 # (megatron_qad.parallel.check_world_size). Expert layers use tensor parallelism of the same size.
 _LAYOUT_PRODUCTS = (
@@ -77,17 +89,33 @@ class LaunchError(Exception):
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """One command to run (``srun ...`` or ``torchrun ...``) and the variables added to its environment."""
+    """One command to run (``srun ...`` or ``torchrun ...``) and the variables added to its environment.
 
-    command: list[str]
+    ``runner``: ``srun`` and its options (empty on one machine); ``torchrun``: torchrun, its options
+    and the rank program; ``ignored_signals``: signal names torchrun runs with ignored.
+    """
+
+    runner: list[str]
+    torchrun: list[str]
     environment: dict[str, str]
     summary: str
+    ignored_signals: tuple[str, ...] = ()
+
+    @property
+    def command(self) -> list[str]:
+        """``runner``, then ``torchrun`` behind :func:`ignoring` its ``ignored_signals``."""
+        return [*self.runner, *ignoring(self.ignored_signals), *self.torchrun]
 
     def format(self) -> str:
-        """The plan as a shell script: a summary comment, one ``export`` per variable, the command."""
+        """The plan as a shell script: comments (what runs, which signals torchrun ignores), one
+        ``export`` per variable, the command."""
+        comments = [f"# {self.summary}"]
+        if self.ignored_signals:
+            comments.append(f"# torchrun ignores {', '.join(self.ignored_signals)} (training.exit_signals it "
+                            f"does not handle): the ranks' handlers stop the run, torchrun stays")
         exports = [f"export {name}={shlex.quote(value)}  # {LAUNCH_ENVIRONMENT[name][1]}"
                    for name, value in self.environment.items()]
-        return "\n".join([f"# {self.summary}", *exports, shlex.join(self.command)])
+        return "\n".join([*comments, *exports, shlex.join(self.command)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +225,36 @@ def torchrun_executable() -> str:
     return str(beside) if beside.is_file() else "torchrun"
 
 
+def torchrun_unhandled(exit_signals: Sequence[str], env: Mapping[str, str]) -> tuple[str, ...]:
+    """The signals of ``exit_signals`` (``training.exit_signals``) that torchrun does not handle.
+
+    torchrun installs handlers only for the signals of ``TORCHELASTIC_SIGNALS_TO_HANDLE`` (default
+    :data:`TORCHRUN_HANDLED_SIGNALS`); any other keeps its default action there, which for SIGUSR1,
+    SIGUSR2, SIGALRM and SIGXCPU ends the process. Under SLURM the warning signal reaches every
+    process of the step, torchrun included, and once torchrun is gone slurmstepd kills whatever
+    is left of the step, so the ranks would die in the middle of the save the signal asks for.
+    """
+    listed = env.get("TORCHELASTIC_SIGNALS_TO_HANDLE", TORCHRUN_HANDLED_SIGNALS)
+    handled = {name.strip() for name in listed.split(",")}
+    return tuple(name for name in exit_signals if name not in handled)
+
+
+def ignoring(signals: Sequence[str]) -> list[str]:
+    """A command prefix that runs the command after it with ``signals`` ignored (nothing if none).
+
+    ``sh -c 'trap "" USR1; exec "$0" "$@"' torchrun ...``: the shell sets the signals to SIG_IGN
+    and replaces itself with the command (same process, same pid). An ignored signal stays ignored
+    across exec and fork, so torchrun's ranks start with it ignored too (Python's subprocess
+    restores only SIGPIPE, SIGXFZ and SIGXFSZ); each rank then installs Megatron's handler for it
+    with ``signal.signal`` (``DistributedSignalHandler.__enter__`` for the first exit signal,
+    ``train.megatron._stop_on_extra_signals`` for the others), which replaces SIG_IGN.
+    """
+    if not signals:
+        return []
+    names = " ".join(name.removeprefix("SIG") for name in signals)  # POSIX trap takes USR1, not SIGUSR1
+    return ["sh", "-c", f'trap "" {names}; exec "$0" "$@"']
+
+
 def _rank_program(recipe: str, overrides: Sequence[str]) -> list[str]:
     """The arguments after torchrun's own: ``-m megatron_qad.cli train RECIPE overrides...``."""
     return [*RANK_ENTRY, recipe, *overrides]
@@ -205,11 +263,11 @@ def _rank_program(recipe: str, overrides: Sequence[str]) -> list[str]:
 def _standalone_plan(recipe: str, overrides: Sequence[str], gpus_per_node: int,
                      env: Mapping[str, str]) -> LaunchPlan:
     """One ``torchrun --standalone`` on this machine; it picks a free local rendezvous port itself."""
-    command = [torchrun_executable(), "--standalone", "--nproc-per-node", str(gpus_per_node),
-               *_rank_program(recipe, overrides)]
+    torchrun = [torchrun_executable(), "--standalone", "--nproc-per-node", str(gpus_per_node),
+                *_rank_program(recipe, overrides)]
     summary = (f"this machine: 1 node x {gpus_per_node} GPUs = {gpus_per_node} ranks "
                f"(torchrun --standalone picks a free local port)")
-    return LaunchPlan(command, launch_environment(env), summary)
+    return LaunchPlan([], torchrun, launch_environment(env), summary)
 
 
 def _rendezvous_host(env: Mapping[str, str], nodes: int) -> str:
@@ -234,13 +292,13 @@ def _slurm_plan(recipe: str, overrides: Sequence[str], nodes: int, gpus_per_node
         raise LaunchError(f"SLURM_JOB_ID={job_id!r} is not a job number; run inside a SLURM allocation")
     port = BASE_PORT + int(job_id) % 1000 if master_port is None else master_port
     endpoint = f"{_rendezvous_host(env, nodes)}:{port}"
-    command = ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-               torchrun_executable(), "--nnodes", str(nodes), "--nproc-per-node", str(gpus_per_node),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", job_id,
-               *_rank_program(recipe, overrides)]
+    runner = ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    torchrun = [torchrun_executable(), "--nnodes", str(nodes), "--nproc-per-node", str(gpus_per_node),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", job_id,
+                *_rank_program(recipe, overrides)]
     summary = (f"SLURM job {job_id}: {nodes} node(s) x {gpus_per_node} GPUs = "
                f"{nodes * gpus_per_node} ranks, rendezvous at {endpoint}")
-    return LaunchPlan(command, launch_environment(env), summary)
+    return LaunchPlan(runner, torchrun, launch_environment(env), summary)
 
 
 def build_plan(recipe: str, overrides: Sequence[str], nodes: int, gpus_per_node: int,
@@ -266,26 +324,26 @@ def build_plan(recipe: str, overrides: Sequence[str], nodes: int, gpus_per_node:
 # Checks before launching, and the launch.
 
 
-def check_parallel_layout(recipe: str, overrides: Sequence[str], world_size: int) -> None:
-    """Raise LaunchError if the recipe is invalid or its parallel sizes do not tile ``world_size``.
+def load_recipe(recipe: str, overrides: Sequence[str]):
+    """The recipe with its overrides (a :class:`megatron_qad.config.QADConfig`), checked as every
+    rank checks it; LaunchError names what is wrong. It decides the launch too: the signals
+    torchrun ignores, and (``--stopped-exit-code``) where the run's checkpoints are."""
+    from .config import ConfigError, load_config
 
-    The same rule every rank applies at start-up, here before any node starts. Skipped, with a
-    notice on stderr, when :mod:`megatron_qad.config` cannot be imported (e.g. PyYAML missing).
-    """
-    try:
-        from .config import ConfigError, load_config
-    except ImportError as err:
-        print(f"{PROG}: note: recipe not checked before launching ({err})", file=sys.stderr)
-        return
     # Validating the quantization section imports megatron.core, whose import-time notices
     # (Apex, Transformer Engine, no CUDA runtime on a login node) say nothing about the launch.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"megatron\.")
         try:
-            parallel = load_config(recipe, overrides).parallel
+            return load_config(recipe, overrides)
         except ConfigError as err:
             raise LaunchError(f"recipe '{recipe}': {err}") from None
+
+
+def check_parallel_layout(parallel, world_size: int) -> None:
+    """Raise LaunchError if the recipe's ``parallel`` sizes do not tile ``world_size``: the rule
+    every rank applies at start-up, here before any node starts."""
     for keys in _LAYOUT_PRODUCTS:
         sizes = [getattr(parallel, key) for key in keys]
         product = math.prod(sizes)
@@ -294,6 +352,35 @@ def check_parallel_layout(recipe: str, overrides: Sequence[str], world_size: int
             raise LaunchError(
                 f"{named} = {product} does not divide the world size {world_size} (--nodes x "
                 f"--gpus-per-node); launch a multiple of {product} GPUs or change these sizes")
+
+
+def saved_iteration(save: str | None) -> int | None:
+    """The iteration of the newest checkpoint in ``save`` (``checkpoint.save``), as Megatron's
+    tracker file names it; None without one (or a ``release`` tracker, which no training resumes)."""
+    from .train.checkpointing import MEGATRON_LATEST
+
+    try:
+        text = (Path(save) / MEGATRON_LATEST).read_text().strip() if save else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def stopped_early(code: int, checkpoint, train_iters: int, start: int | None) -> int | None:
+    """The iteration a run stopped at, if the same command resumes it; else None.
+
+    ``code``: the ranks' exit status; ``checkpoint``: the recipe's ``checkpoint`` section;
+    ``start``: :func:`saved_iteration` before the run. A run stopped by an exit signal, the exit
+    interval or the exit duration saves and exits 0 like a finished one; what tells them apart is
+    its newest checkpoint, which is short of ``train_iters``. That checkpoint must be newer than
+    ``start``: a run that saved nothing new would stop in the same place again.
+    """
+    if code or not checkpoint.save or not checkpoint.resume:
+        return None
+    end = saved_iteration(checkpoint.save)
+    if end is None or end >= train_iters or (start is not None and end <= start):
+        return None
+    return end
 
 
 def execute(plan: LaunchPlan) -> int:
@@ -315,6 +402,13 @@ def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _exit_status(text: str) -> int:
+    """argparse type: an exit status a process can return and that does not read as success, 1-255."""
+    if not text.isdigit() or not 1 <= int(text) <= 255:
+        raise argparse.ArgumentTypeError(f"expected an exit status from 1 to 255, got {text!r}")
     return int(text)
 
 
@@ -343,6 +437,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--master-port", type=_positive_int, metavar="P",
                         help=f"rendezvous port under SLURM (default: {BASE_PORT} + SLURM_JOB_ID %% 1000); "
                              f"a standalone run picks a free port")
+    parser.add_argument("--stopped-exit-code", type=_exit_status, metavar="CODE",
+                        help="exit with CODE instead of 0 when the run stopped early (exit signal, "
+                             "interval or duration) and the same command resumes it: its newest "
+                             "checkpoint is short of training.train_iters and newer than before the "
+                             "run, and checkpoint.resume is on (scripts/slurm/qad.sbatch requeues the "
+                             "job on it)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and its environment, run nothing")
     return parser
@@ -351,7 +451,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the launcher's command line ``argv`` (default: sys.argv[1:]); return the exit code.
 
-    0 or the launched command's exit status; 2 for a bad command line, recipe or allocation.
+    0 or the launched command's exit status; 2 for a bad command line, recipe or allocation;
+    ``--stopped-exit-code`` for a run to be resumed.
     """
     try:
         args = _parser().parse_intermixed_args(argv)
@@ -364,10 +465,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"e.g. configs/tiny_cpu.yaml")
         nodes = args.nodes or default_nodes(env)
         gpus_per_node = args.gpus_per_node or default_gpus_per_node(env)
+        # The allocation's errors come before the seconds that loading the recipe takes.
         plan = build_plan(args.recipe, args.overrides, nodes, gpus_per_node, env, args.master_port)
-        check_parallel_layout(args.recipe, args.overrides, nodes * gpus_per_node)
+        config = load_recipe(args.recipe, args.overrides)
+        check_parallel_layout(config.parallel, nodes * gpus_per_node)
+        plan = dataclasses.replace(plan, ignored_signals=torchrun_unhandled(config.training.exit_signals, env))
         print(plan.format(), flush=True)
-        return 0 if args.dry_run else execute(plan)
+        if args.dry_run:
+            return 0
+        checkpoint, train_iters = config.checkpoint, config.training.train_iters
+        if args.stopped_exit_code and not (checkpoint.save and checkpoint.resume):
+            print(f"{PROG}: note: 'checkpoint.save' unset or 'checkpoint.resume' off: a run that stops "
+                  f"early exits 0, with nothing to resume", file=sys.stderr)
+        start = saved_iteration(checkpoint.save)
+        code = execute(plan)
+        stopped_at = stopped_early(code, checkpoint, train_iters, start) if args.stopped_exit_code else None
+        if stopped_at is None:
+            return code
+        print(f"{PROG}: the run stopped at iteration {stopped_at} of {train_iters}; the same command "
+              f"resumes it from '{checkpoint.save}' (exit status {args.stopped_exit_code})", flush=True)
+        return args.stopped_exit_code
     except LaunchError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

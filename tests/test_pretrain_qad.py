@@ -103,8 +103,9 @@ def test_sigterm_to_one_rank_saves_and_exits_cleanly(tmp_path, megatron_teacher)
     for line in process.stdout:
         lines.append(line)
         if " iteration        2/" in line:
-            workers = psutil.Process(process.pid).children(recursive=True)
-            os.kill(workers[-1].pid, signal.SIGTERM)
+            # torchrun's children; theirs (the checkpoint-save queue's process) are not ranks
+            ranks = psutil.Process(process.pid).children()
+            os.kill(ranks[-1].pid, signal.SIGTERM)
             break
         assert time.monotonic() < deadline, "".join(lines[-40:])
     output = "".join(lines) + process.stdout.read()
@@ -112,6 +113,34 @@ def test_sigterm_to_one_rank_saves_and_exits_cleanly(tmp_path, megatron_teacher)
     (summary,) = json_lines(output, "summary ")
     assert 2 <= summary["stopped_at"] < 10000 and summary["exit_code"] == 0
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(summary["stopped_at"])
+
+
+def test_the_checkpoint_save_queue_outlives_an_exit_signal_sent_to_every_process(monkeypatch):
+    """SLURM's warning signal reaches every process of a job step, the process of megatron.core's
+    checkpoint-save results queue too. Started by the run (the exit signals blocked), it outlives
+    SIGUSR1 and SIGTERM and still serves; started as megatron.core starts it, it dies of SIGUSR1."""
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_qad.train.megatron import _start_save_results_queue
+
+    def start(exit_signals):
+        """A new results queue and its server process (a spawned child of this process)."""
+        monkeypatch.setattr(filesystem_async, "_results_queue", None)
+        before = set(psutil.Process().children())
+        _start_save_results_queue(exit_signals)
+        (server,) = [child for child in set(psutil.Process().children()) - before
+                     if "spawn_main" in " ".join(child.cmdline())]
+        return filesystem_async._results_queue, server
+
+    queue, server = start([signal.SIGTERM, signal.SIGUSR1])
+    server.send_signal(signal.SIGUSR1)
+    server.send_signal(signal.SIGTERM)
+    queue.put("write results")
+    assert queue.get(timeout=30) == "write results" and server.is_running()
+    _, plain = start([])
+    plain.send_signal(signal.SIGUSR1)
+    assert plain.wait(timeout=30) == -signal.SIGUSR1
 
 
 def _checkpoint(directory: Path) -> tuple[dict, dict]:

@@ -77,7 +77,9 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
         args.padded_vocab_size = args.vocab_size
     set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
     if args.exit_signal_handler:
-        _stop_on_extra_signals(args.qad_extra_exit_signals)
+        exit_signals = _stop_on_extra_signals(args.qad_extra_exit_signals)
+        if args.save:
+            _start_save_results_queue(exit_signals)
     d = sections.distill
     loss = (DistillationLoss("ce") if args.qad_mode == "teacher"
             else DistillationLoss(d.loss, alpha=d.alpha, temperature=d.temperature))
@@ -209,20 +211,54 @@ def _finish(summary: dict, args, context, start_time: float) -> dict:
     return summary
 
 
-def _stop_on_extra_signals(names: str) -> None:
+def _stop_on_extra_signals(names: str) -> list:
     """Make each signal of ``names`` (comma-separated) stop the run as ``--exit-signal`` does:
     Megatron's handler only flags the signal, and its loop then saves and exits after the current
-    step on every rank (the flags are all-gathered, so one rank's signal is enough)."""
+    step on every rank (the flags are all-gathered, so one rank's signal is enough). Returns all
+    the exit signals: ``--exit-signal`` and these."""
     import signal
 
     from megatron.training import get_signal_handler
 
-    flag = signal.getsignal(get_signal_handler().sig)  # Megatron's handler: records the signal
+    first = get_signal_handler().sig
+    flag = signal.getsignal(first)  # Megatron's handler: records the signal
+    signals = [first]
     for name in filter(None, (part.strip() for part in names.split(","))):
         try:
-            signal.signal(signal.Signals[name], flag)
+            signals.append(signal.Signals[name])
         except KeyError:
             raise ConfigError(f"--qad-extra-exit-signals: {name!r} is not a signal name; use e.g. SIGINT,SIGUSR1") from None
+        signal.signal(signals[-1], flag)
+    return signals
+
+
+def _start_save_results_queue(exit_signals: list) -> None:
+    """Start megatron.core's checkpoint-save results queue now, with ``exit_signals`` blocked, so
+    that an exit signal sent to every process of the job cannot end it before the save it asks for.
+
+    Every torch_dist save (a synchronous one, as the recipes make) passes its write results
+    through a multiprocessing Manager queue that megatron.core starts on the first save
+    (``filesystem_async.get_write_results_queue``, a spawned Python process) and keeps. SLURM's
+    warning signal reaches every process of the job step, that one too, which starts with the
+    default action for the signals this rank handles (exec resets handlers) and dies of it; the
+    save then fails with BrokenPipeError. Blocked signals stay blocked across fork and exec
+    (CPython starts its multiprocessing resource tracker the same way), so the queue's process
+    never acts on them; here they are blocked in this thread only for the moment the start takes,
+    and a signal arriving then is handled after it, not lost."""
+    import signal
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
+    try:
+        # The queue's start needs the resource tracker, whose own start (once per process) ends by
+        # unblocking SIGINT and SIGTERM in this thread: start it first, then block them again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
+        get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _reset_megatron_globals() -> None:
