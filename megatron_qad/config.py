@@ -187,6 +187,10 @@ class ParallelConfig:
     ``sequence_parallel`` applies when ``tensor_model_parallel_size > 1`` (Megatron requires it
     for MoE layers under tensor parallelism). ``virtual_pipeline_model_parallel_size`` > 1 gives
     each pipeline rank that many model chunks (interleaved 1F1B); 1 is plain 1F1B.
+    ``distributed_timeout_minutes``: how long a collective waits for the other ranks before it
+    fails (the timeout of every process group, default and model-parallel; Megatron's
+    ``--distributed-timeout-minutes``). A rank that dies or hangs ends the others' run after at
+    most this long instead of leaving them waiting; keep it above the longest step plus a save.
     """
 
     tensor_model_parallel_size: int = 1
@@ -195,6 +199,7 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = True
+    distributed_timeout_minutes: int = 10
 
 
 @dataclass
@@ -334,12 +339,25 @@ class CheckpointConfig:
     order, optimizer state and LR schedule). ``retain_interval`` (a multiple of ``save_interval``)
     prunes: once a newer checkpoint is complete, the previous one is deleted unless its iteration
     is a multiple of it (Megatron's ``--save-retain-interval``; the newest is never deleted);
-    null keeps every checkpoint."""
+    null keeps every checkpoint.
+
+    ``lr_schedule_on_resume``: what a resume does when the LR schedule's settings differ from the
+    checkpoint's (``training.lr``, ``min_lr``, ``lr_warmup_iters``, ``lr_decay_iters``,
+    ``lr_decay_style``, ``weight_decay``, and ``train_iters`` and ``global_batch_size``, which
+    set the decay length when ``lr_decay_iters`` is null): "refuse" stops before anything loads,
+    naming the keys (old -> new); "new" applies the recipe's values from the checkpoint's
+    iteration on (Megatron's ``--override-opt_param-scheduler``); "checkpoint" keeps the
+    checkpoint's schedule and ignores them (``--use-checkpoint-opt_param-scheduler``; a larger
+    ``train_iters`` still lengthens the run, at ``min_lr`` past the old decay). Either way one
+    line says which values differ. A changed ``train_iters`` that the schedule does not depend on
+    (``lr_decay_iters`` set, or a constant LR, and a constant weight decay) is applied in every
+    mode. A ``train_iters`` below the checkpoint's iteration is refused."""
 
     save: str | None = None
     save_interval: int | None = None
     resume: bool = True
     retain_interval: int | None = None
+    lr_schedule_on_resume: Literal["refuse", "new", "checkpoint"] = "refuse"
 
 
 @dataclass
@@ -644,7 +662,7 @@ def validate(config: QADConfig) -> None:
     _check_at_least("model", m, ("num_moe_experts", "moe_shared_expert_intermediate_size"), minimum=0)
     _check_at_least("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
-                                    "context_parallel_size"))
+                                    "context_parallel_size", "distributed_timeout_minutes"))
     _require(m.init_method_std > 0, f"'model.init_method_std' must be > 0, got {m.init_method_std}")
     _require(m.norm_epsilon > 0, f"'model.norm_epsilon' must be > 0, got {m.norm_epsilon}")
     _require(not m.rope_scaling or (m.position_embedding_type == "rope" and not m.is_hybrid),

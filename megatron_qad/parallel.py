@@ -66,18 +66,20 @@ def check_world_size(parallel_cfg: ParallelConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
-def _init_process_group(backend: str) -> None:
-    """Initialise the default process group from torchrun variables, or as a single process."""
+def _init_process_group(backend: str, timeout_minutes: int) -> None:
+    """Initialise the default process group from torchrun variables, or as a single process;
+    its collectives fail after ``timeout_minutes`` without the other ranks."""
     present = [key for key in _ENV_KEYS if key in os.environ]
     if present and len(present) < len(_ENV_KEYS):
         missing = [key for key in _ENV_KEYS if key not in os.environ]
         raise RuntimeError(f"the launcher set {', '.join(present)} but not {', '.join(missing)}; "
                            f"launch with torchrun (which sets all of {', '.join(_ENV_KEYS)}) or none")
     if present:
-        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=10))
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=timedelta(minutes=timeout_minutes))
     else:
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1, timeout=timedelta(minutes=10))
+                                rank=0, world_size=1, timeout=timedelta(minutes=timeout_minutes))
 
 
 def initialize(parallel_cfg: ParallelConfig, backend: str | None = None, seed: int = 1234) -> ParallelContext:
@@ -85,7 +87,8 @@ def initialize(parallel_cfg: ParallelConfig, backend: str | None = None, seed: i
 
     backend: "nccl" (one GPU per process, LOCAL_RANK picks it) or "gloo" (the CPU, in a process
     that sees no GPU); None picks NCCL when CUDA is available, else gloo. An already initialised
-    default process group is reused as it is. seed: seeds the default torch generator and
+    default process group is reused as it is (its timeout too); the ones created here time out
+    after ``parallel_cfg.distributed_timeout_minutes``. seed: seeds the default torch generator and
     megatron.core's data-, tensor- and expert-parallel RNG streams (``model_parallel_cuda_manual_seed``).
     Raises ConfigError when the parallel sizes do not tile the world size.
     """
@@ -102,7 +105,7 @@ def initialize(parallel_cfg: ParallelConfig, backend: str | None = None, seed: i
         cpu_support.apply()
         device = torch.device("cpu")
     if created:
-        _init_process_group(backend)
+        _init_process_group(backend, parallel_cfg.distributed_timeout_minutes)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     try:
         data_parallel_size = check_world_size(parallel_cfg, world_size)
@@ -116,6 +119,7 @@ def initialize(parallel_cfg: ParallelConfig, backend: str | None = None, seed: i
         virtual_pipeline_model_parallel_size=_virtual_size(parallel_cfg),
         context_parallel_size=parallel_cfg.context_parallel_size,
         expert_model_parallel_size=parallel_cfg.expert_model_parallel_size,
+        distributed_timeout_minutes=parallel_cfg.distributed_timeout_minutes,
     )
     torch.manual_seed(seed)
     # force_reset_rng: a tracker created before cpu_support.apply() would still hold CUDA states.
@@ -139,16 +143,17 @@ def destroy(keep_process_group: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def process_group(backend: str | None = None):
+def process_group(backend: str | None = None, timeout_minutes: int = 10):
     """The default process group for the block (torchrun's variables, or one process), for
     several runs in one process: :func:`initialize` reuses it, and it is destroyed after the
-    block only if the block created it. ``backend``: as in :func:`initialize`."""
+    block only if the block created it. ``backend``: as in :func:`initialize`; its collectives
+    fail after ``timeout_minutes`` without the other ranks."""
     created = not dist.is_initialized()
     if created:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "gloo":
             cpu_support.apply()
-        _init_process_group(backend)
+        _init_process_group(backend, timeout_minutes)
     try:
         yield
     finally:

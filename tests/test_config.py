@@ -193,6 +193,7 @@ def test_missing_key_missing_file_and_bad_sections(tmp_path):
      "needs 'parallel.pipeline_model_parallel_size' > 1"),
     (dict(seq_length=33), {"tensor_model_parallel_size": 2}, "must divide 'model.seq_length' (33)"),
     (dict(num_layers=0), {}, "'model.num_layers' must be >= 1, got 0"),
+    (dict(), {"distributed_timeout_minutes": 0}, "'parallel.distributed_timeout_minutes' must be >= 1, got 0"),
     (dict(hybrid_layer_pattern="M*", transformer_impl="transformer_engine"), {},
      "'model.transformer_impl: transformer_engine' builds GPT models"),
 ])

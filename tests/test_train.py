@@ -6,12 +6,18 @@ One small teacher is trained from scratch once per module (``teacher.pretrain_it
 run loads a real teacher.
 """
 
+import contextlib
 import json
+import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_qad import parallel
+from megatron_qad.cli import main
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.train import checkpointing, run
 from megatron_qad.train.arguments import (model_config_from_args, parallel_config_from_args,
@@ -82,6 +88,34 @@ def test_a_recipe_compiles_to_megatron_flags_that_mean_the_same_model(tmp_path, 
     assert not args.check_for_nan_in_loss_and_grad and args.grad_norm_skip_threshold == torch.finfo(torch.float32).max
 
 
+@pytest.mark.parametrize("created_by", ["initialize", "process_group"])
+def test_the_distributed_timeout_reaches_every_process_group(tmp_path, created_by):
+    """parallel.distributed_timeout_minutes becomes Megatron's --distributed-timeout-minutes and the
+    timeout of the default process group, whether the Megatron door's initialize or the recipe door's
+    process_group creates it, and of megatron.core's groups (whose defaults are 10 and 30 minutes):
+    a collective waiting for a rank that died or hangs fails after it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    config = small_config(tmp_path, "parallel.distributed_timeout_minutes=3")
+    args = parse_megatron_args(recipe_to_argv(config, tmp_path / "recipe.yaml", use_gpu=False, world_size=1))
+    assert args.distributed_timeout_minutes == 3 and parallel_config_from_args(args) == config.parallel
+    outer = parallel.process_group(timeout_minutes=3) if created_by == "process_group" else contextlib.nullcontext()
+    with outer:
+        parallel.initialize(config.parallel, backend="gloo")
+        try:
+            groups = [dist.group.WORLD, parallel_state.get_tensor_model_parallel_group(),
+                      parallel_state.get_pipeline_model_parallel_group(),
+                      parallel_state.get_data_parallel_group(with_context_parallel=True),
+                      parallel_state.get_expert_model_parallel_group()]
+            timeouts = {group._get_backend(torch.device("cpu")).options._timeout for group in groups}
+        finally:
+            parallel.destroy(keep_process_group=created_by == "process_group")
+    assert timeouts == {timedelta(minutes=3)}
+
+
 def test_resume_continues_the_same_loss_curve(tmp_path, teacher_dir):
     """Steps 4..6 after a stop at 3 (training.exit_interval: Megatron saves and exits) and a resume
     (Megatron's --load) equal an uninterrupted run, bit for bit."""
@@ -98,6 +132,82 @@ def test_resume_continues_the_same_loss_curve(tmp_path, teacher_dir):
     assert _losses(resumed) == _losses(whole)[3:]  # same data, weights, Adam state and LR schedule
     assert resumed["final"] == whole["final"]
     assert (run_dir / "config.yaml").is_file()
+
+
+def _learning_rates(stdout: str) -> dict[int, float]:
+    """Megatron's logged learning rate per iteration (the LR after that iteration's step)."""
+    return {int(match[1]): float(match[2])
+            for match in re.finditer(r" iteration +(\d+)/ *\d+ \|.*?\| learning rate: ([-+.0-9E]+) \|", stdout)}
+
+
+def test_a_resume_with_another_lr_schedule_is_refused_or_applied_by_name(tmp_path, teacher_dir, capsys):
+    """A run of 2 iterations (lr_decay_iters null: the cosine decay spans train_iters) resumed with
+    train_iters 4: refused by default, one line naming the key (old -> new) and the fix, before
+    anything loads; with checkpoint.lr_schedule_on_resume=new the LR decays over 4 iterations from
+    iteration 3 on; with =checkpoint the old decay (over 2) is kept: min_lr. A train_iters below
+    the checkpoint's iteration is refused by name as well."""
+    run(small_config(tmp_path / "a", "training.train_iters=2", teacher=teacher_dir))
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    run_dir = tmp_path / "a" / "run"
+    capsys.readouterr()
+
+    def cli(*overrides: str) -> tuple[int, str]:
+        code = main(["train", str(RECIPE), *SMALL, f"teacher.checkpoint={teacher_dir}", f"checkpoint.save={run_dir}",
+                     *overrides])
+        return code, capsys.readouterr().err
+
+    code, err = cli("training.train_iters=4")
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"megatron-qad: error: 'checkpoint.save' ({run_dir}) resumes iteration 2, which was saved with another LR "
+        f"schedule: training.train_iters 2 -> 4 (training.lr_decay_iters is null: training.train_iters is also the "
+        f"number of iterations the LR decays over); set checkpoint.lr_schedule_on_resume=new to apply the new values, "
+        f"or =checkpoint to keep the checkpoint's")
+    code, err = cli("training.train_iters=1")
+    assert code == 2 and err.splitlines()[-1] == (
+        f"megatron-qad: error: 'training.train_iters' (1) is below iteration 2 of the checkpoint in "
+        f"'checkpoint.save' ({run_dir}); set training.train_iters above 2 to train further, or start the run in "
+        f"another checkpoint.save")
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+    config = small_config(tmp_path / "a", "training.train_iters=4", "checkpoint.lr_schedule_on_resume=new",
+                          teacher=teacher_dir)
+    applied = run(config)
+    out = capsys.readouterr().out
+    assert (f"'checkpoint.save' ({run_dir}) resumes iteration 2 with the new LR schedule: training.train_iters "
+            f"2 -> 4 (training.lr_decay_iters" in out)
+    assert [line["iteration"] for line in applied["train"]] == [3, 4] and applied["final"]["kl"] > 0
+    # Megatron's cosine schedule counts samples: warm-up W = lr_warmup_iters x batch, decay D =
+    # decay iterations x batch; after iteration k, lr = min_lr + (lr - min_lr) (1 + cos(pi (k x batch - W)
+    # / (D - W))) / 2, and min_lr past D. The log prints 7 significant digits.
+    t = config.training
+    warmup, decay = t.lr_warmup_iters * t.global_batch_size, 4 * t.global_batch_size
+    cosine = t.min_lr + (t.lr - t.min_lr) * (1 + math.cos(math.pi * (3 * t.global_batch_size - warmup)
+                                                        / (decay - warmup))) / 2
+    assert _learning_rates(out) == pytest.approx({3: cosine, 4: t.min_lr}, rel=1e-6)
+    assert cosine == pytest.approx(3.25e-5)
+
+    kept = run(small_config(tmp_path / "b", "training.train_iters=4", "checkpoint.lr_schedule_on_resume=checkpoint",
+                            teacher=teacher_dir))
+    out = capsys.readouterr().out
+    assert ("resumes iteration 2 with the checkpoint's LR schedule, not the new values: training.train_iters "
+            "2 -> 4" in out)
+    assert [line["iteration"] for line in kept["train"]] == [3, 4]
+    assert _learning_rates(out) == pytest.approx({3: t.min_lr, 4: t.min_lr}, rel=1e-6)
+
+
+def test_a_longer_run_whose_lr_schedule_does_not_change_resumes_without_a_setting(tmp_path, teacher_dir, capsys):
+    """With lr_decay_iters set (and a constant weight decay) the schedule does not depend on
+    train_iters, which Megatron still compares (its weight-decay increment length): a resume with a
+    larger train_iters goes on, saying so, and its steps repeat those of a run that was that long."""
+    decay = ["training.lr_decay_iters=3"]
+    whole = run(small_config(tmp_path / "a", "training.train_iters=4", *decay, teacher=teacher_dir))
+    run(small_config(tmp_path / "b", "training.train_iters=2", *decay, teacher=teacher_dir))
+    capsys.readouterr()
+    resumed = run(small_config(tmp_path / "b", "training.train_iters=4", *decay, teacher=teacher_dir))
+    assert (f"'checkpoint.save' ({tmp_path / 'b' / 'run'}) resumes iteration 2 with training.train_iters 2 -> 4, "
+            f"which the LR and weight-decay schedule do not depend on") in capsys.readouterr().out
+    assert _losses(resumed) == _losses(whole)[2:]
 
 
 def test_a_tracker_naming_an_incomplete_checkpoint_is_refused_by_name(tmp_path, teacher_dir):

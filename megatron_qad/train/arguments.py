@@ -141,6 +141,12 @@ _TRAINING_VALUE_FLAGS = (
 )
 
 
+LR_SCHEDULE_ON_RESUME_FLAGS = {"refuse": [], "new": ["--override-opt_param-scheduler"],
+                               "checkpoint": ["--use-checkpoint-opt_param-scheduler"]}
+"""``checkpoint.lr_schedule_on_resume`` -> Megatron's flags (none: its default check, which
+:mod:`.resume` makes a one-line refusal)."""
+
+
 def _value_flags(section, table) -> list[str]:
     argv = []
     for field, flag in table:
@@ -196,7 +202,8 @@ def _parallel_argv(p: ParallelConfig, hybrid: bool) -> list[str]:
     argv = ["--tensor-model-parallel-size", str(p.tensor_model_parallel_size),
             "--pipeline-model-parallel-size", str(p.pipeline_model_parallel_size),
             "--expert-model-parallel-size", str(p.expert_model_parallel_size),
-            "--context-parallel-size", str(p.context_parallel_size)]
+            "--context-parallel-size", str(p.context_parallel_size),
+            "--distributed-timeout-minutes", str(p.distributed_timeout_minutes)]
     if p.virtual_pipeline_model_parallel_size > 1 and not hybrid:
         argv += ["--num-virtual-stages-per-pipeline-rank", str(p.virtual_pipeline_model_parallel_size)]
     if p.sequence_parallel and p.tensor_model_parallel_size > 1:
@@ -251,7 +258,7 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
     if c.save:
         argv += ["--save", c.save, "--save-interval", str(c.save_interval or t.train_iters)]
         if c.resume:
-            argv += ["--load", c.save]
+            argv += ["--load", c.save] + LR_SCHEDULE_ON_RESUME_FLAGS[c.lr_schedule_on_resume]
         if c.retain_interval:
             argv += ["--save-retain-interval", str(c.retain_interval)]
     if config.logging.tensorboard_dir:
@@ -380,7 +387,8 @@ def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
         # Megatron turns it off at TP = 1, where it means nothing; the recipe default is on.
-        sequence_parallel=bool(args.sequence_parallel) or args.tensor_model_parallel_size == 1)
+        sequence_parallel=bool(args.sequence_parallel) or args.tensor_model_parallel_size == 1,
+        distributed_timeout_minutes=args.distributed_timeout_minutes)
 
 
 @dataclasses.dataclass

@@ -5,7 +5,8 @@
 Both front doors end here: ``scripts/pretrain_qad.py`` passes its command line, and
 ``megatron-qad train RECIPE`` the command line its recipe compiles to. The sequence on every rank:
 
-1. Megatron's parser reads ``argv`` (plus the ``--qad-*`` flags) and validates it;
+1. Megatron's parser reads ``argv`` (plus the ``--qad-*`` flags) and validates it; a resume
+   (``--load``) is checked against its checkpoint's LR schedule and iteration (:mod:`.resume`);
 2. torch.distributed and megatron.core's parallel groups are set up by
    :func:`megatron_qad.parallel.initialize` (NCCL on GPUs; gloo and the CPU shims of
    :mod:`megatron_qad.cpu_support` where no GPU is visible), then Megatron's globals;
@@ -40,15 +41,18 @@ from .arguments import (model_config_from_args, parallel_config_from_args, parse
                         qad_sections_from_args, write_summary)
 from .metrics import memory_gib
 from .preflight import nvfp4_backend
+from .resume import check_resume
 from .plugin import TeacherStudentCommunicator, datasets_provider, forward_step, model_provider
 from .state import RunState, run_state
 
 
-def run_pretrain(argv: list[str]) -> dict:
+def run_pretrain(argv: list[str], recipe_keys: bool = False) -> dict:
     """Run QAD (or, with ``--qad-mode teacher``, plain training) for the Megatron-LM command line
-    ``argv``; returns the summary (on every rank). See the module docstring."""
+    ``argv``; returns the summary (on every rank). See the module docstring. ``recipe_keys``: the
+    command line was compiled from a recipe, whose keys errors name instead of Megatron's flags."""
     start_time = time.perf_counter()
     args = parse_megatron_args(argv)
+    check_resume(args, recipe_keys)
     model_cfg, parallel_cfg = model_config_from_args(args), parallel_config_from_args(args)
     sections = qad_sections_from_args(args)
     if args.qad_mode == "qad" and not sections.teacher.checkpoint:

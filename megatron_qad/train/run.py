@@ -81,13 +81,14 @@ def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> d
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     recipe = _resolved_recipe(config)
     common = dict(recipe_path=recipe, use_gpu=_uses_gpu(), world_size=_world_size())
-    with parallel.process_group():  # one process group for the teacher's and the student's runs
+    # One process group for the teacher's and the student's runs.
+    with parallel.process_group(timeout_minutes=config.parallel.distributed_timeout_minutes):
         return _run(config, mode, common)
 
 
 def _run(config: QADConfig, mode: str, common: dict) -> dict:
     if mode != "eval" and check_teacher_checkpoint(config):
-        teacher = run_pretrain(recipe_to_argv(config, mode="teacher", **common))
+        teacher = run_pretrain(recipe_to_argv(config, mode="teacher", **common), recipe_keys=True)
         if "stopped_at" in teacher:  # stopped by a signal or the clock before the teacher was complete
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"the teacher's training stopped at iteration {teacher['stopped_at']} of "
@@ -103,4 +104,4 @@ def _run(config: QADConfig, mode: str, common: dict) -> dict:
         student = student_checkpoint(config.checkpoint.save)
         argv = _without_load(argv) + ["--skip-train", "--qad-student-load", str(student),
                                       "--qad-eval-report", str(Path(config.checkpoint.save) / "eval.json")]
-    return run_pretrain(argv + ["--qad-command", mode])
+    return run_pretrain(argv + ["--qad-command", mode], recipe_keys=True)
