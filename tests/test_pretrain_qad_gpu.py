@@ -93,14 +93,15 @@ def test_stop_and_resume_repeats_the_uninterrupted_run(layout, tmp_path, teacher
 
 def test_a_dp2_distributed_optimizer_checkpoint_resumes_on_one_gpu(tmp_path, teachers):
     """megatron.core's distributed optimizer saves its sharded state in a layout-free format
-    (torch_dist): the DP=2 checkpoint at iteration 3 continues on 1 GPU. The losses are close to the
-    DP=2 run's, not equal: one GPU sums the same micro-batches' gradients in another order."""
+    (torch_dist): the DP=2 checkpoint at iteration 3 continues on 1 GPU and repeats the DP=2 run.
+    Exact: in the measured run (2 x H200, 2026-11-30, 8 layers x 1024) the DP=2 checkpoint resumed
+    on 1 GPU and at DP=2 gave the same losses bit for bit (the two sum this model's gradients to the
+    same bits); a difference here is a loading fault, not summation order."""
     qad = ["--qad-teacher-load", str(teachers[False]), "--qad-calibration-iters", "1", "--train-iters", "6",
            "--save-interval", "6", "--use-distributed-optimizer"]
     run = ["--save", str(tmp_path / "run"), "--load", str(tmp_path / "run")]
     pretrain_qad(2, *qad, *run, "--exit-interval", "3")
     dp2 = pretrain_qad(2, *qad, "--save", str(tmp_path / "whole"))
     one_gpu = pretrain_qad(1, *qad, *run)
-    assert one_gpu["ptq"] is None and len(one_gpu["train"]) == 3
-    for got, want in zip(_losses(one_gpu), _losses(dp2)[3:]):
-        assert got == pytest.approx(want, rel=0.05)
+    assert one_gpu["ptq"] is None
+    assert _losses(one_gpu) == _losses(dp2)[3:]
