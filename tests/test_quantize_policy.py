@@ -9,6 +9,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
 from distributed_helpers import run_distributed, single_process
@@ -168,8 +169,11 @@ def test_transformer_policy_on_the_tiny_moe_model(cpu_process):
         assert isinstance(module, classes[name]) and module.original_class is classes[name]
         assert (module.weight_quantizer.amax_mode, module.input_quantizer.amax_mode) == ("dynamic", "static")
     for name, cls in classes.items():
-        if name not in formats and cls is not DotProductAttention:
+        if name not in formats and cls not in (DotProductAttention, SequentialMLP):
             assert type(modules[name]) is cls, name
+    for module in model.modules():  # their experts' quantizers run grouped
+        if isinstance(module, SequentialMLP):
+            assert type(module).__name__ == "QuantizedSequentialMLP" and module.original_class is SequentialMLP
     for name, module in model.named_modules():
         if isinstance(module, DotProductAttention):
             assert type(module).__name__ == "QuantizedDotProductAttention", name

@@ -13,7 +13,7 @@ import torch
 
 from ..numerics.formats import BLOCK_SIZE
 from ..models import all_layer_types
-from . import layers
+from . import grouped_mlp, layers
 from .backend import te_recipe
 from .kinds import LinearModule, core_attention_modules, find_unsupported, linear_modules
 from .policy import BUILTIN_POLICIES, QUANTIZABLE_KINDS, Policy, PolicyError
@@ -112,8 +112,10 @@ def apply(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | s
     """Quantize ``model`` in place as ``policy`` says (a Policy or a built-in's name).
 
     ``model``: a model, or this rank's list of virtual-pipeline chunks (one report for all).
-    Linear layers get NVFP4 fake quant of weight and input (or stay BF16); with ``kv_cache: fp8``
-    core attention gets FP8 fake quant of K and V. Every check runs before any module changes.
+    Linear layers get NVFP4 fake quant of weight and input (or stay BF16); a ``SequentialMLP`` whose
+    experts' linear layers are all quantized runs their quantizers grouped (:mod:`.grouped_mlp`);
+    with ``kv_cache: fp8`` core attention gets FP8 fake quant of K and V. Every check runs before
+    any module changes.
     Static input / KV amaxes start uncalibrated: run :func:`calibrate` or load a checkpoint.
     ``backend``: "emulated", or "te" for Transformer Engine's native NVFP4 GEMMs in the quantized
     TE layers (``backend.select_backend`` says where they can run).
@@ -132,6 +134,9 @@ def apply(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | s
             recipes[weight_format] = te_recipe(weight_format)
         layers.quantize_linear(linear.module, linear.name, weight_format, input_format, policy.input_amax,
                                native_recipe=recipes.get(weight_format))
+    for module in whole.modules():
+        if grouped_mlp.groups_experts(module):
+            grouped_mlp.quantize_sequential_mlp(module)  # its experts' quantizers then run grouped
     if policy.kv_cache == "fp8":
         for chunk in chunks:
             device = next(chunk.parameters()).device
@@ -151,6 +156,8 @@ def report(model: torch.nn.Module | Sequence[torch.nn.Module], policy: Policy | 
 def remove(model: torch.nn.Module | Sequence[torch.nn.Module]) -> None:
     """Undo :func:`apply` (on a model or a list of chunks): original classes, no quantizers, no hooks."""
     for module in torch.nn.ModuleList(_chunks(model)).modules():
+        if grouped_mlp.is_quantized_sequential_mlp(module):
+            grouped_mlp.unquantize_sequential_mlp(module)
         if layers.is_quantized_linear(module):
             layers.unquantize_linear(module)
         if layers.has_kv_quantization(module):

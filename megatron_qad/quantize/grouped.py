@@ -1,4 +1,6 @@
-"""Fake quant of a grouped-GEMM layer's experts in a few kernel launches instead of a few per expert.
+"""Fake quant of a MoE layer's experts in a few kernel launches instead of a few per expert: the
+grouped-GEMM experts of the TE spec (``te_layers.QuantizedTEGroupedLinear``) and the local spec's
+``SequentialMLP`` (:mod:`.grouped_mlp`).
 
 Each local expert keeps its own :class:`TensorQuantizer` for its tokens and its weight (its amax,
 its checkpoint key); here the quantizers of one role run together: their amaxes as one fp32 [E]

@@ -7,7 +7,8 @@ projections), ``mlp`` (dense MLP), ``moe_expert`` (routed experts), ``shared_exp
 linear layer a DeciLM block has in place of its attention, ``<layer>.self_attention``, or of its
 MLP, ``<layer>.mlp``). Never quantized: ``router``, ``embedding``,
 ``output_layer`` (and norms). A module's kind comes from the outermost enclosing module whose
-type names one, so an expert's own MLP counts as ``moe_expert``.
+type names one, so an expert's own MLP counts as ``moe_expert``. (When every local expert's linear
+layers are quantized, their ``SequentialMLP`` runs the experts' quantizers grouped: :mod:`.grouped_mlp`.)
 """
 
 from dataclasses import dataclass

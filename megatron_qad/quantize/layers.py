@@ -17,7 +17,14 @@ fake-quantized operands, and ``TEDotProductAttention`` takes the K / V mixin as 
 experts (``TEGroupedLinear``) get one input and one weight quantizer per expert
 (``input_quantizers``, ``weight_quantizers``). With a native recipe (``quantization.backend: te``)
 a TE layer runs Transformer Engine's own NVFP4 GEMMs instead (``te_layers.NativeNVFP4``).
+
+The local spec's ``SequentialMLP`` experts keep a quantized linear layer each; their
+``SequentialMLP`` runs those layers' quantizers grouped (:mod:`.grouped_mlp`) and hands each layer
+its operands already fake-quantized (:func:`given_operands`).
 """
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -35,13 +42,29 @@ class QuantizedLinear:
 
     input_quantizer: TensorQuantizer | None
     weight_quantizer: TensorQuantizer | None
+    given_weight: torch.Tensor | None = None  # set by given_operands
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        if self.given_weight is not None:
+            return super()._forward_impl(input, self.given_weight, *args, **kwargs)
         if self.input_quantizer is not None:
             input = self.input_quantizer(input)
         if self.weight_quantizer is not None:
             weight = self.weight_quantizer(weight)
         return super()._forward_impl(input, weight, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def given_operands(linear: QuantizedLinear, weight: torch.Tensor) -> Iterator[None]:
+    """Inside the block the GEMM of ``linear`` (a quantized local linear layer) takes its input as
+    already fake-quantized and ``weight`` ([out, in] of this rank, already fake-quantized, or the
+    layer's own weight where it stays BF16) in place of its weight: its quantizers do not run, its
+    forward and tensor-parallel communication stay megatron.core's."""
+    linear.given_weight = weight
+    try:
+        yield
+    finally:
+        del linear.given_weight
 
 
 _QUANTIZED_CLASSES: dict[tuple[type, type], type] = {}
