@@ -18,6 +18,8 @@ from distill_helpers import (KL_RTOL, MICRO_BATCH_SIZE, MICRO_BATCHES,
                              plain_kl_and_grads, small_config, student_of)
 from distributed_helpers import run_distributed, single_process
 from megatron_qad import parallel, quantize
+from megatron_qad.numerics import nvfp4_grouped
+from megatron_qad.quantize import grouped_mlp
 from megatron_qad.distill import (DistillationLoss, LayoutMismatchError, TeacherStudentStage,
                                   distillation_step, sum_reports)
 from megatron_qad.models import build_gpt_model
@@ -46,7 +48,8 @@ def test_pp1_schedule_matches_plain_kl_and_grads():
 def test_reused_weight_quantization_changes_no_bit(monkeypatch):
     """Weights fake-quantized once per step (quantize.reuse_quantized_weights) give the same KL and
     the same gradients, bit for bit, as quantizing at every micro-batch; the weight quantizers run
-    once per step instead of once per micro-batch, and nothing is held after the block."""
+    once per step instead of once per micro-batch (a MoE layer's experts as one group per linear
+    role: quantize.grouped_mlp), and nothing is held after the block."""
     cfg = small_config()
     batches = micro_batches(cfg.model)
     quantized_tensors = []
@@ -57,6 +60,14 @@ def test_reused_weight_quantization_changes_no_bit(monkeypatch):
         return original(self, x, amax)
 
     monkeypatch.setattr(quantize.TensorQuantizer, "_fake_quantize", counting)
+    grouped_weight_launches = []
+    grouped_original = nvfp4_grouped.fake_quantize_tensors
+
+    def counting_grouped(*args, **kwargs):
+        grouped_weight_launches.append(1)
+        return grouped_original(*args, **kwargs)
+
+    monkeypatch.setattr(nvfp4_grouped, "fake_quantize_tensors", counting_grouped)
     with single_process(cfg.parallel):
         teacher = build_gpt_model(cfg.model, cfg.parallel)
         student = student_of(teacher.state_dict(), cfg)
@@ -64,20 +75,29 @@ def test_reused_weight_quantization_changes_no_bit(monkeypatch):
         results = {}
         for reuse in (False, True):
             quantized_tensors.clear()
+            grouped_weight_launches.clear()
             with quantize.reuse_quantized_weights(stage) if reuse else contextlib.nullcontext():
                 reports = distillation_step(stage, iter(batches), MICRO_BATCHES, MICRO_BATCH_SIZE,
                                             cfg.model.seq_length, DistillationLoss("kl"))
             results[reuse] = (sum_reports(reports)["kl"][0].item(),
                               {name: param.grad.clone() for name, param in student.named_parameters()},
-                              [owner for owner in quantized_tensors if owner.endswith(".weight")])
+                              [owner for owner in quantized_tensors if owner.endswith(".weight")],
+                              len(grouped_weight_launches))
             student.zero_grad(set_to_none=True)
         weight_quantizers = [m.weight_quantizer for m in student.modules() if hasattr(m, "weight_quantizer")]
-    (kl, grads, weight_calls), (kl_reused, grads_reused, weight_calls_reused) = results[False], results[True]
+        grouped_layers = [m for m in student.modules() if grouped_mlp.is_quantized_sequential_mlp(m)]
+    in_groups = {id(expert.weight_quantizer) for layer in grouped_layers for expert in layer.modules()
+                 if hasattr(expert, "weight_quantizer")}
+    single = [q for q in weight_quantizers if id(q) not in in_groups]
+    (kl, grads, weight_calls, launches), (kl_reused, grads_reused, weight_calls_reused, launches_reused) = (
+        results[False], results[True])
     assert kl_reused == kl
     for name, grad in grads.items():
         assert torch.equal(grads_reused[name], grad), name
-    assert len(weight_calls) == MICRO_BATCHES * len(weight_quantizers)
-    assert sorted(weight_calls_reused) == sorted(q.owner for q in weight_quantizers)
+    assert grouped_layers and single
+    assert len(weight_calls) == MICRO_BATCHES * len(single)
+    assert sorted(weight_calls_reused) == sorted(q.owner for q in single)
+    assert (launches, launches_reused) == (MICRO_BATCHES * 2 * len(grouped_layers), 2 * len(grouped_layers))
     assert all(q._held is None and not q.holding for q in weight_quantizers)
 
 
