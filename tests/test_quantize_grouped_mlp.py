@@ -119,6 +119,18 @@ def test_grouped_student_equals_per_expert_student(cpu_process, fmt, activation,
     assert_same_step(grouped_model, per_expert, batches)
 
 
+def test_calibrated_students_cast_to_bf16_stay_equal(cpu_process):
+    """``model.bfloat16()`` casts the calibrated amax buffers too (as after an export); the grouped
+    forward scales with them as each expert's quantizer does (the fp32 value of the bf16 buffer)."""
+    config = config_for("swiglu")
+    grouped_model, per_expert = student_pair(config, "nvfp4", "static")
+    for model in (grouped_model, per_expert):
+        quantize.calibrate(model, make_batches(config.model, count=2))
+        model.bfloat16()
+    assert experts_of(grouped_model)[0].local_experts[0].linear_fc1.input_quantizer.amax.dtype == torch.bfloat16
+    assert_same_step(grouped_model, per_expert, make_batches(config.model, count=2, seed=3))
+
+
 @FORMATS
 def test_an_expert_routed_no_tokens_and_weights_held_across_micro_batches(cpu_process, fmt):
     """Sigmoid routing with expert 1's selection bias far below the others': it gets no tokens."""

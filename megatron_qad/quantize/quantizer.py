@@ -111,7 +111,7 @@ class TensorQuantizer(torch.nn.Module):
                     f"{self.owner}: the static {self.fmt} amax is not calibrated; run "
                     f"megatron_qad.quantize.calibrate(model, batches) first, load a checkpoint that "
                     f"has it, or use quantization.input_amax: dynamic")
-            return self.amax
+            return self.amax.float()  # the buffer follows a model cast (``model.bfloat16()``)
         return self._reduce_max(_local_amax(x), (self.tp_group,))
 
     def _observe(self, x: torch.Tensor) -> None:
