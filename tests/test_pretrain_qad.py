@@ -161,6 +161,27 @@ def test_the_checkpoint_save_queue_outlives_an_exit_signal_sent_to_every_process
     assert plain.wait(timeout=30) == -signal.SIGUSR1
 
 
+def test_the_checkpoint_save_queue_dies_with_its_rank():
+    """A rank killed outright (SIGKILL: no exit handler runs) takes its save-results queue along,
+    which would otherwise live on as an orphan that ignores SIGTERM."""
+    import psutil
+
+    code = ("import signal, time\n"
+            "from megatron_qad.train.megatron import _start_save_results_queue\n"
+            "_start_save_results_queue([signal.SIGTERM, signal.SIGUSR1])\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(600)\n")
+    rank = subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        (server,) = [child for child in psutil.Process(rank.pid).children()
+                     if "spawn_main" in " ".join(child.cmdline())]
+    finally:
+        rank.kill()
+        rank.wait(timeout=30)
+    server.wait(timeout=30)  # psutil.TimeoutExpired if it outlives the rank
+
+
 def _checkpoint(directory: Path) -> tuple[dict, dict]:
     """(the tensors: model and optimizer state, the common state: optimizer step count and param
     groups, LR schedule, ...) of a torch_dist checkpoint directory."""

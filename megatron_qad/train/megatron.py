@@ -238,31 +238,58 @@ def _stop_on_extra_signals(names: str) -> list:
 
 def _start_save_results_queue(exit_signals: list) -> None:
     """Start megatron.core's checkpoint-save results queue now, with ``exit_signals`` blocked, so
-    that an exit signal sent to every process of the job cannot end it before the save it asks for.
+    that an exit signal sent to every process of the job cannot end it before the save it asks for,
+    and tied to this rank's life, so that it never outlives it.
 
     Every torch_dist save (a synchronous one, as the recipes make) passes its write results
     through a multiprocessing Manager queue that megatron.core starts on the first save
-    (``filesystem_async.get_write_results_queue``, a spawned Python process) and keeps. SLURM's
-    warning signal reaches every process of the job step, that one too, which starts with the
-    default action for the signals this rank handles (exec resets handlers) and dies of it; the
-    save then fails with BrokenPipeError. Blocked signals stay blocked across fork and exec
-    (CPython starts its multiprocessing resource tracker the same way), so the queue's process
-    never acts on them; here they are blocked in this thread only for the moment the start takes,
-    and a signal arriving then is handled after it, not lost."""
+    (``filesystem_async.get_write_results_queue``: a spawned Python process, kept in the module's
+    ``_results_queue``). SLURM's warning signal reaches every process of the job step, that one too,
+    which starts with the default action for the signals this rank handles (exec resets handlers)
+    and dies of it; the save then fails with BrokenPipeError. Blocked signals stay blocked across
+    fork and exec (CPython starts its multiprocessing resource tracker the same way), so the queue's
+    process never acts on them; here they are blocked in this thread only for the moment the start
+    takes, and a signal arriving then is handled after it, not lost. The queue's process is started
+    here as megatron.core starts it (a spawn-context manager), with :func:`_die_with_parent` as its
+    initializer: a rank that is killed (no exit handlers run) takes it along instead of leaving an
+    orphan that ignores SIGTERM."""
+    import multiprocessing
+    import os
     import signal
     from multiprocessing import resource_tracker
+    from multiprocessing.managers import SyncManager
 
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if filesystem_async._results_queue is not None:
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
     try:
         # The queue's start needs the resource tracker, whose own start (once per process) ends by
         # unblocking SIGINT and SIGTERM in this thread: start it first, then block them again.
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
-        get_write_results_queue()
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(_die_with_parent, (os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the save-results queue's process: have Linux SIGKILL it when ``parent_pid`` (the rank
+    that started it) dies, or exit now if that already happened (elsewhere: nothing)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def _reset_megatron_globals() -> None:
