@@ -242,6 +242,18 @@ def test_a_tied_qwen2_exports_its_embedding_once_and_its_head_as_bf16(tmp_path, 
     assert (quant["exclude_modules"] if export_format == "modelopt" else quant["ignore"]) == ["lm_head"]
 
 
+def compressed_tensors_export(config, tmp_path):
+    """A calibrated student of ``config`` exported as compressed-tensors to ``tmp_path/hf``:
+    (tokens [1, seq], its fp32 logits, its logits in BF16 after the export, the export directory)."""
+    tokens = make_batches(config.model, 1, seed=5)[0][0]
+    with single_process(config.parallel):
+        model = calibrated_student(config)
+        expected = logits(model, tokens)
+        out = write_checkpoint(model, config.model, tmp_path / "hf", export_format="compressed_tensors")
+        student_bf16 = logits(model.bfloat16(), tokens)  # after the export
+    return tokens, expected, student_bf16, out
+
+
 @pytest.mark.parametrize("overrides, hf_class", [
     ([], Qwen2ForCausalLM),
     (["model.add_qkv_bias=false", "model.share_embeddings_and_output_weights=false"], LlamaForCausalLM),
@@ -257,13 +269,8 @@ def test_transformers_loads_the_compressed_tensors_export_with_the_students_logi
     0.070, logits up to 1.48, top-1 all equal; Llama (its own output layer, smaller logits),
     0.055 and 0.080 of logits up to 0.59, top-1 97%."""
     config = load_config(CONFIGS / "qwen2_1p5b_shape.yaml", [*TIED_QWEN2, *overrides])
-    tokens = make_batches(config.model, 1, seed=5)[0][0]
-    with single_process(config.parallel):
-        model = calibrated_student(config)
-        expected = logits(model, tokens)
-        out = write_checkpoint(model, config.model, tmp_path / "hf", export_format="compressed_tensors")
-        student_bf16 = logits(model.bfloat16(), tokens)  # after the export
-        spread = (student_bf16 - expected).abs().max()
+    tokens, expected, student_bf16, out = compressed_tensors_export(config, tmp_path)
+    spread = (student_bf16 - expected).abs().max()
     hf = hf_class.from_pretrained(out).eval()
     assert type(hf) is hf_class and hf.dtype == torch.bfloat16
     tied = hf.lm_head.weight is hf.model.embed_tokens.weight
@@ -289,13 +296,8 @@ def test_transformers_loads_the_qwen2_moe_compressed_tensors_export_with_the_stu
     export, held to the bound of the dense test above. Strict: once transformers decodes experts
     with their global scale this passes, and docs/EXPORT.md should say so."""
     config = load_config(CONFIGS / "tiny_cpu.yaml", GATED_MOE)
-    tokens = make_batches(config.model, 1, seed=5)[0][0]
-    with single_process(config.parallel):
-        model = calibrated_student(config)
-        expected = logits(model, tokens)
-        out = write_checkpoint(model, config.model, tmp_path / "hf", export_format="compressed_tensors")
-        student_bf16 = logits(model.bfloat16(), tokens)  # after the export
-        spread = (student_bf16 - expected).abs().max()
+    tokens, expected, student_bf16, out = compressed_tensors_export(config, tmp_path)
+    spread = (student_bf16 - expected).abs().max()
     hf = Qwen2MoeForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         actual = hf(tokens).logits.float()

@@ -21,10 +21,9 @@ import torch
 
 from distributed_helpers import single_process
 from megatron_qad.config import ParallelConfig
-from torchrun_helpers import json_lines
+from torchrun_helpers import json_lines, pretrain_qad_command, run_pretrain_qad, script_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "pretrain_qad.py"
 
 MEGATRON_FLAGS = [
     "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
@@ -40,22 +39,16 @@ MEGATRON_FLAGS = [
 
 
 def _torchrun_argv(*flags: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(SCRIPT),
-            *MEGATRON_FLAGS, *flags]
+    return pretrain_qad_command(2, *MEGATRON_FLAGS, *flags)
 
 
 def _env() -> dict:
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    return script_env(CUDA_VISIBLE_DEVICES="")
 
 
 def pretrain_qad(*flags: str, expect: tuple[int, ...] = (0,)) -> dict:
     """Run the script under torchrun (2 processes); its summary line (exit code one of ``expect``)."""
-    result = subprocess.run(_torchrun_argv(*flags), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode in expect, result.stdout[-3000:] + result.stderr[-3000:]
-    (summary,) = json_lines(result.stdout, "summary ")
-    summary["stdout"] = result.stdout
-    return summary
+    return run_pretrain_qad(2, [*MEGATRON_FLAGS, *flags], _env(), expect)
 
 
 @pytest.fixture(scope="module")

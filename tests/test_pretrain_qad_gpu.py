@@ -9,23 +9,18 @@ with ``--load``. Equality is exact: the resumed run replays the same kernels on 
 and the distributed optimizer's sharded Adam state, which only run on GPUs).
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from torchrun_helpers import json_lines
+from torchrun_helpers import run_pretrain_qad, script_env
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "pretrain_qad.py"
 MODEL = [
     "--num-layers", "4", "--hidden-size", "512", "--ffn-hidden-size", "1408", "--num-attention-heads", "8",
     "--group-query-attention", "--num-query-groups", "4", "--seq-length", "256", "--max-position-embeddings", "256",
@@ -48,16 +43,8 @@ LAYOUTS = {
 
 def pretrain_qad(gpus: int, *flags: str) -> dict:
     """``torchrun`` of the script on ``gpus`` GPUs; its summary line (the run must exit 0)."""
-    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-           "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in range(gpus))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-               str(SCRIPT), *MODEL, *flags]
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
-    assert result.returncode == 0, "\n".join(errors[-10:]) + result.stderr[-2000:]
-    (summary,) = json_lines(result.stdout, "summary ")
-    return summary
+    env = script_env(CUDA_DEVICE_MAX_CONNECTIONS="1", CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))))
+    return run_pretrain_qad(gpus, [*MODEL, *flags], env)
 
 
 @pytest.fixture(scope="module")
