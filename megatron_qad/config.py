@@ -351,7 +351,8 @@ class CheckpointConfig:
     ``train_iters`` still lengthens the run, at ``min_lr`` past the old decay). Either way one
     line says which values differ. A changed ``train_iters`` that the schedule does not depend on
     (``lr_decay_iters`` set, or a constant LR, and a constant weight decay) is applied in every
-    mode. A ``train_iters`` below the checkpoint's iteration is refused."""
+    mode. A ``train_iters`` not above the checkpoint's iteration (a finished run launched again
+    among them) is refused: nothing is left to train."""
 
     save: str | None = None
     save_interval: int | None = None

@@ -48,6 +48,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint_tracker import saved_iteration
+
 PROG = "scripts/launch.py"
 RANK_ENTRY = ("-m", "megatron_qad.cli", "train")
 """What ``torchrun`` starts in every rank, followed by the recipe and its overrides."""
@@ -352,18 +354,6 @@ def check_parallel_layout(parallel, world_size: int) -> None:
             raise LaunchError(
                 f"{named} = {product} does not divide the world size {world_size} (--nodes x "
                 f"--gpus-per-node); launch a multiple of {product} GPUs or change these sizes")
-
-
-def saved_iteration(save: str | None) -> int | None:
-    """The iteration of the newest checkpoint in ``save`` (``checkpoint.save``), as Megatron's
-    tracker file names it; None without one (or a ``release`` tracker, which no training resumes)."""
-    from .train.checkpointing import MEGATRON_LATEST
-
-    try:
-        text = (Path(save) / MEGATRON_LATEST).read_text().strip() if save else ""
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def stopped_early(code: int, checkpoint, train_iters: int, start: int | None) -> int | None:

@@ -354,7 +354,7 @@ def _tracker(save: Path) -> Path:
 
     Imported here, not at the top: megatron_qad.train imports megatron.core, whose seconds the
     first test that loads a recipe should overlap with the 4-node dry run's start-up."""
-    from megatron_qad.train.checkpointing import MEGATRON_LATEST
+    from megatron_qad.checkpoint_tracker import MEGATRON_LATEST
 
     save.mkdir(parents=True, exist_ok=True)
     return save / MEGATRON_LATEST

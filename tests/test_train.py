@@ -144,8 +144,8 @@ def test_a_resume_with_another_lr_schedule_is_refused_or_applied_by_name(tmp_pat
     """A run of 2 iterations (lr_decay_iters null: the cosine decay spans train_iters) resumed with
     train_iters 4: refused by default, one line naming the key (old -> new) and the fix, before
     anything loads; with checkpoint.lr_schedule_on_resume=new the LR decays over 4 iterations from
-    iteration 3 on; with =checkpoint the old decay (over 2) is kept: min_lr. A train_iters below
-    the checkpoint's iteration is refused by name as well."""
+    iteration 3 on; with =checkpoint the old decay (over 2) is kept: min_lr. A train_iters not
+    above the checkpoint's iteration is refused by name as well."""
     run(small_config(tmp_path / "a", "training.train_iters=2", teacher=teacher_dir))
     shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
     run_dir = tmp_path / "a" / "run"
@@ -163,11 +163,12 @@ def test_a_resume_with_another_lr_schedule_is_refused_or_applied_by_name(tmp_pat
         f"schedule: training.train_iters 2 -> 4 (training.lr_decay_iters is null: training.train_iters is also the "
         f"number of iterations the LR decays over); set checkpoint.lr_schedule_on_resume=new to apply the new values, "
         f"or =checkpoint to keep the checkpoint's")
-    code, err = cli("training.train_iters=1")
-    assert code == 2 and err.splitlines()[-1] == (
-        f"megatron-qad: error: 'training.train_iters' (1) is below iteration 2 of the checkpoint in "
-        f"'checkpoint.save' ({run_dir}); set training.train_iters above 2 to train further, or start the run in "
-        f"another checkpoint.save")
+    for train_iters in (1, 2):  # 2: the finished run launched again
+        code, err = cli(f"training.train_iters={train_iters}")
+        assert code == 2 and err.splitlines()[-1] == (
+            f"megatron-qad: error: 'training.train_iters' ({train_iters}) is not above iteration 2 of the checkpoint "
+            f"in 'checkpoint.save' ({run_dir}): nothing is left to train; set training.train_iters above 2 to train "
+            f"further, or start the run in another checkpoint.save")
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
     config = small_config(tmp_path / "a", "training.train_iters=4", "checkpoint.lr_schedule_on_resume=new",

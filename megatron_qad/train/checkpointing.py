@@ -37,6 +37,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import ConfigError
 from ..distill import TeacherStudentStage, innermost
 from .checkpoint_checks import check_checkpoint_files, check_fits_model
@@ -143,10 +144,6 @@ def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"checkpoint '{directory}' does not match the model: missing {missing[:5]}, "
                                f"unexpected {result.unexpected_keys[:5]}")
-
-
-MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
-"""The file naming a Megatron-LM checkpoint directory's newest iteration ("release" or a number)."""
 
 
 def resolve_checkpoint(directory: str | Path) -> Path:

@@ -28,11 +28,11 @@ final figures. ``skipped`` lists the iterations the policy skipped, when there w
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch.distributed as dist
 
 from .. import parallel, quantize
+from ..checkpoint_tracker import saved_iteration
 from ..config import ConfigError
 from ..distill import DistillationLoss
 from ..models import transformer_config
@@ -165,10 +165,10 @@ def _last_checkpoint(args) -> str:
     """Where the newest complete checkpoint of ``--save`` is (Megatron's tracker names it)."""
     if not args.save:
         return "no checkpoint was saved (--save unset)"
-    tracker = Path(args.save) / checkpointing.MEGATRON_LATEST
-    if not tracker.is_file():
+    iteration = saved_iteration(args.save)
+    if iteration is None:
         return f"no checkpoint was saved in {args.save} yet"
-    return f"the last good checkpoint is iteration {tracker.read_text().strip()} in {args.save}"
+    return f"the last good checkpoint is iteration {iteration} in {args.save}"
 
 
 def _after_training(args, state: RunState, summary: dict) -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from .. import quantize
+from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import ConfigError, QADConfig
 from ..data import validate_sources
 from .checkpoint_checks import check_checkpoint_files
-from .checkpointing import MEGATRON_LATEST, resolve_checkpoint
+from .checkpointing import resolve_checkpoint
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:

@@ -12,7 +12,8 @@ first (its common state, without any tensor) and instead
 * applies a changed ``train_iters`` that the schedule does not depend on (a set
   ``lr_decay_iters`` or a constant LR, and a constant weight decay: only Megatron's weight-decay
   increment length, which then changes nothing, differs), saying so;
-* refuses a ``train_iters`` below the checkpoint's iteration (Megatron would train nothing).
+* refuses a ``train_iters`` not above the checkpoint's iteration (Megatron would train nothing, or,
+  for a run resumed at its last iteration, fail in its data sampler: no samples left to consume).
 
 Messages name recipe keys for ``megatron-qad train`` and Megatron flags for ``scripts/pretrain_qad.py``.
 """
@@ -25,9 +26,10 @@ import os
 import warnings
 from pathlib import Path
 
+from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import ConfigError, TrainingConfig
 from .checkpoint_checks import check_checkpoint_files
-from .checkpointing import MEGATRON_LATEST, resolve_checkpoint
+from .checkpointing import resolve_checkpoint
 
 _FED_BY = {
     "max_lr": ("lr",),
@@ -69,8 +71,8 @@ class _Door:
         given, fix = ((f"'training.train_iters' ({train_iters})", f"set training.train_iters above {iteration}")
                       if self.recipe else (f"--train-iters {train_iters}", f"pass --train-iters above {iteration}"))
         elsewhere = "start the run in another checkpoint.save" if self.recipe else "pass another --load"
-        return (f"{given} is below iteration {iteration} of the checkpoint in {self.load(directory)}; {fix} to "
-                f"train further, or {elsewhere}")
+        return (f"{given} is not above iteration {iteration} of the checkpoint in {self.load(directory)}: nothing "
+                f"is left to train; {fix} to train further, or {elsewhere}")
 
 
 def _schedule(args: argparse.Namespace) -> dict:
@@ -167,7 +169,7 @@ def check_resume(args: argparse.Namespace, recipe_keys: bool = False) -> None:
         return
     door = _Door(recipe_keys)
     iteration, old_schedule, old_args = saved
-    if args.train_iters is not None and args.train_iters < iteration:
+    if args.train_iters is not None and args.train_iters <= iteration:
         raise ConfigError(door.below(args.train_iters, iteration, args.load))
     if args.no_load_optim or old_schedule is None or old_args is None:
         return  # Megatron loads no schedule to compare

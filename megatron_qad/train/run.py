@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from .. import parallel
+from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import QADConfig, to_dict
 from .arguments import recipe_to_argv
-from .checkpointing import MEGATRON_LATEST, resolve_checkpoint, student_checkpoint
+from .checkpointing import resolve_checkpoint, student_checkpoint
 from .megatron import run_pretrain
 from .preflight import check_runnable, check_teacher_checkpoint
 

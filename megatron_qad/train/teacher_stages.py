@@ -22,6 +22,7 @@ import copy
 from pathlib import Path
 
 from .. import parallel
+from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import ConfigError, QADConfig, QuantizationConfig
 from ..data import validate_sources
 from ..models import build_model_chunks
@@ -41,7 +42,7 @@ def stage_dirs(config: QADConfig) -> tuple[Path, Path]:
 def has_checkpoint(directory: str | Path) -> bool:
     """Whether ``directory`` holds a checkpoint (a bare dist checkpoint or a Megatron-LM checkpoint directory)."""
     directory = Path(directory)
-    return (directory / "metadata.json").is_file() or (directory / checkpointing.MEGATRON_LATEST).is_file()
+    return (directory / "metadata.json").is_file() or (directory / MEGATRON_LATEST).is_file()
 
 
 def plain_ce_run(config: QADConfig, teacher_dir: Path, save: str | None) -> QADConfig:
@@ -111,6 +112,6 @@ def prepare_teacher(config: QADConfig) -> None:
     pretrain_dir, posttrain_dir = stage_dirs(config)
     if not has_checkpoint(pretrain_dir):
         run(pretrain_config(config), "ptq")
-    if not (Path(posttrain_dir) / checkpointing.MEGATRON_LATEST).is_file():
+    if not (Path(posttrain_dir) / MEGATRON_LATEST).is_file():
         run(posttrain_config(config), "train")
     copy_model(config, checkpointing.student_checkpoint(posttrain_dir), teacher.checkpoint)
