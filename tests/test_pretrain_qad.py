@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from distributed_helpers import single_process
-from megatron_qad.config import ParallelConfig
-from torchrun_helpers import json_lines, pretrain_qad_command, run_pretrain_qad, script_env
+from torchrun_helpers import (all_finite, json_lines, pretrain_qad_command, read_checkpoints, run_pretrain_qad,
+                              same_state, script_env)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,10 +91,12 @@ def test_a_resume_with_another_lr_schedule_names_the_megatron_flags(megatron_tea
         f"schedule: --lr 0.001 -> 0.002; --train-iters 6 -> 8 (no --lr-decay-iters: --train-iters is also the number "
         f"of iterations the LR decays over); pass --override-opt_param-scheduler to apply the new values, or "
         f"--use-checkpoint-opt_param-scheduler to keep the checkpoint's\n")
-    assert run_megatron_command_line([*base, "--train-iters", "4"]) == 2
-    assert capsys.readouterr().err == (f"pretrain_qad: error: --train-iters 4 is below iteration 6 of the "
-                                       f"checkpoint in --load {megatron_teacher}; pass --train-iters above 6 to "
-                                       f"train further, or pass another --load\n")
+    for train_iters in (4, 6):  # 6: the finished run launched again
+        assert run_megatron_command_line([*base, "--train-iters", str(train_iters)]) == 2
+        assert capsys.readouterr().err == (f"pretrain_qad: error: --train-iters {train_iters} is not above iteration "
+                                           f"6 of the checkpoint in --load {megatron_teacher}: nothing is left to "
+                                           f"train; pass --train-iters above 6 to train further, or pass another "
+                                           f"--load\n")
 
 
 def test_sigterm_to_one_rank_saves_and_exits_cleanly(tmp_path, megatron_teacher):
@@ -175,23 +175,6 @@ def test_the_checkpoint_save_queue_dies_with_its_rank():
     server.wait(timeout=30)  # psutil.TimeoutExpired if it outlives the rank
 
 
-def _checkpoint(directory: Path) -> tuple[dict, dict]:
-    """(the tensors: model and optimizer state, the common state: optimizer step count and param
-    groups, LR schedule, ...) of a torch_dist checkpoint directory."""
-    from megatron.core import dist_checkpointing
-
-    with single_process(ParallelConfig()):  # megatron.core's loader asks for a process group
-        tensors = dist_checkpointing.load_plain_tensors(str(directory))
-        common = dist_checkpointing.load_common_state_dict(str(directory))
-    return {name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)}, common
-
-
-def _assert_finite(directory: Path) -> None:
-    tensors, _ = _checkpoint(directory)
-    floats = [tensor for tensor in tensors.values() if tensor.is_floating_point()]
-    assert floats and all(torch.isfinite(tensor).all() for tensor in floats), directory
-
-
 def _stop_line(summary: dict) -> str:
     (line,) = [line for line in summary["stdout"].splitlines() if line.startswith("stopped in iteration")]
     return line
@@ -216,7 +199,8 @@ def test_a_diverging_run_stops_before_the_step_and_resumes_from_its_last_finite_
     assert re.fullmatch(rf"stopped in iteration {stopped}: (loss|gradient norm) (NaN|Inf)( and Inf)? "
                         rf"\(training.on_nonfinite=stop, .*\)\. The step was not applied, the last good checkpoint "
                         rf"is iteration {stopped - 1} in {re.escape(str(run_dir))}; .*", line), line
-    _assert_finite(run_dir / f"iter_{stopped - 1:07d}")
+    ((last_good, _),) = read_checkpoints(run_dir / f"iter_{stopped - 1:07d}")
+    assert all_finite(last_good)
 
     resumed = pretrain_qad(*flags, "--load", str(run_dir), expect=(1,))
     assert (resumed["stopped_at"], resumed["exit_code"], resumed["ptq"]) == (stopped, 17, None)
@@ -240,13 +224,13 @@ def test_skipped_steps_change_nothing_and_too_many_in_a_row_stop_the_run(tmp_pat
     assert (f", 3 non-finite steps in a row (iterations {first}-{first + 1} skipped) are more than "
             f"training.max_skipped_steps=2 (--qad-max-skipped-steps). The step was not applied, the last good "
             f"checkpoint is iteration {first + 1} in {run_dir}") in line, line
-    applied_tensors, applied = _checkpoint(run_dir / f"iter_{first - 1:07d}")
-    _assert_finite(run_dir / f"iter_{first - 1:07d}")
+    (applied_tensors, applied), *skipped = read_checkpoints(*(run_dir / f"iter_{iteration:07d}"
+                                                              for iteration in (first - 1, first, first + 1)))
+    assert all_finite(applied_tensors)
     assert any(name.startswith("optimizer.state.exp_avg_sq.") for name in applied_tensors)
-    for iteration in (first, first + 1):
-        tensors, common = _checkpoint(run_dir / f"iter_{iteration:07d}")
+    for iteration, (tensors, common) in zip((first, first + 1), skipped):
         assert common["iteration"] == iteration and tensors.keys() == applied_tensors.keys()
-        assert all(torch.equal(tensors[name], applied_tensors[name]) for name in tensors)
+        assert all(same_state(tensors[name], applied_tensors[name]) for name in tensors)
         assert common["optimizer"]["state"]["common_step"] == applied["optimizer"]["state"]["common_step"] == first - 1
         assert common["optimizer"]["param_groups"] == applied["optimizer"]["param_groups"]
         assert common["opt_param_scheduler"] == applied["opt_param_scheduler"]

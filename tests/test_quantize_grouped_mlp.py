@@ -6,7 +6,8 @@ layers, CPU, one gloo process), applies one policy to both, and puts one back on
 by undoing only the ``SequentialMLP`` class swap. SwiGLU (tiny_cpu.yaml's experts) and squared ReLU
 (the hybrid recipes' experts; in a GPT model, since Mamba layers run forward only on a GPU); and
 under tensor parallelism 2 (2 gloo processes), where the experts' linear layers are sharded and
-their dynamic amaxes MAX-reduced over the expert TP group. Runtime on 2 CPU cores: about 50 s.
+their dynamic amaxes MAX-reduced over the expert TP group. The main comparison also runs on a GPU
+(marked gpu), where both paths run Triton kernels. Runtime on 2 CPU cores: about 50 s.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from distributed_helpers import run_distributed, single_process
 from model_helpers import make_batches
 from megatron_qad import quantize
-from megatron_qad.config import load_config
+from megatron_qad.config import ParallelConfig, load_config
 from megatron_qad import parallel
 from megatron_qad.models import build_gpt_model
 from megatron_qad.quantize import grouped_mlp
@@ -41,6 +42,18 @@ def cpu_process():
         yield context
 
 
+@pytest.fixture(scope="module")
+def gpu_process():
+    """This process as rank 0 of 1 on NCCL, its device the first GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    context = parallel.initialize(ParallelConfig(), backend="nccl", seed=1234)
+    try:
+        yield context
+    finally:
+        parallel.destroy()
+
+
 def config_for(activation, *extra):
     return load_config(TINY, [*SMALL, *EXPERTS[activation], *extra])
 
@@ -49,11 +62,11 @@ def experts_of(model) -> list[SequentialMLP]:
     return [module for module in model.modules() if isinstance(module, SequentialMLP)]
 
 
-def student_pair(config, fmt, amax_mode, prepare=None):
-    """(grouped, per_expert): two students of the same weights under the transformer policy in
-    ``fmt``; ``prepare(model)`` edits both before quantization."""
-    grouped_model = build_gpt_model(config.model, config.parallel)
-    per_expert = build_gpt_model(config.model, config.parallel)
+def student_pair(config, fmt, amax_mode, prepare=None, device="cpu"):
+    """(grouped, per_expert): two students of the same weights on ``device`` under the transformer
+    policy in ``fmt``; ``prepare(model)`` edits both before quantization."""
+    grouped_model = build_gpt_model(config.model, config.parallel, device)
+    per_expert = build_gpt_model(config.model, config.parallel, device)
     per_expert.load_state_dict(grouped_model.state_dict())
     policy = dataclasses.replace(quantize.transformer(fmt), input_amax=amax_mode)
     for model in (grouped_model, per_expert):
@@ -101,22 +114,40 @@ def assert_same_step(grouped_model, per_expert, batches):
         assert param.grad is None or same_bits(param.grad, other), name
 
 
-@FORMATS
-@ACTIVATIONS
-@pytest.mark.parametrize("amax_mode", ["dynamic", "static"])
-def test_grouped_student_equals_per_expert_student(cpu_process, fmt, activation, amax_mode):
+def batches_on(device, model_cfg, count: int = 2, seed: int = 0):
+    return [tuple(part.to(device) for part in batch) for batch in make_batches(model_cfg, count, seed)]
+
+
+def check_grouped_student_equals_per_expert_student(device, fmt, activation, amax_mode):
     config = config_for(activation)
-    grouped_model, per_expert = student_pair(config, fmt, amax_mode)
-    batches = make_batches(config.model, count=2, seed=3)
+    grouped_model, per_expert = student_pair(config, fmt, amax_mode, device=device)
+    batches = batches_on(device, config.model, count=2, seed=3)
     if amax_mode == "static":
         calls = expert_quantizer_calls(grouped_model)
         for model in (grouped_model, per_expert):
-            quantize.calibrate(model, make_batches(config.model, count=2))
+            quantize.calibrate(model, batches_on(device, config.model, count=2))
         assert calls  # calibration observed each expert on its own
         amaxes = {name: buffer for name, buffer in per_expert.named_buffers() if name.endswith("amax")}
         assert all(same_bits(buffer, amaxes[name]) for name, buffer in grouped_model.named_buffers()
                    if name.endswith("amax"))
     assert_same_step(grouped_model, per_expert, batches)
+
+
+@FORMATS
+@ACTIVATIONS
+@pytest.mark.parametrize("amax_mode", ["dynamic", "static"])
+def test_grouped_student_equals_per_expert_student(cpu_process, fmt, activation, amax_mode):
+    check_grouped_student_equals_per_expert_student("cpu", fmt, activation, amax_mode)
+
+
+@pytest.mark.gpu
+@FORMATS
+@ACTIVATIONS
+@pytest.mark.parametrize("amax_mode", ["dynamic", "static"])
+def test_grouped_student_equals_per_expert_student_on_gpu(gpu_process, fmt, activation, amax_mode):
+    """The same on a GPU, where both paths run Triton kernels: the grouped ones (one launch per
+    role for all experts) against each expert's own."""
+    check_grouped_student_equals_per_expert_student(gpu_process.device, fmt, activation, amax_mode)
 
 
 def test_calibrated_students_cast_to_bf16_stay_equal(cpu_process):

@@ -1,10 +1,15 @@
-"""Run a module or script under torchrun on CPU processes, as users launch jobs."""
+"""Run a module or script under torchrun, as users launch jobs, and read the checkpoints it writes."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from distributed_helpers import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +59,49 @@ def run_pretrain_qad(processes: int, argv: list[str], env: dict, expect: tuple[i
     summary["stdout"] = result.stdout
     return summary
 
+
+
+def _read_checkpoints(directories: list[str]) -> list[tuple[dict, dict]]:
+    from megatron.core import dist_checkpointing
+
+    from megatron_qad import parallel
+    from megatron_qad.config import ParallelConfig
+
+    parallel.initialize(ParallelConfig(), backend="gloo", seed=0)  # megatron.core's loader asks for a group
+    try:
+        out = []
+        for directory in directories:
+            tensors = dist_checkpointing.load_plain_tensors(directory)
+            common = dist_checkpointing.load_common_state_dict(directory)
+            # load_plain_tensors also hands back the common state's items: kept are the tensors and
+            # the serialized sharded objects.
+            out.append(({name: value.getvalue() if isinstance(value, io.BytesIO) else value
+                         for name, value in tensors.items() if isinstance(value, (torch.Tensor, io.BytesIO))},
+                        common))
+        return out
+    finally:
+        parallel.destroy()
+
+
+def read_checkpoints(*directories: Path) -> list[tuple[dict, dict]]:
+    """For each torch_dist checkpoint directory (an ``iter_`` one): (its sharded state by
+    megatron.core's keys: model and optimizer tensors, whole and on the CPU, and sharded objects, a
+    serialized one as its bytes; its common state:
+    iteration, optimizer step count and param groups, LR schedule, ...). Read in one CPU process of
+    its own, so that GPU tests can call it too."""
+    (result,) = run_distributed(_read_checkpoints, 1, [str(directory) for directory in directories],
+                                timeout_s=300)
+    return result
+
+
+def all_finite(tensors: dict) -> bool:
+    """Whether ``tensors`` (name -> tensor or object) holds floating-point tensors, all of them finite."""
+    floats = [value for value in tensors.values() if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    return bool(floats) and all(bool(torch.isfinite(tensor).all()) for tensor in floats)
+
+
+def same_state(a, b) -> bool:
+    """Whether two values of :func:`read_checkpoints`'s sharded state are equal (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
