@@ -112,6 +112,7 @@ class Bench:
             return self.time(name, step)
         finally:
             release(ddp_chunks)
+            release_optimizer(optimizer)
 
     def time(self, name: str, step) -> dict:
         """Median seconds and peak memory of ``step()``; profiled once more when asked."""
@@ -173,6 +174,26 @@ def release(ddp_chunks) -> None:
             for name, value in list(vars(param).items()):
                 if isinstance(value, torch.Tensor):
                     setattr(param, name, None)
+
+
+def release_optimizer(optimizer) -> None:
+    """Free, in place, the tensors megatron.core's ``optimizer`` (its ``ChainedOptimizer``) trains
+    and keeps: the FP32 main parameters (the distributed optimizer's shards of them) and Adam's
+    moments, as :func:`release` frees the model's, whoever still holds the optimizer. (At EP=2 /
+    DP=2, with the distributed optimizer, on 2 H200s at Nano widths, memory was not given back
+    between rounds before this: the third round ran out with 134 GiB allocated per GPU,
+    2026-11-30.)"""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        if adam is None:  # a stub for a model part without trained parameters
+            continue
+        for group in adam.param_groups:
+            for param in group["params"]:
+                tensors = [param, *(value for value in adam.state.get(param, {}).values()
+                                    if isinstance(value, torch.Tensor))]
+                for tensor in tensors:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        adam.state.clear()
 
 
 def free() -> None:

@@ -18,7 +18,9 @@ or EP=2 (hybrid). The dense model also checks the distributed optimizer's checkp
 stopped after half the steps (``training.exit_interval``) and resumed must repeat the uninterrupted
 DP=2 run's losses. Rank 0 of every run prints its lines; this script prints (and with --markdown
 writes) one table: the first steps' loss (KL), the largest relative difference to the 1-GPU curve,
-tokens/s, peak GPU memory and the teacher's weight memory per GPU.
+tokens/s, peak GPU memory and the teacher's weight memory per GPU. The 1-GPU row's difference is
+that of its own repeats against its first run: the noise floor the other rows' differences are read
+against (0 where the GPU repeats a run bit for bit; see docs/LAYOUTS.md, "Repeatability").
 
 Speed: every layout runs ``--repeats`` times, the layouts in rotation (A B C A B C ...) so that drift
 between runs hits all of them; a run's speed is the median tokens/s of its iterations after the
@@ -30,6 +32,7 @@ first, and the table gives the median and the min-max range over the runs, and t
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,22 +165,25 @@ def resume_check(recipe: str, gpus: int, base: list[str], layout: list[str], out
     common = [*base, *layout, f"checkpoint.save={resumed}"]
     train(recipe, gpus, [*common, "checkpoint.resume=false", f"training.exit_interval={STEPS // 2}"],
           out / "dp_2_first_half.log")
+    # The DP=2 checkpoint at half-way, kept to resume on one GPU (another data-parallel size) below.
+    single = out / "dp_2_resumed_on_1"
+    shutil.rmtree(single, ignore_errors=True)
+    shutil.copytree(resumed, single)
     second, second_summary = train(recipe, gpus, [*common, "checkpoint.resume=true"], out / "dp_2_second_half.log")
     if sorted(second) != list(range(STEPS // 2 + 1, STEPS + 1)):
         raise SystemExit(f"the resumed run logged iterations {sorted(second)}")
     repeat = max(abs(second[i]["loss"] / uninterrupted[i]["loss"] - 1) for i in second)
     rows = [(f"{name}, stopped at {STEPS // 2} and resumed", [(second, second_summary)]),
             f"| (resumed vs uninterrupted DP=2, steps {STEPS // 2 + 1}-{STEPS}) | max rel. diff. {repeat:.2e} | | | | | |"]
-    # The DP=2 checkpoint at half-way, resumed on one GPU (another data-parallel size).
-    single = out / "dp_2_resumed_on_1"
-    subprocess.run(["cp", "-r", str(resumed), str(single)], check=True)
     try:
         third, _ = train(recipe, 1, [*base, f"checkpoint.save={single}", "checkpoint.resume=true",
                                      "training.use_distributed_optimizer=true"], out / "dp_2_resumed_on_1.log")
         repeat_1 = max(abs(third[i]["loss"] / uninterrupted[i]["loss"] - 1) for i in third)
         rows.append(f"| (DP=2 checkpoint resumed on 1 GPU vs uninterrupted DP=2) | max rel. diff. {repeat_1:.2e} | | | | | |")
     except SystemExit as failure:
-        rows.append(f"| (DP=2 checkpoint resumed on 1 GPU) | failed: {str(failure).splitlines()[-1][:200]} | | | | | |")
+        lines = str(failure).splitlines()
+        reason = ([line for line in lines if "Error" in line or "error:" in line] or lines)[-1]
+        rows.append(f"| (DP=2 checkpoint resumed on 1 GPU) | failed: {reason.strip()[:200]} | | | | | |")
     return rows
 
 

@@ -1,0 +1,47 @@
+"""benchmarks/bench_qad_step.py frees what a timed variant trained before the next one is built:
+the optimizer's FP32 main weights and Adam moments (``release_optimizer``), in place, whoever
+still holds the optimizer. A real megatron.core model, DDP and Adam after one step, on the CPU (FP32:
+megatron.core's mixed-precision optimizers need CUDA tensors; there the main weights are the
+optimizer's own FP32 copies, here the model's parameters)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_helpers import single_process
+from model_helpers import make_batches
+from megatron_qad.config import load_config
+from megatron_qad.models import build_gpt_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their siblings
+    import bench_qad_step
+
+    yield bench_qad_step
+    for name in ("bench_qad_step", "megatron_step", "repeats"):
+        sys.modules.pop(name, None)
+
+
+def test_release_optimizer_empties_main_weights_and_adam_moments(bench):
+    config = load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                         ["model.num_layers=2", "model.seq_length=32", "model.params_dtype=float32"])
+    with single_process(config.parallel):
+        chunks = bench.wrap_ddp([build_gpt_model(config.model, config.parallel)], False)
+        optimizer, _ = bench.build_optimizer(chunks, config.training, torch.float32, False)
+        (tokens, positions, mask), = make_batches(config.model, count=1)
+        chunks[0](tokens, positions, mask).float().square().mean().backward()
+        chunks[0].finish_grad_sync()
+        assert optimizer.step()[0]  # the step was applied: Adam holds its moments
+        (inner,) = optimizer.chained_optimizers
+        adam = inner.optimizer
+        held = [tensor for group in adam.param_groups for param in group["params"]
+                for tensor in (param, adam.state[param]["exp_avg"], adam.state[param]["exp_avg_sq"])]
+        assert held and all(tensor.numel() and tensor.dtype == torch.float32 for tensor in held)
+        bench.release_optimizer(optimizer)
+        assert all(tensor.numel() == 0 for tensor in held) and not adam.state
