@@ -176,24 +176,35 @@ def release(ddp_chunks) -> None:
                     setattr(param, name, None)
 
 
+OPTIMIZER_TENSOR_GROUPS = ("model_float16_groups", "model_fp32_groups", "shard_float16_groups", "shard_fp32_groups",
+                           "shard_fp32_from_float16_groups", "float16_groups", "fp32_from_float16_groups",
+                           "fp32_from_fp32_groups")
+"""The lists (per param group) of tensors megatron.core's mixed-precision optimizers keep: the
+distributed optimizer's (views of the model's parameters and their shards, its FP32 main shards)
+and the non-distributed one's (the model's parameters, its FP32 main weights)."""
+
+
 def release_optimizer(optimizer) -> None:
-    """Free, in place, the tensors megatron.core's ``optimizer`` (its ``ChainedOptimizer``) trains
-    and keeps: the FP32 main parameters (the distributed optimizer's shards of them) and Adam's
-    moments, as :func:`release` frees the model's, whoever still holds the optimizer. (At EP=2 /
-    DP=2, with the distributed optimizer, on 2 H200s at Nano widths, memory was not given back
-    between rounds before this: the third round ran out with 134 GiB allocated per GPU,
-    2026-11-30.)"""
+    """Free, in place, the tensors megatron.core's ``optimizer`` (its ``ChainedOptimizer``) keeps:
+    the FP32 main weights (the distributed optimizer's shards of them) with their gradients, Adam's
+    moments, and the views of the model's parameters in :data:`OPTIMIZER_TENSOR_GROUPS` (a view
+    keeps its whole base buffer alive), as :func:`release` frees the model's: whoever still holds
+    the optimizer then holds empty tensors. (At EP=2 / DP=2, with the distributed optimizer, on 2
+    H200s at Nano widths, memory was not given back between rounds before this: the third round
+    ran out with 134 GiB allocated per GPU, 2026-11-30.)"""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         adam = inner.optimizer
-        if adam is None:  # a stub for a model part without trained parameters
-            continue
-        for group in adam.param_groups:
-            for param in group["params"]:
-                tensors = [param, *(value for value in adam.state.get(param, {}).values()
-                                    if isinstance(value, torch.Tensor))]
-                for tensor in tensors:
-                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        adam.state.clear()
+        tensors = [tensor for name in OPTIMIZER_TENSOR_GROUPS for group in getattr(inner, name, [])
+                   for tensor in group]
+        if adam is not None:  # None: a stub for a model part without trained parameters
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    tensors += [param, *(value for value in adam.state.get(param, {}).values()
+                                         if isinstance(value, torch.Tensor))]
+            adam.state.clear()
+        for tensor in tensors:
+            tensor.grad = None
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
 
 def free() -> None:

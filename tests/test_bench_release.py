@@ -1,8 +1,8 @@
 """benchmarks/bench_qad_step.py frees what a timed variant trained before the next one is built:
-the optimizer's FP32 main weights and Adam moments (``release_optimizer``), in place, whoever
-still holds the optimizer. A real megatron.core model, DDP and Adam after one step, on the CPU (FP32:
-megatron.core's mixed-precision optimizers need CUDA tensors; there the main weights are the
-optimizer's own FP32 copies, here the model's parameters)."""
+the optimizer's FP32 main weights, their gradients and Adam's moments (``release_optimizer``), in
+place, whoever still holds the optimizer. A real megatron.core model, DDP and Adam after one step,
+on the CPU (FP32: megatron.core's mixed-precision optimizers need CUDA tensors; there the main
+weights are the optimizer's own FP32 copies, here the model's parameters)."""
 
 import sys
 from pathlib import Path
@@ -40,8 +40,11 @@ def test_release_optimizer_empties_main_weights_and_adam_moments(bench):
         assert optimizer.step()[0]  # the step was applied: Adam holds its moments
         (inner,) = optimizer.chained_optimizers
         adam = inner.optimizer
-        held = [tensor for group in adam.param_groups for param in group["params"]
+        params = [param for group in adam.param_groups for param in group["params"]]
+        held = [tensor for param in params
                 for tensor in (param, adam.state[param]["exp_avg"], adam.state[param]["exp_avg_sq"])]
         assert held and all(tensor.numel() and tensor.dtype == torch.float32 for tensor in held)
+        assert any(param.grad is not None for param in params)
         bench.release_optimizer(optimizer)
         assert all(tensor.numel() == 0 for tensor in held) and not adam.state
+        assert all(param.grad is None for param in params)
