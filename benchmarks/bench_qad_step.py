@@ -166,6 +166,12 @@ def release(ddp_chunks) -> None:
             buffer.grad_data = buffer.param_data = None
             for bucket in buffer.buckets:
                 bucket.grad_data = bucket.param_data = None
+        # With the distributed optimizer (the default at DP > 1), each bucket group caches views of
+        # its buckets' parameter and gradient shards for the reduce-scatter and all-gather: views
+        # that would keep both whole buffers alive.
+        for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+            group.cached_param_buffer_shard_list = [None] * len(group.buckets)
+            group.cached_grad_buffer_shard_list = [None] * len(group.buckets)
         for param in chunk.parameters():
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             param.grad = None

@@ -1,6 +1,6 @@
 """benchmarks/bench_qad_step.py frees what a timed variant trained before the next one is built:
-the optimizer's FP32 main weights, their gradients and Adam's moments (``release_optimizer``), in
-place, whoever still holds the optimizer. A real megatron.core model, DDP and Adam after one step,
+the optimizer's FP32 main weights, their gradients and Adam's moments (``release_optimizer``), then
+the model (``release``), in place, whoever still holds them. A real megatron.core model, DDP and Adam after one step,
 on the CPU (FP32: megatron.core's mixed-precision optimizers need CUDA tensors; there the main
 weights are the optimizer's own FP32 copies, here the model's parameters)."""
 
@@ -28,7 +28,7 @@ def bench(monkeypatch):
         sys.modules.pop(name, None)
 
 
-def test_release_optimizer_empties_main_weights_and_adam_moments(bench):
+def test_release_empties_the_optimizer_state_then_the_model(bench):
     config = load_config(ROOT / "configs" / "tiny_cpu.yaml",
                          ["model.num_layers=2", "model.seq_length=32", "model.params_dtype=float32"])
     with single_process(config.parallel):
@@ -48,3 +48,9 @@ def test_release_optimizer_empties_main_weights_and_adam_moments(bench):
         bench.release_optimizer(optimizer)
         assert all(tensor.numel() == 0 for tensor in held) and not adam.state
         assert all(param.grad is None for param in params)
+
+        bench.release(chunks)  # the model: DDP's buffers, its bucket groups' shard views, the parameters
+        groups = chunks[0].bucket_groups + chunks[0].expert_parallel_bucket_groups
+        assert groups and all(shards is None for group in groups for shards in
+                              group.cached_param_buffer_shard_list + group.cached_grad_buffer_shard_list)
+        assert all(param.numel() == 0 for param in chunks[0].parameters())
