@@ -14,6 +14,12 @@ MEGATRON_LATEST = "latest_checkpointed_iteration.txt"
 """The file naming a Megatron-LM checkpoint directory's newest iteration ("release" or a number)."""
 
 
+def has_tracker(directory: str | Path | None) -> bool:
+    """Whether ``directory`` is a Megatron-LM checkpoint directory: it holds the tracker file
+    (whatever the file says)."""
+    return bool(directory) and (Path(directory) / MEGATRON_LATEST).is_file()
+
+
 def saved_iteration(directory: str | Path | None) -> int | None:
     """The iteration of the newest checkpoint in ``directory``, as its tracker file names it; None
     without a directory, without a readable tracker, or with a ``release`` one (which no training

@@ -37,7 +37,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-from ..checkpoint_tracker import MEGATRON_LATEST
+from ..checkpoint_tracker import MEGATRON_LATEST, has_tracker
 from ..config import ConfigError
 from ..distill import TeacherStudentStage, innermost
 from .checkpoint_checks import check_checkpoint_files, check_fits_model
@@ -146,6 +146,12 @@ def load_model(chunks, directory: str | Path, strict: bool = True) -> None:
                                f"unexpected {result.unexpected_keys[:5]}")
 
 
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a checkpoint :func:`resolve_checkpoint` takes: a bare
+    megatron.core dist checkpoint (``metadata.json``) or a Megatron-LM checkpoint directory."""
+    return (Path(directory) / "metadata.json").is_file() or has_tracker(directory)
+
+
 def resolve_checkpoint(directory: str | Path) -> Path:
     """The dist checkpoint a directory stands for: itself (a bare megatron.core dist checkpoint,
     ``metadata.json``), or the newest iteration of a Megatron-LM checkpoint directory
@@ -176,7 +182,7 @@ def resolve_checkpoint(directory: str | Path) -> Path:
 
 def student_checkpoint(run_dir: str | Path | None) -> Path:
     """The newest student of a run: its latest Megatron-LM training checkpoint, else its ``ptq/``."""
-    if run_dir and (Path(run_dir) / MEGATRON_LATEST).is_file():
+    if has_tracker(run_dir):
         return resolve_checkpoint(run_dir)
     if run_dir and (Path(run_dir) / "ptq" / "metadata.json").is_file():
         return Path(run_dir) / "ptq"

@@ -19,7 +19,7 @@ from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import ConfigError, QADConfig
 from ..data import validate_sources
 from .checkpoint_checks import check_checkpoint_files
-from .checkpointing import resolve_checkpoint
+from .checkpointing import has_checkpoint, resolve_checkpoint
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
@@ -81,7 +81,7 @@ def check_teacher_checkpoint(config: QADConfig) -> bool:
                           "checkpoint (or a directory to train a small one in, with teacher.pretrain_iters)")
     path = Path(teacher.checkpoint).expanduser()
     if path.is_dir():
-        if not (path / "metadata.json").is_file() and not (path / MEGATRON_LATEST).is_file():
+        if not has_checkpoint(path):
             contents = "is empty" if not any(path.iterdir()) else f"holds neither {MEGATRON_LATEST} nor metadata.json"
             raise ConfigError(f"'teacher.checkpoint' ({path}) {contents}: it is not a checkpoint. Point it at "
                               f"one, or remove the directory to have teacher.pretrain_iters train a teacher there "

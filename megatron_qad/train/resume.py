@@ -26,7 +26,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ..checkpoint_tracker import MEGATRON_LATEST
+from ..checkpoint_tracker import has_tracker
 from ..config import ConfigError, TrainingConfig
 from .checkpoint_checks import check_checkpoint_files
 from .checkpointing import resolve_checkpoint
@@ -67,7 +67,7 @@ class _Door:
         return ("pass --override-opt_param-scheduler to apply the new values, or "
                 "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
-    def below(self, train_iters: int, iteration: int, directory: str) -> str:
+    def nothing_left(self, train_iters: int, iteration: int, directory: str) -> str:
         given, fix = ((f"'training.train_iters' ({train_iters})", f"set training.train_iters above {iteration}")
                       if self.recipe else (f"--train-iters {train_iters}", f"pass --train-iters above {iteration}"))
         elsewhere = "start the run in another checkpoint.save" if self.recipe else "pass another --load"
@@ -141,7 +141,7 @@ def _show(value) -> str:
 def _saved_state(args) -> tuple[int, dict, argparse.Namespace | None] | None:
     """(iteration, scheduler state or None, saved arguments) of the checkpoint Megatron will
     resume from ``args.load``; None where it will resume none (no tracker, 'release', --finetune)."""
-    if not args.load or args.finetune or not (Path(args.load) / MEGATRON_LATEST).is_file():
+    if args.finetune or not has_tracker(args.load):
         return None
     if getattr(args, "ckpt_step", None):
         directory = Path(args.load) / f"iter_{args.ckpt_step:07d}"
@@ -170,7 +170,7 @@ def check_resume(args: argparse.Namespace, recipe_keys: bool = False) -> None:
     door = _Door(recipe_keys)
     iteration, old_schedule, old_args = saved
     if args.train_iters is not None and args.train_iters <= iteration:
-        raise ConfigError(door.below(args.train_iters, iteration, args.load))
+        raise ConfigError(door.nothing_left(args.train_iters, iteration, args.load))
     if args.no_load_optim or old_schedule is None or old_args is None:
         return  # Megatron loads no schedule to compare
     new_schedule = _schedule(args)

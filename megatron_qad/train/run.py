@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .. import parallel
-from ..checkpoint_tracker import MEGATRON_LATEST
+from ..checkpoint_tracker import has_tracker
 from ..config import QADConfig, to_dict
 from .arguments import recipe_to_argv
 from .checkpointing import resolve_checkpoint, student_checkpoint
@@ -74,7 +74,7 @@ def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> d
     device = torch.device("cuda" if _uses_gpu() else "cpu")
     check_runnable(config, device)
     check_teacher_checkpoint(config)
-    if config.checkpoint.save and config.checkpoint.resume and (Path(config.checkpoint.save) / MEGATRON_LATEST).is_file():
+    if config.checkpoint.resume and has_tracker(config.checkpoint.save):
         resolve_checkpoint(config.checkpoint.save)  # a damaged tracker is named before Megatron reads it
     if config.parallel.tensor_model_parallel_size > 1 or config.parallel.context_parallel_size > 1:
         # Megatron's requirement for overlapping TP / CP communication before Blackwell GPUs; it

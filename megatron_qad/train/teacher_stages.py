@@ -22,7 +22,7 @@ import copy
 from pathlib import Path
 
 from .. import parallel
-from ..checkpoint_tracker import MEGATRON_LATEST
+from ..checkpoint_tracker import has_tracker
 from ..config import ConfigError, QADConfig, QuantizationConfig
 from ..data import validate_sources
 from ..models import build_model_chunks
@@ -37,12 +37,6 @@ def stage_dirs(config: QADConfig) -> tuple[Path, Path]:
     """``(pretrained teacher checkpoint, post-training run directory)`` of the recipe's teacher."""
     stages = Path(f"{config.teacher.checkpoint}.stages")
     return stages / "pretrain", stages / "posttrain"
-
-
-def has_checkpoint(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a checkpoint (a bare dist checkpoint or a Megatron-LM checkpoint directory)."""
-    directory = Path(directory)
-    return (directory / "metadata.json").is_file() or (directory / MEGATRON_LATEST).is_file()
 
 
 def plain_ce_run(config: QADConfig, teacher_dir: Path, save: str | None) -> QADConfig:
@@ -106,12 +100,12 @@ def prepare_teacher(config: QADConfig) -> None:
     """Train the recipe's two-stage teacher into ``teacher.checkpoint`` (see the module docstring);
     nothing to do when ``teacher.posttrain_iters`` is 0 or the checkpoint exists."""
     teacher = config.teacher
-    if not teacher.posttrain_iters or teacher.checkpoint is None or has_checkpoint(teacher.checkpoint):
+    if not teacher.posttrain_iters or teacher.checkpoint is None or checkpointing.has_checkpoint(teacher.checkpoint):
         return
     check_posttrain_sources(config)
     pretrain_dir, posttrain_dir = stage_dirs(config)
-    if not has_checkpoint(pretrain_dir):
+    if not checkpointing.has_checkpoint(pretrain_dir):
         run(pretrain_config(config), "ptq")
-    if not (Path(posttrain_dir) / MEGATRON_LATEST).is_file():
+    if not has_tracker(posttrain_dir):
         run(posttrain_config(config), "train")
     copy_model(config, checkpointing.student_checkpoint(posttrain_dir), teacher.checkpoint)
