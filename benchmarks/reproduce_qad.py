@@ -47,6 +47,7 @@ import torch
 from megatron_qad.config import ConfigError, QADConfig, load_config
 from megatron_qad.evaluate.students import evaluate_model, evaluation_data
 from megatron_qad.train import checkpointing, run
+from megatron_qad.train.arguments import write_summary
 from megatron_qad.train.teacher_stages import prepare_teacher
 
 TEACHER = "BF16 teacher"
@@ -120,8 +121,7 @@ def run_one(args, data, name: str, seed: int, lr: float | None) -> dict:
               "accuracy": metrics["accuracy"], "run seconds": seconds,
               "seconds": round(time.perf_counter() - start, 1),
               **{f"{split} {key}": value for split in ("task", "general") for key, value in metrics[split].items()}}
-    directory.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_summary(record, result)  # atomic: a rerun skips the runs whose record exists
     print(f"{name} (seed {seed}, lr {result['lr']}): {json.dumps(result)}", flush=True)
     return result
 
