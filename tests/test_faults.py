@@ -5,7 +5,6 @@ directory, an export directory under a regular file, a malformed JSON-lines reco
 The checkpoints are real megatron.core dist checkpoints of a 2-layer tiny GPT-MoE (hidden 64),
 written once per module by ``checkpointing.save_model``."""
 
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from distributed_helpers import single_process
 from megatron_qad.cli import main
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.models import build_model_chunks
+from torchrun_helpers import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -148,7 +148,7 @@ def test_ctrl_c_prints_interrupted_and_exits_130(tmp_path):
     command = [sys.executable, "-m", "megatron_qad.cli", "train", TINY, *SMALL,
                f"teacher.checkpoint={tmp_path / 'teacher'}", f"checkpoint.save={tmp_path / 'run'}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
+                               env=script_env(CUDA_VISIBLE_DEVICES=""))
     try:
         assert process.stdout.readline().startswith("config ")
         process.send_signal(signal.SIGINT)
@@ -167,7 +167,7 @@ def test_ctrl_c_during_training_saves_and_exits_cleanly(tmp_path):
                "training.log_interval=1",
                f"teacher.checkpoint={tmp_path / 'teacher'}", f"checkpoint.save={tmp_path / 'run'}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)})
+                               env=script_env(CUDA_VISIBLE_DEVICES=""))
     lines, sent = [], False
     try:
         for line in process.stdout:  # to the end of the output

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_qad.checkpoint_tracker import MEGATRON_LATEST
 from megatron_qad.config import CheckpointConfig, TrainingConfig
 from megatron_qad.launch import (LAUNCH_ENVIRONMENT, TORCHRUN_HANDLED_SIGNALS, LaunchError, build_plan,
                                  check_parallel_layout, default_gpus_per_node, default_nodes,
@@ -350,12 +351,7 @@ def test_warning_signal_stops_the_rank_and_torchrun_survives(tmp_path):
 
 
 def _tracker(save: Path) -> Path:
-    """Megatron's tracker file in the checkpoint folder ``save``, which this creates.
-
-    Imported here, not at the top: megatron_qad.train imports megatron.core, whose seconds the
-    first test that loads a recipe should overlap with the 4-node dry run's start-up."""
-    from megatron_qad.checkpoint_tracker import MEGATRON_LATEST
-
+    """Megatron's tracker file in the checkpoint folder ``save``, which this creates."""
     save.mkdir(parents=True, exist_ok=True)
     return save / MEGATRON_LATEST
 

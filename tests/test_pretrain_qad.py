@@ -18,21 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from torchrun_helpers import (all_finite, json_lines, pretrain_qad_command, read_checkpoints, run_pretrain_qad,
-                              same_state, script_env)
+from torchrun_helpers import (GPT_STYLE_FLAGS, all_finite, json_lines, pretrain_qad_command, read_checkpoints,
+                              run_pretrain_qad, same_state, script_env)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MEGATRON_FLAGS = [
     "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--max-position-embeddings", "32",
-    "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
-    "--normalization", "RMSNorm", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--make-vocab-size-divisible-by", "1",
-    "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4",
-    "--lr-decay-style", "cosine", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000",
-    "--distributed-backend", "gloo", "--num-workers", "0", "--calculate-per-token-loss", "--ckpt-format", "torch_dist",
-    "--no-save-rng", "--no-load-rng", "--seed", "1234", "--transformer-impl", "local",
+    "--num-query-groups", "2", "--seq-length", "32", "--max-position-embeddings", "32",
+    "--vocab-size", "255", "--make-vocab-size-divisible-by", "1",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4",
+    "--distributed-backend", "gloo", "--no-save-rng", "--no-load-rng", *GPT_STYLE_FLAGS,
 ]
 
 

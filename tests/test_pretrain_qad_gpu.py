@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrun_helpers import all_finite, read_checkpoints, run_pretrain_qad, same_state, script_env
+from torchrun_helpers import GPT_STYLE_FLAGS, all_finite, read_checkpoints, run_pretrain_qad, same_state, script_env
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,14 +24,10 @@ pytestmark = [
 
 MODEL = [
     "--num-layers", "4", "--hidden-size", "512", "--ffn-hidden-size", "1408", "--num-attention-heads", "8",
-    "--group-query-attention", "--num-query-groups", "4", "--seq-length", "256", "--max-position-embeddings", "256",
-    "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
-    "--normalization", "RMSNorm", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "8191", "--make-vocab-size-divisible-by", "128",
-    "--mock-data", "--micro-batch-size", "4", "--global-batch-size", "16", "--lr", "1e-5", "--min-lr", "1e-6",
-    "--lr-decay-style", "cosine", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000",
-    "--num-workers", "0", "--calculate-per-token-loss", "--ckpt-format", "torch_dist", "--seed", "1234",
-    "--bf16", "--transformer-impl", "local",
+    "--num-query-groups", "4", "--seq-length", "256", "--max-position-embeddings", "256",
+    "--vocab-size", "8191", "--make-vocab-size-divisible-by", "128",
+    "--micro-batch-size", "4", "--global-batch-size", "16", "--lr", "1e-5", "--min-lr", "1e-6",
+    "--bf16", *GPT_STYLE_FLAGS,
 ]
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "512",
        "--moe-token-dispatcher-type", "alltoall"]

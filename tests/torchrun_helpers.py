@@ -14,12 +14,17 @@ from distributed_helpers import run_distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torchrun_command(processes: int, *argv: str) -> list[str]:
+    """``torchrun --standalone --nproc-per-node PROCESSES argv...`` (this interpreter's torch)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *argv]
+
+
 def torchrun(processes: int, *argv: str, timeout_s: float = 420) -> str:
-    """``torchrun --standalone --nproc-per-node P argv...`` with no visible GPU, from the repository
-    root; returns stdout (the assertion message carries the end of stderr on failure)."""
+    """:func:`torchrun_command` with no visible GPU, from the repository root; returns stdout (the
+    assertion message carries the end of stderr on failure)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *argv]
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    result = subprocess.run(torchrun_command(processes, *argv), env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout_s)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -32,6 +37,18 @@ def json_lines(stdout: str, prefix: str = "") -> list[dict]:
 
 PRETRAIN_QAD = ROOT / "scripts" / "pretrain_qad.py"
 
+GPT_STYLE_FLAGS = [
+    "--group-query-attention", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--tokenizer-type", "NullTokenizer", "--mock-data", "--lr-decay-style", "cosine",
+    "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1000", "--num-workers", "0",
+    "--calculate-per-token-loss", "--ckpt-format", "torch_dist", "--seed", "1234", "--transformer-impl", "local",
+]
+"""The Megatron-LM flags the script's tests share, whatever their sizes: a Llama-style GPT (GQA,
+SwiGLU, RoPE, RMSNorm, no biases, untied output layer, no dropout) on Megatron's mock data with
+NullTokenizer, cosine LR, a log line per iteration, per-token loss, torch_dist checkpoints,
+megatron.core's local layers."""
+
 
 def script_env(**settings: str) -> dict:
     """The environment for a script run from the repository: ``os.environ`` with the repository
@@ -42,8 +59,7 @@ def script_env(**settings: str) -> dict:
 
 def pretrain_qad_command(processes: int, *argv: str) -> list[str]:
     """``torchrun --standalone --nproc-per-node PROCESSES scripts/pretrain_qad.py argv...``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            str(PRETRAIN_QAD), *argv]
+    return torchrun_command(processes, str(PRETRAIN_QAD), *argv)
 
 
 def run_pretrain_qad(processes: int, argv: list[str], env: dict, expect: tuple[int, ...] = (0,),
@@ -58,7 +74,6 @@ def run_pretrain_qad(processes: int, argv: list[str], env: dict, expect: tuple[i
     (summary,) = json_lines(result.stdout, "summary ")
     summary["stdout"] = result.stdout
     return summary
-
 
 
 def _read_checkpoints(directories: list[str]) -> list[tuple[dict, dict]]:
@@ -86,9 +101,8 @@ def _read_checkpoints(directories: list[str]) -> list[tuple[dict, dict]]:
 def read_checkpoints(*directories: Path) -> list[tuple[dict, dict]]:
     """For each torch_dist checkpoint directory (an ``iter_`` one): (its sharded state by
     megatron.core's keys: model and optimizer tensors, whole and on the CPU, and sharded objects, a
-    serialized one as its bytes; its common state:
-    iteration, optimizer step count and param groups, LR schedule, ...). Read in one CPU process of
-    its own, so that GPU tests can call it too."""
+    serialized one as its bytes; its common state: iteration, optimizer step count and param groups,
+    LR schedule, ...). Read in one CPU process of its own, so that GPU tests can call it too."""
     (result,) = run_distributed(_read_checkpoints, 1, [str(directory) for directory in directories],
                                 timeout_s=300)
     return result
