@@ -3,9 +3,10 @@
     python benchmarks/sweep_nvfp4_kernels.py
 
 Prints, fastest first, the median GPU time (CUDA-graph replay, so host overhead is excluded) of
-configuration of the quantize kernel (plain and Four Over Six), and of the tensor-amax reduction
-that nvfp4 uses (torch's vector_norm, ord=inf) against two Triton alternatives (a persistent
-kernel with one atomic max per program; per-program partial maxima plus one reduction); and the
+configuration of the quantize kernel (plain and Four Over Six), and of the tensor-amax reductions:
+torch's vector_norm (ord=inf), the two-launch Triton one of numerics/amax_triton.py (per-program
+partial maxima plus one reduction; numerics/amax.py picks between the two by size) and a persistent
+kernel with one atomic max per program; and the
 host time of one fake_quantize call. The defaults in megatron_qad/numerics come from it.
 """
 
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
-from megatron_qad.numerics import nvfp4, nvfp4_torch, nvfp4_triton
+from megatron_qad.numerics import amax_triton, nvfp4, nvfp4_torch, nvfp4_triton
 
 
 @triton.jit
@@ -36,32 +37,6 @@ def atomic_amax(x, tile, programs_per_sm, warps):
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     grid = (min(n_tiles, sms * programs_per_sm),)
     _atomic_abs_max_kernel[grid](x, amax, x.numel(), n_tiles, TILE=tile, num_warps=warps)
-    return amax
-
-
-@triton.jit
-def _partial_abs_max_kernel(x_ptr, partial_ptr, n_elements, TILE: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    magnitude = tl.abs(tl.load(x_ptr + offsets, mask=offsets < n_elements, other=0.0).to(tl.float32))
-    magnitude = tl.where(magnitude == magnitude, magnitude, float("inf"))
-    tl.store(partial_ptr + tl.program_id(0), tl.max(magnitude, axis=0))
-
-
-@triton.jit
-def _reduce_max_kernel(partial_ptr, amax_ptr, n_partials, CHUNK: tl.constexpr):
-    acc = tl.zeros([CHUNK], dtype=tl.float32)
-    for start in tl.range(0, n_partials, CHUNK):
-        offsets = start + tl.arange(0, CHUNK)
-        acc = tl.maximum(acc, tl.load(partial_ptr + offsets, mask=offsets < n_partials, other=0.0))
-    tl.store(amax_ptr, tl.max(acc, axis=0))
-
-
-def two_stage_amax(x, tile, warps):
-    n_tiles = triton.cdiv(x.numel(), tile)
-    partial = torch.empty(n_tiles, device=x.device, dtype=torch.float32)
-    amax = torch.empty(1, device=x.device, dtype=torch.float32)
-    _partial_abs_max_kernel[(n_tiles,)](x, partial, x.numel(), TILE=tile, num_warps=warps)
-    _reduce_max_kernel[(1,)](partial, amax, n_tiles, CHUNK=1024, num_warps=4)
     return amax
 
 
@@ -84,14 +59,16 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(8192 * 8192, device="cuda", dtype=torch.bfloat16)
     amax = x.abs().amax().float().reshape(1)
-    assert torch.equal(two_stage_amax(x, 8192, 8), amax) and torch.equal(atomic_amax(x, 8192, 8, 8), amax)
+    assert torch.equal(amax_triton.absolute_max(x).reshape(1), amax) and torch.equal(atomic_amax(x, 8192, 8, 8), amax)
     assert torch.equal(nvfp4_torch.absolute_max(x).reshape(1), amax)
-    rows = [("amax torch vector_norm (used)", graph_ms(lambda: nvfp4_torch.absolute_max(x)))]
+    rows = [("amax torch vector_norm (used below amax.TRITON_MIN_ELEMENTS)", graph_ms(lambda: nvfp4_torch.absolute_max(x)))]
     for tile, per_sm, warps in itertools.product((4096, 16384), (4, 16), (8,)):
         rows.append((f"amax atomic tile={tile} per_sm={per_sm} warps={warps}",
                      graph_ms(lambda: atomic_amax(x, tile, per_sm, warps))))
     for tile, warps in itertools.product((8192, 16384), (4, 8)):
-        rows.append((f"amax two-stage tile={tile} warps={warps}", graph_ms(lambda: two_stage_amax(x, tile, warps))))
+        used = " (used)" if (tile, warps) == (amax_triton.TILE, amax_triton.NUM_WARPS) else ""
+        rows.append((f"amax two-stage tile={tile} warps={warps}{used}",
+                     graph_ms(lambda: amax_triton.absolute_max(x, tile=tile, num_warps=warps))))
     for four_over_six, blocks, warps in itertools.product((False, True), (32, 64, 128, 256), (2, 4, 8)):
         rows.append((f"quantize 4/6={four_over_six:d} blocks={blocks} warps={warps}", graph_ms(
             lambda: nvfp4_triton.fake_quantize(x, amax, four_over_six, blocks=blocks, num_warps=warps))))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import nvfp4_torch
+from .amax import absolute_max
 from .formats import BLOCK_SIZE, pack_e2m1, unpack_e2m1
 from .straight_through import straight_through
 from .validation import (KERNEL_BACKENDS as BACKENDS, as_amax_tensor, check_finite, check_floating,
@@ -75,10 +76,8 @@ def _prepare(x: torch.Tensor, global_amax, backend: str, check_input: bool, what
         amax = as_amax_tensor(global_amax, x.device, f"{what} global_amax")
         if check_input:
             check_finite(x, what)
-    elif x.numel() == 0:
-        amax = torch.zeros((), dtype=torch.float32, device=x.device)
     else:
-        amax = nvfp4_torch.absolute_max(x)
+        amax = absolute_max(x)
         if check_input and not bool(torch.isfinite(amax)):
             check_finite(x, what)
     return x, amax, backend

@@ -1,6 +1,6 @@
 """Fused NVFP4 / Four Over Six quantization kernel for CUDA GPUs (Triton).
 
-One pass over x (after the tensor amax, which ``nvfp4`` computes with one torch reduction when the
+One pass over x (after the tensor amax, which ``nvfp4`` computes with ``numerics.amax`` when the
 caller does not give it) computes every block's FP8 scale, rounds to E2M1 and writes either the
 dequantized values (fake quant) or the packed codes and scales. Bits equal ``nvfp4_torch``:
 divisions are IEEE round-to-nearest (``div_rn``; Triton's ``/`` is approximate), fp32 mul/add are

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..numerics import fp8, nvfp4
+from ..numerics.amax import absolute_max
 from ..numerics.straight_through import straight_through
 
 TENSOR_FORMATS = ("nvfp4", "nvfp4_4over6", "fp8")
@@ -28,9 +29,7 @@ def tensor_key(x: torch.Tensor) -> tuple:
 def _local_amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| as an fp32 0-d tensor; 0 for an empty ``x`` (an expert that received no tokens)."""
     with torch.no_grad():
-        if x.numel() == 0:
-            return torch.zeros((), dtype=torch.float32, device=x.device)
-        return torch.linalg.vector_norm(x.detach(), ord=float("inf"), dtype=torch.float32)
+        return absolute_max(x.detach())
 
 
 class TensorQuantizer(torch.nn.Module):
