@@ -29,7 +29,8 @@ uniform random tokens, the same for every variant. Variants (``--variants`` pick
 
 Rank 0 prints a Markdown table (ms per step, tokens/s, ratio to BF16, peak memory over the rounds)
 and, from the medians, where the QAD step's time goes: quantization (QAT - BF16), the teacher's forward, and the KL with the second
-model's bookkeeping (QAD - QAT - teacher forward). Under data parallelism the gradient all-reduce
+model's bookkeeping (QAD - QAT - teacher forward), and each ModelOpt student's QAD step over ours
+(a ratio only where the ranges separate). Under data parallelism the gradient all-reduce
 is part of every trained variant. ``--profile DIR`` also runs one more step of each variant under
 torch.profiler and writes its GPU kernels, heaviest first, to ``DIR/<variant>.txt`` (rank 0).
 """
@@ -322,6 +323,9 @@ def report(rows: dict[str, dict], tokens_per_step: int) -> str:
                               ("teacher forward", teacher),
                               ("KL and the rest (QAD - QAT - teacher forward)", qad - qat - teacher)):
             lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / qad:.1%} |")
+    for peer in (VARIANTS["modelopt"], VARIANTS["modelopt_mamba_moe"]):
+        if peer in rows and "QAD" in rows:
+            lines.append(f"\n{peer} / QAD = {ratio_claim(rows[peer]['seconds'], rows['QAD']['seconds'])}.")
     every = rows.get(VARIANTS["qad_every"])
     if every is not None and "QAD" in rows:
         lines.append(f"\nEach weight fake-quantized once per step instead of at every micro-batch: "
