@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .formats import BLOCK_SIZE, E4M3_MAX, FOUR_OVER_SIX_E4M3_MAX
-from .nvfp4_triton import _BLOCKS_PER_PROGRAM, _NUM_WARPS, _quantize_tile, _signed
+from .nvfp4_triton import _BLOCKS_PER_PROGRAM, _NUM_WARPS, _load_halves, _quantize_tile, _signed, _store_halves
 
 _INT64_MAX = tl.constexpr(2**63 - 1)
 
@@ -38,8 +38,8 @@ def _find_segment(table_ptr, n_segments, program, SEARCH_STEPS: tl.constexpr):
 
 @triton.jit
 def _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr):
-    """(segment, its rows of this program [BLOCKS] (block indices within it), their mask,
-    fp32 blocks [BLOCKS, 16], the output offsets of its elements) of this program."""
+    """(segment, mask [BLOCKS] of this program's blocks in it, their fp32 halves [BLOCKS, 8] x 2
+    (``nvfp4_triton._load_halves``), their block indices in the output) of this program."""
     program = tl.program_id(0).to(tl.int64)
     segment = _find_segment(table_ptr, n_segments, program, SEARCH_STEPS)
     first_program = tl.load(table_ptr + segment)
@@ -48,17 +48,17 @@ def _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS: tl.constexpr, B
     n_blocks = tl.load(table_ptr + 3 * n_segments + segment)
     rows = (program - first_program) * BLOCKS + tl.arange(0, BLOCKS)
     mask = rows < n_blocks
-    columns = tl.arange(0, 16)[None, :]
-    x = tl.load(base_ptr + (source_block + rows)[:, None] * 16 + columns, mask=mask[:, None], other=0.0)
-    return segment, mask, x.to(tl.float32), (output_block + rows)[:, None] * 16 + columns
+    low, high = _load_halves(base_ptr, source_block + rows, mask)
+    return segment, mask, low, high, output_block + rows
 
 
 @triton.jit
 def _segments_amax_kernel(base_ptr, table_ptr, amax_ptr, n_segments,
                           SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr):
     """amax[segment] = max(amax[segment], max |x| of this program's blocks); amax starts at 0."""
-    segment, mask, x, _ = _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS, BLOCKS)
-    tl.atomic_max(amax_ptr + segment, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    segment, mask, low, high, _ = _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS, BLOCKS)
+    magnitude = tl.maximum(tl.max(tl.abs(low), axis=1), tl.max(tl.abs(high), axis=1))
+    tl.atomic_max(amax_ptr + segment, tl.max(magnitude, axis=0))
 
 
 @triton.jit
@@ -66,9 +66,10 @@ def _segments_fake_quant_kernel(base_ptr, table_ptr, amax_ptr, out_ptr, n_segmen
                                 SCALE_MAX: tl.constexpr, FOUR_OVER_SIX: tl.constexpr,
                                 SEARCH_STEPS: tl.constexpr, BLOCKS: tl.constexpr):
     """Fake-quantize this program's blocks with their segment's amax into the output."""
-    segment, mask, x, offsets = _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS, BLOCKS)
-    _, _, values, negative = _quantize_tile(x, tl.load(amax_ptr + segment), SCALE_MAX, FOUR_OVER_SIX, BLOCKS)
-    tl.store(out_ptr + offsets, _signed(values, negative).to(out_ptr.dtype.element_ty), mask=mask[:, None])
+    segment, mask, low, high, output_rows = _segment_tile(base_ptr, table_ptr, n_segments, SEARCH_STEPS, BLOCKS)
+    _, _, _, values_low, values_high, negative_low, negative_high = _quantize_tile(
+        low, high, tl.load(amax_ptr + segment), SCALE_MAX, FOUR_OVER_SIX, BLOCKS)
+    _store_halves(out_ptr, output_rows, mask, _signed(values_low, negative_low), _signed(values_high, negative_high))
 
 
 def _block_aligned_copy(segment: torch.Tensor, base: torch.Tensor, block_bytes: int) -> torch.Tensor:
