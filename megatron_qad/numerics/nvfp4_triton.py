@@ -14,14 +14,16 @@ import triton.language as tl
 
 from .formats import BLOCK_SIZE, E4M3_MAX, FOUR_OVER_SIX_E4M3_MAX, FLT_MAX
 
-_BLOCKS_PER_PROGRAM = 128  # NVFP4 blocks (x16 elements) per program; from benchmarks/sweep_nvfp4_kernels.py
+_BLOCKS_PER_PROGRAM = 128  # NVFP4 blocks (x16 elements) per program, one per thread of the 4 warps;
+# from benchmarks/sweep_nvfp4_kernels.py
 _NUM_WARPS = 4
 _FLT_MAX = tl.constexpr(FLT_MAX)
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 
 # A tile of BLOCKS blocks is held as two fp32 halves [BLOCKS, 8] (elements 0-7 and 8-15 of each
-# block): loaded as two 16-byte vectors per block, they give every block to one thread, so the
-# block's amax, scale and Four Over Six choice are computed once, without cross-lane shuffles.
+# block): loaded as two 8-element vectors per block (16 bytes each in bf16), they give every block
+# to one thread, so the block's amax, scale and Four Over Six choice are computed once, without
+# cross-lane shuffles.
 
 
 @triton.jit
