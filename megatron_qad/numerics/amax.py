@@ -13,22 +13,13 @@ from . import nvfp4_torch
 
 TRITON_MIN_ELEMENTS = 1 << 24  # 32 MiB of bf16: torch's reduction takes about 10 us on an H200
 
-_triton_module = None
-
-
-def _triton_amax():
-    """The Triton kernels, imported on first GPU use so CPU-only installs never compile them."""
-    global _triton_module
-    if _triton_module is None:
-        from . import amax_triton
-        _triton_module = amax_triton
-    return _triton_module
-
 
 def absolute_max(x: torch.Tensor) -> torch.Tensor:
     """max |x| as a 0-d fp32 tensor on x's device; NaN if x holds a NaN; 0 for an empty x."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
     if x.is_cuda and x.numel() >= TRITON_MIN_ELEMENTS and x.is_contiguous():
-        return _triton_amax().absolute_max(x)
+        from . import amax_triton  # here, so that CPU-only installs never compile the kernels
+
+        return amax_triton.absolute_max(x)
     return nvfp4_torch.absolute_max(x)

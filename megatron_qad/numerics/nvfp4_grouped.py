@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from . import nvfp4_torch
+from .amax import absolute_max
 from .formats import BLOCK_SIZE
 from .straight_through import straight_through, straight_through_many
 from .validation import check_floating, check_nvfp4_shape, resolve_backend
@@ -67,8 +68,7 @@ def segments_amax(segments: Sequence[torch.Tensor], *, backend: str = "auto") ->
     _check_segments(segments, "nvfp4_grouped.segments_amax")
     if resolve_backend(segments[0], backend) == "triton":
         return _triton_backend().segments_amax([s.contiguous() for s in segments])
-    zero = torch.zeros((), dtype=torch.float32, device=segments[0].device)
-    return torch.stack([nvfp4_torch.absolute_max(s) if s.numel() else zero for s in segments])
+    return torch.stack([absolute_max(s) for s in segments])
 
 
 ALIGNMENT_BYTES = 256
