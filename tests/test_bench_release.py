@@ -4,10 +4,8 @@ the model (``release``), in place, whoever still holds them. A real megatron.cor
 on the CPU (FP32: megatron.core's mixed-precision optimizers need CUDA tensors; there the main
 weights are the optimizer's own FP32 copies, here the model's parameters)."""
 
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from distributed_helpers import single_process
@@ -16,16 +14,6 @@ from megatron_qad.config import load_config
 from megatron_qad.models import build_gpt_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their siblings
-    import bench_qad_step
-
-    yield bench_qad_step
-    for name in ("bench_qad_step", "megatron_step", "repeats"):
-        sys.modules.pop(name, None)
 
 
 def test_release_empties_the_optimizer_state_then_the_model(bench):

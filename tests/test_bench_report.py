@@ -2,21 +2,6 @@
 step to ours only where the repeats' ranges separate (synthetic timings, no model)."""
 
 import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their siblings
-    import bench_qad_step
-
-    yield bench_qad_step
-    for name in ("bench_qad_step", "megatron_step", "repeats"):
-        sys.modules.pop(name, None)
 
 
 def rows(bench, seconds: dict[str, list[float]]) -> dict[str, dict]:
