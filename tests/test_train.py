@@ -8,7 +8,6 @@ run loads a real teacher.
 
 import contextlib
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -143,9 +142,11 @@ def _learning_rates(stdout: str) -> dict[int, float]:
 def test_a_resume_with_another_lr_schedule_is_refused_or_applied_by_name(tmp_path, teacher_dir, capsys):
     """A run of 2 iterations (lr_decay_iters null: the cosine decay spans train_iters) resumed with
     train_iters 4: refused by default, one line naming the key (old -> new) and the fix, before
-    anything loads; with checkpoint.lr_schedule_on_resume=new the LR decays over 4 iterations from
-    iteration 3 on; with =checkpoint the old decay (over 2) is kept: min_lr. A train_iters not
-    above the checkpoint's iteration is refused by name as well."""
+    anything loads; with checkpoint.lr_schedule_on_resume=new, which also changes the LR, min_lr,
+    warm-up and decay style (megatron.core keeps max_lr and min_lr in the optimizer's param groups
+    too), the optimizer's LR follows the new schedule from iteration 3 on; with =checkpoint the old
+    one (decay over 2, the old min_lr) is kept. A train_iters not above the checkpoint's iteration
+    is refused by name as well."""
     run(small_config(tmp_path / "a", "training.train_iters=2", teacher=teacher_dir))
     shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
     run_dir = tmp_path / "a" / "run"
@@ -171,30 +172,33 @@ def test_a_resume_with_another_lr_schedule_is_refused_or_applied_by_name(tmp_pat
             f"further, or start the run in another checkpoint.save")
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
-    config = small_config(tmp_path / "a", "training.train_iters=4", "checkpoint.lr_schedule_on_resume=new",
-                          teacher=teacher_dir)
+    old = small_config(tmp_path / "a", teacher=teacher_dir).training
+    schedule = ["training.train_iters=4", "training.lr=2e-4", "training.min_lr=2e-5", "training.lr_warmup_iters=2",
+                "training.lr_decay_style=linear"]
+    config = small_config(tmp_path / "a", *schedule, "checkpoint.lr_schedule_on_resume=new", teacher=teacher_dir)
     applied = run(config)
     out = capsys.readouterr().out
-    assert (f"'checkpoint.save' ({run_dir}) resumes iteration 2 with the new LR schedule: training.train_iters "
-            f"2 -> 4 (training.lr_decay_iters" in out)
+    assert (f"'checkpoint.save' ({run_dir}) resumes iteration 2 with the new LR schedule: training.lr 0.0001 -> "
+            f"0.0002; training.min_lr 1e-05 -> 2e-05; training.lr_warmup_iters 1 -> 2; training.train_iters 2 -> 4 "
+            f"(training.lr_decay_iters" in out)
+    assert "training.lr_decay_style cosine -> linear" in out
     assert [line["iteration"] for line in applied["train"]] == [3, 4] and applied["final"]["kl"] > 0
-    # Megatron's cosine schedule counts samples: warm-up W = lr_warmup_iters x batch, decay D =
-    # decay iterations x batch; after iteration k, lr = min_lr + (lr - min_lr) (1 + cos(pi (k x batch - W)
-    # / (D - W))) / 2, and min_lr past D. The log prints 7 significant digits.
+    # Megatron's schedule counts samples: warm-up W = lr_warmup_iters x batch, decay D = decay
+    # iterations x batch; after iteration k, linear: lr = min_lr + (lr - min_lr) (1 - (k x batch - W)
+    # / (D - W)), and min_lr from D on. The log prints the optimizer's LR, 7 significant digits.
     t = config.training
     warmup, decay = t.lr_warmup_iters * t.global_batch_size, 4 * t.global_batch_size
-    cosine = t.min_lr + (t.lr - t.min_lr) * (1 + math.cos(math.pi * (3 * t.global_batch_size - warmup)
-                                                        / (decay - warmup))) / 2
-    assert _learning_rates(out) == pytest.approx({3: cosine, 4: t.min_lr}, rel=1e-6)
-    assert cosine == pytest.approx(3.25e-5)
+    linear = t.min_lr + (t.lr - t.min_lr) * (1 - (3 * t.global_batch_size - warmup) / (decay - warmup))
+    assert _learning_rates(out) == pytest.approx({3: linear, 4: t.min_lr}, rel=1e-6)
+    assert linear == pytest.approx(1.1e-4)
 
-    kept = run(small_config(tmp_path / "b", "training.train_iters=4", "checkpoint.lr_schedule_on_resume=checkpoint",
+    kept = run(small_config(tmp_path / "b", *schedule, "checkpoint.lr_schedule_on_resume=checkpoint",
                             teacher=teacher_dir))
     out = capsys.readouterr().out
-    assert ("resumes iteration 2 with the checkpoint's LR schedule, not the new values: training.train_iters "
-            "2 -> 4" in out)
+    assert ("resumes iteration 2 with the checkpoint's LR schedule, not the new values: training.lr 0.0001 -> "
+            "0.0002" in out)
     assert [line["iteration"] for line in kept["train"]] == [3, 4]
-    assert _learning_rates(out) == pytest.approx({3: t.min_lr, 4: t.min_lr}, rel=1e-6)
+    assert _learning_rates(out) == pytest.approx({3: old.min_lr, 4: old.min_lr}, rel=1e-6)  # the old decay
 
 
 def test_a_longer_run_whose_lr_schedule_does_not_change_resumes_without_a_setting(tmp_path, teacher_dir, capsys):

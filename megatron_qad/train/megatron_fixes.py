@@ -2,11 +2,18 @@
 
 Each is installed by :func:`apply` before ``pretrain`` runs (idempotent) and says what it
 replaces and why. The first two change nothing a run computes; the third makes a resumed
-distributed-optimizer run compute what the uninterrupted one does.
+distributed-optimizer run compute what the uninterrupted one does; the fourth lets a resume change
+the learning rate as Megatron's ``--override-opt_param-scheduler`` /
+``--use-checkpoint-opt_param-scheduler`` say.
 """
+
+import functools
 
 import torch
 
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+"""The param-group values megatron.core's LR / weight-decay schedule reads per group: they follow
+``--lr`` / ``--min-lr`` (and their per-group overrides), so a resume that changes those changes them."""
 
 
 def use_shipped_dataset_helpers() -> None:
@@ -99,8 +106,89 @@ def resume_distributed_optimizer_step_counts() -> None:
     optimizer_class.load_state_dict = load_state_dict
 
 
+def _saved_param_groups(state_dict) -> list | None:
+    """The param groups of a megatron.core optimizer's loaded state dict: at its top (the FP32
+    optimizer) or under ``optimizer`` (the mixed-precision and distributed optimizers)."""
+    if not isinstance(state_dict, dict):
+        return None
+    if "param_groups" in state_dict:
+        return state_dict["param_groups"]
+    for key in ("optimizer", "optimizer_state_dict"):
+        if isinstance(state_dict.get(key), dict) and "param_groups" in state_dict[key]:
+            return state_dict[key]["param_groups"]
+    return None
+
+
+def align_schedule_values(current: list[dict], saved: list[dict], keep_new: bool) -> None:
+    """Give each of an optimizer's ``current`` param groups and its ``saved`` counterpart the same
+    :data:`_SCHEDULE_KEYS` values: the current ones (``keep_new``) or the saved ones.
+
+    Groups are paired by megatron.core's identifier (``param_group_identifier_keys``) without
+    those values; a group without exactly one counterpart is left as it is (megatron.core's load
+    then reports it)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    structural = [key for key in param_group_identifier_keys if key not in _SCHEDULE_KEYS]
+
+    def identifier(group: dict) -> tuple:
+        return tuple(group.get(key, group.get(f"pre_{key}")) for key in structural)
+
+    by_identifier: dict[tuple, list[dict]] = {}
+    for group in saved:
+        by_identifier.setdefault(identifier(group), []).append(group)
+    for group in current:
+        counterparts = by_identifier.get(identifier(group), [])
+        if len(counterparts) != 1:
+            continue
+        source, target = (group, counterparts[0]) if keep_new else (counterparts[0], group)
+        for key in _SCHEDULE_KEYS:
+            if key in source:
+                target[key] = source[key]
+            else:
+                target.pop(key, None)
+
+
+def resume_with_a_changed_lr() -> None:
+    """Let a resume change ``--lr`` / ``--min-lr`` as Megatron's scheduler flags say.
+
+    megatron.core keeps each param group's ``max_lr`` / ``min_lr`` (from ``--lr`` / ``--min-lr``)
+    in the optimizer's state, pairs the saved groups with the new ones by a key that includes them,
+    and its schedule takes the LR from the group's values. A resume with another ``--lr`` therefore
+    failed in the optimizer's load (``ValueError: Could not find parameter group with key``) even
+    with ``--override-opt_param-scheduler`` or ``--use-checkpoint-opt_param-scheduler``, which only
+    decide the scheduler's own values. Before every optimizer load the saved and the new groups are
+    given the same values (:func:`align_schedule_values`): the new ones with
+    ``--override-opt_param-scheduler``, the checkpoint's with ``--use-checkpoint-opt_param-scheduler``
+    (the scheduler then uses the same); without either nothing changes, and Megatron compares as before."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for optimizer_class in (optimizer.FP32Optimizer, optimizer.Float16OptimizerWithFloat16Params,
+                            distrib_optimizer.DistributedOptimizer):
+        if getattr(optimizer_class.load_state_dict, "schedule_values_fix", False):
+            continue
+        optimizer_class.load_state_dict = _aligning_load(optimizer_class.load_state_dict)
+
+
+def _aligning_load(original):
+    """``original`` (an optimizer class's ``load_state_dict``) preceded by :func:`align_schedule_values`
+    as Megatron's global arguments ask (the marks of the other fixes kept)."""
+
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict):
+        from megatron.training.global_vars import get_args
+
+        args, saved = get_args(), _saved_param_groups(state_dict)
+        if saved is not None and (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+            align_schedule_values(self.optimizer.param_groups, saved, keep_new=args.override_opt_param_scheduler)
+        return original(self, state_dict)
+
+    load_state_dict.schedule_values_fix = True
+    return load_state_dict
+
+
 def apply() -> None:
     """Install the fixes."""
     use_shipped_dataset_helpers()
     resume_distributed_optimizer_with_torch_adam()
     resume_distributed_optimizer_step_counts()
+    resume_with_a_changed_lr()
