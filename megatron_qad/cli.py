@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
         "import", help="convert a Hugging Face checkpoint into a teacher checkpoint and its model section",
         description="Read a Hugging Face checkpoint (config.json + safetensors), write the megatron.core dist "
                     "checkpoint that 'teacher.checkpoint: DIR' loads, DIR/model.yaml (the recipe's model "
-                    "section) and, with --recipe, DIR/recipe.yaml (the base recipe with that model). One process.")
+                    "section), DIR/hf_tokenizer/ (its tokenizer, chat template and generation config, which "
+                    "exports copy) and, with --recipe, DIR/recipe.yaml (the base recipe with that model). One process.")
     importer.add_argument("hf_dir", help="Hugging Face checkpoint directory")
     importer.add_argument("--out", required=True, help="new (or empty) output directory")
     importer.add_argument("--recipe", help="base recipe whose other sections recipe.yaml keeps")
@@ -144,6 +145,8 @@ def run_import(hf_dir: str, out: str, recipe: str | None, params_dtype: str | No
     result = import_checkpoint(hf_dir, out, base_recipe=recipe, params_dtype=params_dtype)
     print(f"imported {hf_dir} ({result.family}, {result.model.params_dtype}) -> {result.directory}")
     print(f"model section: {result.model_yaml}" + (f"; recipe: {result.recipe_yaml}" if result.recipe_yaml else ""))
+    print(f"for exports: {', '.join(result.serving_files)} in {result.directory / 'hf_tokenizer'}" if result.serving_files
+          else f"for exports: {hf_dir} has no tokenizer, chat template or generation_config.json to copy")
 
 
 def main(argv: list[str] | None = None) -> int:

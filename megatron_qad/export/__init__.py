@@ -1,8 +1,8 @@
 """Deployable checkpoints: ``export(config)`` writes the run's newest student as an NVFP4 Hugging
 Face checkpoint, GPT models in Llama / Qwen2 / Qwen2-MoE names and hybrid (Mamba) models in
 Nemotron-H names, in the ModelOpt or the compressed-tensors convention (``export.format``; see
-:mod:`.writer` for the tensors, :mod:`.formats` for the conventions and :mod:`.hf_names` for the
-names)."""
+:mod:`.writer` for the tensors, :mod:`.formats` for the conventions, :mod:`.hf_names` for the
+names and :mod:`.serving` for the tokenizer, chat template and generation config beside them)."""
 
 import dataclasses
 import os
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import ConfigError, QADConfig
 from .hf_names import hf_config
+from .serving import IMPORTED_DIR, ServingSource, find_source
 from .writer import export_tensors, write_checkpoint
 
 
@@ -17,7 +18,9 @@ def export(config: QADConfig) -> Path:
     """Load the run's newest student (``checkpoint.save``: latest training checkpoint, else its
     PTQ checkpoint) into one process at TP = PP = EP = 1 (dist checkpoints reshard, so any
     training layout works), and write its export to ``export.dir`` (default
-    ``checkpoint.save/hf_nvfp4``). Returns the directory.
+    ``checkpoint.save/hf_nvfp4``), with the tokenizer, chat template and generation config of
+    :func:`.serving.find_source` (one printed line says where from, or that there are none).
+    Returns the directory.
 
     The student is always built with megatron.core's local spec, on any device: a student trained
     with the TE spec (``model.transformer_impl: transformer_engine``) has the same dist-checkpoint
@@ -47,11 +50,23 @@ def export(config: QADConfig) -> Path:
         hf_config(model_cfg, model.config)  # ConfigError for what the HF architecture cannot hold, before loading
         quantize.apply(model, config.quantization.to_policy())
         checkpointing.load_model([model], source)
+        serving = find_source(config)
+        print(_serving_line(serving), flush=True)
         return write_checkpoint(model, model_cfg, out_dir, DTYPES[config.export.dtype],
                                 max_shard_bytes=int(config.export.max_shard_gib * 2**30),
-                                export_format=config.export.format)
+                                export_format=config.export.format,
+                                serving_source=serving.directory if serving else None)
     finally:
         parallel.destroy()
+
+
+def _serving_line(serving: ServingSource | None) -> str:
+    """The one line ``export`` prints on where the tokenizer, chat template and generation config come from."""
+    if serving is None:
+        return (f"export: no tokenizer, chat template or generation_config.json to copy: teacher.checkpoint has no "
+                f"{IMPORTED_DIR}/ (written by 'megatron-qad import') and no data source names a Hugging Face "
+                f"tokenizer directory; the export holds the weights and config.json only")
+    return f"export: tokenizer, chat template and generation config from '{serving.directory}' ({serving.key})"
 
 
 __all__ = ["export", "export_tensors", "write_checkpoint"]

@@ -17,7 +17,8 @@ Written in float32, as HF Nemotron-H holds them: the Mamba mixers' ``A_log`` and
 (``e_score_correction_bias`` [experts], a float32 buffer; zeros for a router without one). Files:
 ``model.safetensors`` (or, above the shard size, ``model-0000i-of-0000n.safetensors`` and
 ``model.safetensors.index.json``, the Hugging Face layout), ``config.json`` (with
-``quantization_config``) and the format's side files (ModelOpt: ``hf_quant_config.json``),
+``quantization_config``), the format's side files (ModelOpt: ``hf_quant_config.json``) and the
+tokenizer, chat template and ``generation_config.json`` of a serving source (:mod:`.serving`),
 written to ``DIR.tmp`` and renamed.
 """
 
@@ -37,6 +38,7 @@ from ..numerics.formats import E2M1_MAX, E4M3_MAX, FOUR_OVER_SIX_E4M3_MAX, encod
 from ..quantize import layers
 from .formats import ExportFormat, NVFP4Linear, Quantization, get_format
 from .hf_names import constant_tensors, hf_config, module_map, other_linears, plain_name, take_rows
+from .serving import write_serving_files
 
 FLOAT32_TENSORS = (".mixer.A_log", ".mixer.D", ".gate.e_score_correction_bias")
 """Endings of the HF names of tensors written in float32 whatever the export dtype."""
@@ -161,12 +163,13 @@ def _save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
 
 def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | Path,
                      dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30,
-                     export_format: str = "modelopt") -> Path:
+                     export_format: str = "modelopt", serving_source: Path | None = None) -> Path:
     """Write the export of ``model`` (the quantized student: a bare GPTModel or HybridModel at
     TP=PP=EP=1) in the convention ``export_format`` (``modelopt`` or ``compressed_tensors``) to
-    ``out_dir`` (replaced if it exists), in safetensors files of at most ``max_shard_bytes`` bytes;
-    return its path. Raises ConfigError, before writing anything, for a model the target Hugging
-    Face architecture cannot hold."""
+    ``out_dir`` (replaced if it exists), in safetensors files of at most ``max_shard_bytes`` bytes,
+    with the tokenizer, chat template and generation config of ``serving_source`` (a directory; see
+    :mod:`.serving`); return its path. Raises ConfigError, before writing anything, for a model the
+    target Hugging Face architecture cannot hold."""
     out_dir = Path(out_dir)
     fmt = get_format(export_format)
     config = hf_config(model_cfg, model.config)
@@ -183,6 +186,8 @@ def write_checkpoint(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: st
     producer = {"name": "megatron_qad", "version": __version__}
     for filename, content in fmt.side_files(quantization, producer).items():
         (tmp / filename).write_text(json.dumps(content, indent=2) + "\n")
+    if serving_source is not None:
+        write_serving_files(serving_source, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

@@ -20,6 +20,7 @@ import yaml
 
 from ..config import ConfigError, ModelConfig, ParallelConfig, config_from_dict
 from ..export.hf_names import piece_row_count, put_rows
+from ..export.serving import import_serving_files
 from .family import Family, HFConfig, family_for
 from .reader import CONFIG, HFCheckpoint, open_checkpoint
 
@@ -38,13 +39,16 @@ _NO_COUNTERPART = (r"\._extra_state$",)
 @dataclasses.dataclass(frozen=True)
 class ImportResult:
     """What an import wrote: the dist checkpoint ``directory``, its ``model.yaml``, the full
-    ``recipe.yaml`` (with a base recipe; else None), the family and the model config."""
+    ``recipe.yaml`` (with a base recipe; else None), the family, the model config and the names of
+    the tokenizer / chat template / generation config files copied into ``directory/hf_tokenizer``
+    (empty: none, and no such folder)."""
 
     directory: Path
     model_yaml: Path
     recipe_yaml: Path | None
     family: str
     model: ModelConfig
+    serving_files: list[str]
 
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, base_recipe: str | Path | None = None,
@@ -53,7 +57,9 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, base_recipe: str 
 
     Writes the dist checkpoint that ``teacher.checkpoint: OUT_DIR`` loads, ``OUT_DIR/model.yaml``
     (the recipe's ``model:`` section; a DeciLM model's names ``OUT_DIR/`` :data:`BLOCKS_FILE`, a copy
-    of its config.json) and, with ``base_recipe``, ``OUT_DIR/recipe.yaml``: the base
+    of its config.json), ``OUT_DIR/hf_tokenizer/``: the tokenizer, chat template and generation
+    config that an export of the model serves with (:mod:`megatron_qad.export.serving`) and, with
+    ``base_recipe``, ``OUT_DIR/recipe.yaml``: the base
     recipe with its model section replaced (its run-time model fields, :data:`RUNTIME_FIELDS`, kept)
     and ``teacher.checkpoint`` set to ``out_dir``. ``params_dtype`` ("bfloat16" / "float32"; None:
     the base recipe's, else float32 for a float32 checkpoint and bfloat16 otherwise) is the dtype
@@ -76,6 +82,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, base_recipe: str 
         shutil.copyfile(model_section["heterogeneous_layers_config"], copy)
         model_section["heterogeneous_layers_config"] = str(copy)  # also recipe["model"]
         model_cfg = dataclasses.replace(model_cfg, heterogeneous_layers_config=str(copy))
+    serving_files = import_serving_files(Path(hf_dir), checkpoint.config, out)
     header = f"# imported from {Path(hf_dir).resolve()} ({family.name})\n"
     model_yaml = out / MODEL_YAML
     model_yaml.write_text(header + yaml.safe_dump({"model": model_section}, sort_keys=False))
@@ -84,7 +91,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, base_recipe: str 
         recipe_yaml = out / RECIPE_YAML
         recipe_yaml.write_text(header + f"# base recipe {Path(base_recipe).resolve()}\n"
                                + yaml.safe_dump(recipe, sort_keys=False))
-    return ImportResult(out, model_yaml, recipe_yaml, family.name, model_cfg)
+    return ImportResult(out, model_yaml, recipe_yaml, family.name, model_cfg, serving_files)
 
 
 def _read_recipe(path: str | Path) -> dict:
