@@ -142,6 +142,36 @@ def test_a_malformed_jsonl_line_exits_2_naming_the_file_and_line(teacher_dir, tm
     assert "Traceback" not in err
 
 
+def test_a_checkpoint_save_under_a_regular_file_exits_2_before_loading(teacher_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    save = tmp_path / "file" / "run"
+    assert main(["train", TINY, *SMALL, f"teacher.checkpoint={teacher_dir}", f"checkpoint.save={save}"]) == 2
+    assert capsys.readouterr().err == (f"megatron-qad: error: 'checkpoint.save' ({save}) lies under "
+                                       f"{tmp_path / 'file'}, which is a regular file, not a directory; choose "
+                                       f"another checkpoint.save\n")
+
+
+def test_a_save_on_a_full_disk_names_the_cause_and_the_last_good_checkpoint(teacher_dir, tmp_path, capsys):
+    """The save of iteration 2 writes its shard into /dev/full (a symlink put where the shard goes),
+    whose every write fails with ENOSPC as on a full file system: one line names the file, the cause
+    and iteration 1, which Megatron's tracker still names."""
+    save = tmp_path / "run"
+    (save / "iter_0000002").mkdir(parents=True)
+    shard = save / "iter_0000002" / "__0_0.distcp"
+    shard.symlink_to("/dev/full")
+    code = main(["train", TINY, *SMALL, f"teacher.checkpoint={teacher_dir}", f"checkpoint.save={save}",
+                 "data.sources=[{type: random}]", "training.train_iters=2", "checkpoint.save_interval=1",
+                 "training.global_batch_size=4", "training.micro_batch_size=2", "training.eval_iters=1",
+                 "distill.calibration_iters=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"megatron-qad: error: saving the checkpoint of iteration 2 into {save} failed: No space left on device "
+        f"(ENOSPC) writing {shard}; the last good checkpoint is iteration 1 in {save}; free space there (or set "
+        f"checkpoint.save / --save to a file system with room), then the same command resumes from it")
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
 def test_ctrl_c_prints_interrupted_and_exits_130(tmp_path):
     """SIGINT right after the recipe is printed (the run is still starting: Megatron's loop, whose
     signal handler turns SIGINT into a save and a clean exit, has not begun)."""

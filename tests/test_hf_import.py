@@ -207,11 +207,15 @@ def test_missing_and_unexpected_tensors_are_named(llama_dir, tmp_path):
         import_checkpoint(hf_dir, tmp_path / "out")
 
 
-def test_output_directory_must_be_new_or_empty(llama_dir, tmp_path):
+def test_output_directory_must_be_new_or_empty(llama_dir, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not empty"):
         import_checkpoint(llama_dir, tmp_path / "out")
+    out = tmp_path / "out" / "keep.txt" / "model"  # under a regular file: once a NotADirectoryError traceback
+    assert main(["import", str(llama_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"megatron-qad: error: '--out' ({out}) lies under {out.parent}, which is a "
+                                       f"regular file, not a directory; choose another --out\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,8 +124,13 @@ def _model_section(fields: dict, base_model: dict, params_dtype: str | None, che
 
 
 def _check_output_dir(out: Path) -> None:
+    """ConfigError unless ``out`` is new or an empty directory that can be created (no regular file
+    on its way)."""
+    from ..train.preflight import check_output_dir
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output directory '{out}' exists and is not empty; pass a new directory to --out")
+    check_output_dir(out, "--out")
 
 
 def _write_weights(checkpoint: HFCheckpoint, family: Family, model_cfg: ModelConfig, out: Path) -> None:

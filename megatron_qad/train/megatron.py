@@ -42,6 +42,7 @@ from .arguments import (model_config_from_args, parallel_config_from_args, parse
 from .metrics import memory_gib
 from .preflight import nvfp4_backend
 from .resume import check_resume
+from .save_faults import install as explain_save_failures
 from .plugin import TeacherStudentCommunicator, datasets_provider, forward_step, model_provider
 from .state import RunState, run_state
 
@@ -75,6 +76,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     from megatron.training.global_vars import set_global_variables
 
     megatron_fixes.apply()
+    explain_save_failures()
     guard = divergence.DivergenceGuard(args.qad_on_nonfinite, args.qad_max_skipped_steps, context.device,
                                        rank0=context.rank == 0)
     if args.tokenizer_type is None:  # the package's data sources tokenize themselves

@@ -2,11 +2,13 @@
 first second with a one-line :class:`~megatron_qad.config.ConfigError` naming the recipe key,
 instead of after a teacher was trained or a model loaded.
 
-- :func:`check_runnable`: settings the device cannot run, data sources;
+- :func:`check_runnable`: settings the device cannot run, data sources, a ``checkpoint.save`` that
+  cannot be a directory;
 - :func:`check_teacher_checkpoint`: ``teacher.checkpoint`` is a complete checkpoint (a Megatron-LM
   checkpoint directory or a bare dist checkpoint), or a path that does not exist yet where
   ``teacher.pretrain_iters`` > 0 trains one;
-- :func:`check_output_dir`: a directory the run will write (``export.dir``) can be created.
+- :func:`check_output_dir`: a directory the run will write (``export.dir``, ``checkpoint.save``,
+  ``import --out``) can be created.
 """
 
 import importlib.metadata
@@ -45,6 +47,8 @@ def nvfp4_backend(quantization, model_cfg, device: torch.device) -> str:
 
 def check_runnable(config: QADConfig, device: torch.device) -> None:
     """Errors a run would otherwise hit late, named by key."""
+    if config.checkpoint.save:
+        check_output_dir(config.checkpoint.save, "checkpoint.save")
     if device.type == "cpu" and config.model.params_dtype != "float32":
         raise ConfigError("training on the CPU needs 'model.params_dtype: float32' (megatron.core's BF16 "
                           "mixed-precision optimizer runs on GPUs only); set model.params_dtype=float32")
