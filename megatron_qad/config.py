@@ -367,12 +367,19 @@ class DataConfig:
     ``megatron_qad.data``: random, corpus, text, jsonl, indexed, teacher_generated);
     ``seed`` fixes sampling; ``cache_dir`` holds generated data (null: next to the checkpoints).
     ``validation_sources``: held-out data for the KL / CE reports (null: the validation split of
-    ``sources``), e.g. real text while training on random tokens."""
+    ``sources``), e.g. real text while training on random tokens.
+
+    Before training one line says how many times the run reads each split's samples; a QAD run
+    refuses a train split read more than ``max_repeats`` times over (null: no bound) and, unless
+    ``allow_validation_copy``, a validation split that is a copy of training data (its tokens all
+    occur, in order, in the train split; :mod:`megatron_qad.data.repeats`)."""
 
     sources: list = field(default_factory=lambda: [{"type": "random"}])
     validation_sources: list | None = None
     seed: int = 1234
     cache_dir: str | None = None
+    max_repeats: int | None = 100
+    allow_validation_copy: bool = False
 
 
 @dataclass
@@ -689,6 +696,8 @@ def validate(config: QADConfig) -> None:
         _require(c.retain_interval >= 1 and c.retain_interval % save_interval == 0,
                  f"'checkpoint.retain_interval' ({c.retain_interval}) must be a positive multiple of "
                  f"'checkpoint.save_interval' ({save_interval}); change one of them or set it to null")
+    _require(config.data.max_repeats is None or config.data.max_repeats >= 1,
+             f"'data.max_repeats' must be >= 1 or null (no bound), got {config.data.max_repeats}")
     _require(config.export.max_shard_gib > 0,
              f"'export.max_shard_gib' must be > 0, got {config.export.max_shard_gib}")
 

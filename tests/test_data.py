@@ -356,3 +356,39 @@ def test_tiny_mixture_weight_is_rejected():
 def test_hf_tokenizer_without_transformers_says_how_to_install(tmp_path):
     with pytest.raises(ImportError, match="pip install transformers"):
         validate_sources([{"type": "jsonl", "paths": [__file__], "tokenizer": str(tmp_path)}], VOCAB)
+
+
+def test_repeated_and_copied_data_is_said_and_refused(tmp_path):
+    """Two 10-byte text files: document 0 is held out, document 1 trains, one window each of 11
+    tokens (the text and its end-of-document token). The line says how often each split is read;
+    a train split read more than data.max_repeats times over is refused, and so is a validation
+    split whose tokens all occur in the train split (the files hold the same text), each naming
+    the setting that allows it."""
+    from megatron_qad.data.repeats import check_data_use, repeat_line
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("0123456789")
+    sources = [{"type": "text", "paths": [str(tmp_path / "*.txt")]}]
+    train, validation = (build_dataset(sources, split, 16, VOCAB, 0) for split in ("train", "validation"))
+    assert (len(train), len(validation)) == (1, 1)
+    assert repeat_line(train, validation, 800, 8) == (
+        "data: the train split reads its 1 distinct samples 800 times each (800 samples); the validation split "
+        "reads its 1 distinct samples 8 times each (8 samples)")
+    with pytest.raises(ConfigError, match=r"^'data.sources': the train split has 1 distinct samples and the run "
+                                          r"reads 800 \(training.train_iters x training.global_batch_size\): each "
+                                          r"800 times, more than data.max_repeats=100; add data, lower "
+                                          r"training.train_iters, or raise data.max_repeats \(null: no bound\)$"):
+        check_data_use(train, validation, 800, 100, False, "data.sources")
+    with pytest.raises(ConfigError, match=r"^'data.sources': the validation split is a copy of training data .* "
+                                          r"give held-out data, or set data.allow_validation_copy=true$"):
+        check_data_use(train, validation, 800, None, False, "data.sources")
+    check_data_use(train, validation, 800, None, True, "data.sources")  # both allowed
+
+    (tmp_path / "a.txt").write_text("9876543210")  # held-out text of its own
+    validation = build_dataset(sources, "validation", 16, VOCAB, 0)
+    check_data_use(train, validation, 100, 100, False, "data.sources")
+    corpus = build_dataset(CORPUS, "train", 16, VOCAB, 0)
+    assert repeat_line(corpus, build_dataset([{"type": "random"}], "validation", 16, VOCAB, 0), 800, 8) == (
+        f"data: the train split reads 800 of its {len(corpus)} distinct samples (no repeats); the validation "
+        f"split draws 8 samples that never repeat")
+    check_data_use(corpus, build_dataset(CORPUS, "validation", 16, VOCAB, 0), 800, 100, False, "data.sources")

@@ -172,6 +172,23 @@ def test_a_save_on_a_full_disk_names_the_cause_and_the_last_good_checkpoint(teac
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
+def test_tiny_data_repeated_by_the_run_exits_2_before_training(teacher_dir, tmp_path, capsys):
+    """Two 10-byte files: one training window of 11 tokens, which 100 iterations of 8 samples would
+    read 800 times; one line says so first."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(name * 2)  # 10 bytes
+    code = main(["train", TINY, *SMALL, f"teacher.checkpoint={teacher_dir}", f"checkpoint.save={tmp_path / 'run'}",
+                 f"data.sources=[{{type: text, paths: ['{tmp_path}/*.txt']}}]"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert ("data: the train split reads its 1 distinct samples 800 times each (800 samples); the validation split "
+            "reads its 1 distinct samples ") in captured.out
+    assert captured.err.splitlines()[-1] == (
+        "megatron-qad: error: 'data.sources': the train split has 1 distinct samples and the run reads 800 "
+        "(training.train_iters x training.global_batch_size): each 800 times, more than data.max_repeats=100; add "
+        "data, lower training.train_iters, or raise data.max_repeats (null: no bound)")
+
+
 def test_ctrl_c_prints_interrupted_and_exits_130(tmp_path):
     """SIGINT right after the recipe is printed (the run is still starting: Megatron's loop, whose
     signal handler turns SIGINT into a save and a clean exit, has not begun)."""

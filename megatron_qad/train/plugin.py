@@ -16,8 +16,10 @@ dataset provider and the teacher-student pipeline communicator.
   (:mod:`.divergence`), which the model provider installs as the models' gradient finalization:
   a step with a non-finite loss or gradient is skipped or stops the run (``--qad-on-nonfinite``).
 * :func:`datasets_provider` builds the package's token sources (Megatron's ``--data-path`` /
-  ``--mock-data`` use Megatron's own GPT datasets instead). ``pretrain`` calls it after the
-  model, optimizer and any checkpoint are set up and before the first step: a fresh run
+  ``--mock-data`` use Megatron's own GPT datasets instead), says how many times the run reads
+  each split and refuses data a QAD run would misuse (:mod:`megatron_qad.data.repeats`).
+  ``pretrain`` calls it after the model, optimizer and any checkpoint are set up and before the
+  first step: a fresh run
   calibrates there (PTQ, :func:`megatron_qad.train.ptq.calibrate_and_evaluate`) over the first
   ``distill.calibration_iters`` global batches of the same training data.
 * :class:`TeacherStudentCommunicator`: the schedules size the p2p buffers for ``b`` sequences;
@@ -32,6 +34,7 @@ import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from .. import quantize
+from ..data.repeats import check_data_use, repeat_line
 from ..distill import DistillationLoss, TeacherStudentStage
 from ..distill.pipeline import forward_micro_batch, prepare_pipeline_config
 from ..models import build_model
@@ -173,6 +176,8 @@ def datasets_provider(train_valid_test_num_samples, vp_stage: int | None = None)
         state.use_datasets(train, validation)
     else:
         train, validation = state.datasets()
+        if vp_stage in (None, 0):
+            _check_data_use(args, state, train, validation, train_samples, max(valid_samples, 1))
         train, validation, test = SampleView(train, train_samples), SampleView(validation, max(valid_samples, 1)), None
     if vp_stage in (None, 0):
         state.start_iteration = args.iteration
@@ -182,6 +187,16 @@ def datasets_provider(train_valid_test_num_samples, vp_stage: int | None = None)
 
 
 datasets_provider.is_distributed = True  # every rank builds the same (deterministic) data
+
+
+def _check_data_use(args, state: RunState, train, validation, train_samples: int, validation_samples: int) -> None:
+    """Print how many times the run reads each split's samples; in a QAD run that trains, refuse
+    the data uses of :func:`megatron_qad.data.repeats.check_data_use` (every rank)."""
+    data = state.sections.data
+    state.print(repeat_line(train, validation, train_samples, validation_samples))
+    if args.qad_mode == "qad" and not args.skip_train:
+        check_data_use(train, validation, train_samples, data.max_repeats, data.allow_validation_copy,
+                       "data.validation_sources" if data.validation_sources else "data.sources")
 
 
 def _megatron_gpt_datasets(args, train_valid_test_num_samples):
