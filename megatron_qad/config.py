@@ -267,7 +267,11 @@ class TrainingConfig:
     run the same way); "skip" drops the step and goes on with the next global batch (its samples
     count as consumed), until more than ``max_skipped_steps`` steps in a row were non-finite: that
     step stops the run as "stop" does. A finite step sets the count back to 0; it is per job, so a
-    resumed run starts at 0.
+    resumed run starts at 0. ``max_loss_spike`` (null: off): a step whose loss exceeds that factor
+    times the median loss of the last 20 applied steps of the job is handled as a non-finite one,
+    and a stop then names as the last good checkpoint the newest one whose weights gave a step that
+    passed these checks (a diverging run's newest finite checkpoint can hold blown-up weights;
+    :mod:`megatron_qad.train.divergence`).
     """
 
     train_iters: int = 100
@@ -293,6 +297,7 @@ class TrainingConfig:
     deterministic: bool = False
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
+    max_loss_spike: float | None = None
 
 
 @dataclass
@@ -706,6 +711,8 @@ def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConf
     _check_at_least("training", t, ("train_iters", "global_batch_size", "micro_batch_size", "log_interval",
                                     "eval_iters"))
     _check_at_least("training", t, ("lr_warmup_iters", "max_skipped_steps"), minimum=0)
+    _require(t.max_loss_spike is None or t.max_loss_spike > 1,
+             f"'training.max_loss_spike' must be > 1 or null (no bound), got {t.max_loss_spike}")
     _check_at_least("distill", d, ("calibration_iters",), minimum=0)
     _check_at_least("teacher", teacher, ("pretrain_iters", "posttrain_iters"), minimum=0)
     _require(not teacher.posttrain_iters or teacher.posttrain_sources,

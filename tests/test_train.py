@@ -331,3 +331,29 @@ def test_the_restored_adam_step_count_is_the_checkpoints_and_per_parameter():
         optimizer.step()
         counts = [float(optimizer.state[param]["step"]) for param in params]
         assert counts == ([5.0] * 3 if fixed else [7.0] * 3)  # 4 + 3 parameters without the fix
+
+
+def test_a_loss_spike_stops_the_run_naming_the_checkpoint_taken_before_it(tmp_path, teacher_dir, capsys):
+    """Two normal iterations, then a resume at LR 100 with training.max_loss_spike=10: iteration 3
+    (the job's first, only checked for finiteness) blows the weights up (Adam moves each by about
+    the LR), iteration 4's loss is finite but spikes and stops the run before its step. The line
+    names iteration 2 as the last good checkpoint, not the newest one (3), whose finite weights
+    are those that diverged (without the bound the run would go on from them)."""
+    from torchrun_helpers import read_checkpoints
+
+    save = ["training.train_iters=20", "checkpoint.save_interval=1"]
+    run(small_config(tmp_path, *save, "training.exit_interval=2", teacher=teacher_dir))
+    stopped = run(small_config(tmp_path, *save, "training.lr=100", "checkpoint.lr_schedule_on_resume=new",
+                               "training.max_loss_spike=10", teacher=teacher_dir))
+    run_dir = tmp_path / "run"
+    assert (stopped["stopped_at"], stopped["exit_code"]) == (4, 17)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopped in iteration")]
+    assert re.fullmatch(r"stopped in iteration 4: loss \S+, \S+ times the median \S+ of the last 1 steps \(more than "
+                        r"training.max_loss_spike=10, --qad-max-loss-spike\) \(training.on_nonfinite=stop, .*\)\. The "
+                        rf"step was not applied, the last good checkpoint is iteration 2 in {re.escape(str(run_dir))}; "
+                        r"iteration 3's weights are those that diverged; a diverging run needs a lower learning rate",
+                        line), line
+    largest = [max(float(tensor.abs().max()) for name, tensor in tensors.items()  # the weights, not Adam's state
+                   if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and "optimizer" not in name)
+               for tensors, _ in read_checkpoints(run_dir / "iter_0000002", run_dir / "iter_0000003")]
+    assert largest[0] < 5 and largest[1] > 50

@@ -83,6 +83,10 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-max-skipped-steps", type=int, default=TrainingConfig.max_skipped_steps,
                        help="with --qad-on-nonfinite skip: the most non-finite steps in a row that are "
                             "skipped; the next one stops the run")
+    group.add_argument("--qad-max-loss-spike", type=float, default=TrainingConfig.max_loss_spike,
+                       help="a step whose loss exceeds this factor times the median of the last 20 steps' is "
+                            "handled as a non-finite one (--qad-on-nonfinite), and a stop names the newest "
+                            "checkpoint taken before the divergence; default: no bound")
     group.add_argument("--qad-command", choices=("train", "ptq", "eval"), default="train",
                        help="what the run is, as the summary reports it (megatron-qad's subcommand)")
     group.add_argument("--qad-summary", default=None,
@@ -239,6 +243,8 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
     if t.deterministic:
         argv.append("--deterministic-mode")
     argv += ["--qad-on-nonfinite", t.on_nonfinite, "--qad-max-skipped-steps", str(t.max_skipped_steps)]
+    if t.max_loss_spike is not None:
+        argv += ["--qad-max-loss-spike", str(t.max_loss_spike)]
     argv += ["--calculate-per-token-loss", "--num-workers", "0", "--ckpt-format", "torch_dist",
              "--distributed-backend", "nccl" if use_gpu else "gloo", "--qad-recipe", str(recipe_path),
              "--qad-mode", mode]

@@ -78,7 +78,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
     megatron_fixes.apply()
     explain_save_failures()
     guard = divergence.DivergenceGuard(args.qad_on_nonfinite, args.qad_max_skipped_steps, context.device,
-                                       rank0=context.rank == 0)
+                                       rank0=context.rank == 0, max_loss_spike=args.qad_max_loss_spike)
     if args.tokenizer_type is None:  # the package's data sources tokenize themselves
         args.padded_vocab_size = args.vocab_size
     set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
@@ -160,7 +160,8 @@ def _divergence_message(args, guard: divergence.DivergenceGuard, stop: divergenc
                 f"{'are' if count > 1 else 'is'} more than training.max_skipped_steps={guard.max_skipped_steps} "
                 f"(--qad-max-skipped-steps)")
     return (f"stopped in iteration {stop.iteration}: {stop.value}{rule}. The step was not applied, "
-            f"{_last_checkpoint(args)}; a diverging run needs a lower learning rate")
+            f"{guard.last_good_checkpoint(args.save) or _last_checkpoint(args)}; a diverging run needs a lower "
+            f"learning rate")
 
 
 def _last_checkpoint(args) -> str:

@@ -148,7 +148,7 @@ def _checked_loss(loss_func, output):
     if torch.is_grad_enabled():  # a training step, not validation
         state = RunState.get()
         state.record(get_rerun_state_machine().current_iteration, report)
-        state.guard.add_loss(loss)
+        state.guard.add_loss(loss, num_tokens)
     return loss, num_tokens, report
 
 
