@@ -325,8 +325,12 @@ class TeacherConfig:
     in ``CHECKPOINT.stages/pretrain``) is trained further with cross entropy on
     ``posttrain_sources`` (a ``data.sources``-style list, e.g. an ``arithmetic`` task mixed with
     general text) for ``posttrain_iters`` iterations at LR ``posttrain_lr`` (cosine to 0), and the
-    result is the teacher at ``checkpoint``. The CLI does this before its run; from Python, call
-    ``teacher_stages.prepare_teacher(config)`` before ``run(config)``."""
+    result is the teacher at ``checkpoint``. A third stage (``rft_iters`` > 0) moves the teacher
+    beyond its post-training data, as RL does: ``rft_iters`` iterations of cross entropy at LR
+    ``rft_lr`` (cosine to 0) on ``rft_sources``, whose ``teacher_answers`` sources (``keep:
+    correct``) sample from the post-trained model: rejection-sampling fine-tuning. The CLI does
+    this before its run; from Python, call ``teacher_stages.prepare_teacher(config)`` before
+    ``run(config)``."""
 
     checkpoint: str | None = None
     pretrain_iters: int = 0
@@ -334,6 +338,9 @@ class TeacherConfig:
     posttrain_iters: int = 0
     posttrain_lr: float = 3.0e-4
     posttrain_sources: list | None = None
+    rft_iters: int = 0
+    rft_lr: float = 1.0e-4
+    rft_sources: list | None = None
 
 
 @dataclass
@@ -714,7 +721,12 @@ def _validate_training(t: TrainingConfig, d: DistillConfig, teacher: TeacherConf
     _require(t.max_loss_spike is None or t.max_loss_spike > 1,
              f"'training.max_loss_spike' must be > 1 or null (no bound), got {t.max_loss_spike}")
     _check_at_least("distill", d, ("calibration_iters",), minimum=0)
-    _check_at_least("teacher", teacher, ("pretrain_iters", "posttrain_iters"), minimum=0)
+    _check_at_least("teacher", teacher, ("pretrain_iters", "posttrain_iters", "rft_iters"), minimum=0)
+    _require(not teacher.rft_iters or (teacher.rft_sources and teacher.posttrain_iters),
+             f"'teacher.rft_iters' is {teacher.rft_iters} but 'teacher.rft_sources' is not set or "
+             f"'teacher.posttrain_iters' is 0; the rejection-sampling stage continues the post-trained teacher "
+             f"on its own data (e.g. [{{type: teacher_answers, task: {{type: arithmetic}}, num_prompts: 1000, "
+             f"keep: correct}}]): set both, or set rft_iters to 0")
     _require(not teacher.posttrain_iters or teacher.posttrain_sources,
              f"'teacher.posttrain_iters' is {teacher.posttrain_iters} but 'teacher.posttrain_sources' is not set; "
              f"give the post-training data (e.g. [{{type: arithmetic}}]) or set posttrain_iters to 0")

@@ -10,9 +10,10 @@ random              (none): uniform random token ids in ``[0, model.vocab_size)`
 corpus              ``max_files`` (optional: read at most that many files of the split): the text
                     corpus shipped with the package (109 source files of CPython 3.12.1's standard
                     library, ``data/corpus/``), byte-tokenized; the same bytes on every machine
-arithmetic          ``num_problems`` (default 100000), ``digits`` (default 3), ``seed`` (default 0):
-                    distinct addition problems ``"A+B=C\\n"``, one document each, byte-tokenized; a
-                    task whose answers can be checked (:mod:`.tasks`)
+arithmetic          ``num_problems`` (default 100000), ``digits`` (default 3), ``seed`` (default 0),
+                    ``format`` ("plain" or "reversed"), ``wrong_labels`` (default 0): distinct
+                    addition problems ``"A+B=C\\n"``, one document each, byte-tokenized; a task whose
+                    answers can be checked, optionally with a share of wrong labels (:mod:`.tasks`)
 text                ``paths`` (globs), ``tokenizer`` ("byte" or a Hugging Face tokenizer directory):
                     one document per file
 jsonl               ``paths``, ``field`` (default "text"), ``tokenizer``: one document per line
@@ -20,6 +21,9 @@ indexed             ``path_prefix``: a Megatron indexed dataset ``PREFIX.bin`` /
 teacher_generated   ``num_sequences``, ``cache`` (optional .pt path), ``prompts`` (optional JSON-lines
                     globs) with ``field``, ``tokenizer``, ``batch_size``: sequences sampled from the
                     teacher at temperature 1
+teacher_answers     ``task`` (an arithmetic source), ``num_prompts``, ``keep`` ("all" or "correct"),
+                    ``cache``, ``batch_size``: the teacher's sampled answers to the task's training
+                    prompts, all or only the correct ones (:mod:`.teacher_answers`)
 =================== ==================================================================================
 
 Text documents are tokenized, each followed by the tokenizer's end-of-document token, concatenated

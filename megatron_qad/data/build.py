@@ -11,6 +11,7 @@ from .seeds import derive_seed
 from .sources import validate_sources, with_defaults
 from .splits import HELD_OUT_EVERY, check_split, split_positions
 from .tasks import arithmetic_documents
+from .teacher_answers import answer_documents
 from .teacher_generated import TeacherSequences, teacher_sequences
 from .tokenizers import ByteTokenizer, load_tokenizer
 from .windows import ArrayStream, TokenWindows
@@ -22,8 +23,9 @@ def build_dataset(sources: list[dict], split: str, seq_length: int, vocab_size: 
 
     ``seq_length`` is in tokens, ``vocab_size`` the model's (``model.vocab_size``); ``seed`` fixes
     every random choice (random tokens, window order, teacher sampling). ``cache_dir`` holds the
-    teacher_generated caches whose source sets no ``cache``; ``teacher_sampler(prefix int64 [b, t])
-    -> logits [b, t, vocab_size]`` samples those that have no valid cache.
+    caches of teacher_generated and teacher_answers sources that set no ``cache``;
+    ``teacher_sampler(prefix int64 [b, t]) -> logits [b, t, vocab_size]`` samples those that have
+    no valid cache.
 
     Returns a dataset with ``len(ds)`` (distinct samples) and ``ds[i]`` for any ``i >= 0``: a dict of
     ``tokens`` int64 ``[seq_length]``, ``labels`` int64 ``[seq_length]`` (the next tokens) and
@@ -46,18 +48,26 @@ def build_dataset(sources: list[dict], split: str, seq_length: int, vocab_size: 
                    [f"data.sources[{index}].weight" for index in range(len(specs))])
 
 
+def _cache_path(spec: dict, index: int, cache_dir: str | None) -> str | None:
+    """Where a generated source's samples are cached: its ``cache``, else ``cache_dir/TYPE_INDEX.pt``."""
+    if spec["cache"] is not None:
+        return os.path.expanduser(spec["cache"])
+    return os.path.join(cache_dir, f"{spec['type']}_{index}.pt") if cache_dir is not None else None
+
+
 def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_size: int, seed: int,
                   cache_dir: str | None, teacher_sampler):
     where, kind = f"data.sources[{index}]", spec["type"]
     if kind == "random":
         return RandomTokens(seq_length, vocab_size, seed, split, index)
     if kind == "teacher_generated":
-        cache_path = (os.path.expanduser(spec["cache"]) if spec["cache"] is not None
-                      else os.path.join(cache_dir, f"teacher_generated_{index}.pt") if cache_dir is not None
-                      else None)
-        return TeacherSequences(teacher_sequences(spec, where, seq_length, vocab_size, seed, cache_path,
-                                                  teacher_sampler), split)
-    if kind == "indexed":
+        return TeacherSequences(teacher_sequences(spec, where, seq_length, vocab_size, seed,
+                                                  _cache_path(spec, index, cache_dir), teacher_sampler), split)
+    if kind == "teacher_answers":
+        tokens, documents = answer_documents(spec, where, vocab_size, seed, _cache_path(spec, index, cache_dir),
+                                             teacher_sampler, split)
+        stream = ArrayStream(tokens)
+    elif kind == "indexed":
         stream, documents = indexed_stream(spec["path_prefix"], split, vocab_size, f"{where}.path_prefix")
     else:
         if kind == "corpus":

@@ -9,6 +9,8 @@ import math
 import os
 
 from ..config import ConfigError
+from .splits import split_positions
+from .tasks import FORMATS, TRAP_SHARE
 from .tokenizers import ByteTokenizer, load_tokenizer
 
 REQUIRED = "required"
@@ -18,12 +20,13 @@ COMMON_KEYS = {"type": REQUIRED, "weight": 1.0}
 SOURCE_KEYS = {
     "random": {},
     "corpus": {"max_files": None},
-    "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0},
+    "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0, "format": "plain", "wrong_labels": 0.0},
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
     "indexed": {"path_prefix": REQUIRED},
     "teacher_generated": {"num_sequences": REQUIRED, "cache": None, "prompts": None, "field": "text",
                           "tokenizer": "byte", "batch_size": 8},
+    "teacher_answers": {"task": REQUIRED, "num_prompts": REQUIRED, "keep": "all", "cache": None, "batch_size": 64},
 }
 """Per source type, its own keys and their defaults (besides :data:`COMMON_KEYS`)."""
 
@@ -31,6 +34,8 @@ KEY_HELP = {
     "paths": "a list of file globs",
     "path_prefix": "the prefix of a Megatron indexed dataset's PREFIX.bin / PREFIX.idx",
     "num_sequences": "the number of sequences to sample from the teacher",
+    "task": "the arithmetic source whose training problems are the prompts, e.g. {type: arithmetic}",
+    "num_prompts": "the number of the task's training problems the teacher answers",
 }
 
 
@@ -101,6 +106,8 @@ def _check_source(spec, where: str, vocab_size: int) -> None:
         check_tokenizer_fits(ByteTokenizer(), f"{where}.type", vocab_size)
     if kind == "arithmetic":
         _check_problem_count(spec, where)
+    if kind == "teacher_answers":
+        _check_answers_task(spec, where, vocab_size)
 
 
 def check_tokenizer_fits(tokenizer, key: str, vocab_size: int) -> None:
@@ -151,6 +158,37 @@ def _check_problem_count(spec: dict, where: str) -> None:
                          f"to <= {pairs // 2} or raise {where}.digits")
 
 
+def _check_format(value, key: str, vocab_size: int) -> None:
+    if value not in FORMATS:
+        raise ConfigError(f"'{key}': must be one of {', '.join(FORMATS)}, got {value!r}")
+
+
+def _check_wrong_labels(value, key: str, vocab_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= TRAP_SHARE:
+        raise ConfigError(f"'{key}': must be a number from 0 to {TRAP_SHARE} (the share of problems whose "
+                          f"training text gives a wrong answer, all among the {TRAP_SHARE:.0%} of trap "
+                          f"problems), got {value!r}")
+
+
+def _check_keep(value, key: str, vocab_size: int) -> None:
+    if value not in ("all", "correct"):
+        raise ConfigError(f"'{key}': must be 'all' (every answer the teacher samples) or 'correct' (only the "
+                          f"correct ones, rejection sampling), got {value!r}")
+
+
+def _check_answers_task(spec: dict, where: str, vocab_size: int) -> None:
+    task = spec["task"]
+    if not isinstance(task, dict) or task.get("type") != "arithmetic":
+        raise ConfigError(f"'{where}.task': must be an arithmetic source, e.g. {{type: arithmetic, digits: 3}}; "
+                          f"got {task!r}")
+    _check_source(task, f"{where}.task", vocab_size)
+    check_tokenizer_fits(ByteTokenizer(), f"{where}.type", vocab_size)
+    train_problems = len(split_positions(with_defaults(task)["num_problems"], "train"))
+    if spec["num_prompts"] > train_problems:
+        raise ConfigError(f"'{where}.num_prompts': {spec['num_prompts']} prompts, but '{where}.task' has "
+                          f"{train_problems} training problems; lower num_prompts or raise the task's num_problems")
+
+
 def _check_text(value, key: str, vocab_size: int) -> None:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"'{key}': must be a non-empty string, got {value!r}")
@@ -199,4 +237,8 @@ _CHECKS = {
                                      "validation, so both splits need one"),
     "digits": _check_digits,
     "seed": _check_seed,
+    "format": _check_format,
+    "wrong_labels": _check_wrong_labels,
+    "keep": _check_keep,
+    "num_prompts": _positive_int(2, "every 50th answered prompt is held out for validation, so both splits need one"),
 }

@@ -4,7 +4,10 @@
     metrics = evaluate_model(config, checkpoint, quantized=True, data=data)
 
 The task is an ``arithmetic`` data source (:mod:`megatron_qad.data.tasks`); its held-out problems
-are the prompts, its held-out token windows the task text. General text is the validation split of
+are the prompts (scored against their correct answers), its held-out token windows the task text.
+When the source mislabels problems (``wrong_labels``), the held-out problems whose label would be
+wrong are scored separately: there a model that follows the labels fails and one that knows the
+task succeeds. General text is the validation split of
 the recipe's ``data.validation_sources`` (else ``data.sources``). Every model is compared with the
 recipe's teacher (``teacher.checkpoint``) on the same samples.
 
@@ -21,7 +24,8 @@ from .. import parallel, quantize
 from ..config import ConfigError, QADConfig
 from ..data import build_dataset
 from ..data.sources import with_defaults
-from ..data.tasks import Problem, split_problems
+from ..data.splits import split_positions
+from ..data.tasks import Problem, source_problems
 from ..data.tokenizers import ByteTokenizer
 from ..models import build_model_chunks, causal_attention_mask
 from ..train import checkpointing
@@ -34,23 +38,28 @@ TOKENIZER = ByteTokenizer()
 
 @dataclass
 class EvaluationData:
-    """What every model is evaluated on: task ``problems`` (held out from training), and sample dicts
-    (``tokens`` / ``labels`` int64 ``[seq_length]``, ``loss_mask`` float32 ``[seq_length]``) of
-    held-out task text (``task_samples``) and general text (``general_samples``)."""
+    """What every model is evaluated on: task ``problems`` (held out from training), the held-out
+    problems the task's labels get wrong (``mislabelled``, empty when it has no wrong labels), and
+    sample dicts (``tokens`` / ``labels`` int64 ``[seq_length]``, ``loss_mask`` float32
+    ``[seq_length]``) of held-out task text (``task_samples``) and general text (``general_samples``)."""
 
     problems: list[Problem]
+    mislabelled: list[Problem]
     task_samples: list[dict]
     general_samples: list[dict]
 
 
 def evaluation_data(config: QADConfig, task_spec: dict, num_problems: int, num_windows: int) -> EvaluationData:
-    """The first ``num_problems`` held-out problems of the ``arithmetic`` source ``task_spec`` and
-    at most ``num_windows`` held-out windows of task and of general text (see the module docstring)."""
-    spec = with_defaults(task_spec)
-    problems = split_problems(spec["num_problems"], spec["digits"], spec["seed"], "validation")[:num_problems]
+    """The first ``num_problems`` held-out problems of the ``arithmetic`` source ``task_spec`` (and
+    the first ``num_problems`` of those it mislabels) and at most ``num_windows`` held-out windows
+    of task and of general text (see the module docstring)."""
+    every = source_problems(with_defaults(task_spec))
+    held_out = [every[position] for position in split_positions(len(every), "validation")]
     general = config.data.validation_sources or config.data.sources
     seq_length, vocab_size, seed = config.model.seq_length, config.model.vocab_size, config.data.seed
-    return EvaluationData(problems, _windows([task_spec], seq_length, vocab_size, seed, num_windows),
+    mislabelled = [problem for problem in held_out if problem.mislabelled][:num_problems]
+    return EvaluationData(held_out[:num_problems], mislabelled,
+                          _windows([task_spec], seq_length, vocab_size, seed, num_windows),
                           _windows(general, seq_length, vocab_size, seed, num_windows))
 
 
@@ -115,8 +124,9 @@ def evaluate_model(config: QADConfig, checkpoint: str | Path | None, quantized: 
     """Metrics of the model saved at ``checkpoint`` (None: the teacher itself) against the teacher.
 
     ``quantized``: the checkpoint is a student quantized by ``config.quantization`` (its static
-    scales load from the checkpoint). Returns ``{"accuracy": exact-match fraction, "task": {...},
-    "general": {...}}``, the last two with :data:`~megatron_qad.evaluate.agreement.METRICS`.
+    scales load from the checkpoint). Returns ``{"accuracy": exact-match fraction, "mislabelled
+    accuracy": the same on ``data.mislabelled`` (None when empty), "task": {...}, "general": {...}}``,
+    the last two with :data:`~megatron_qad.evaluate.agreement.METRICS`.
     """
     check_single_process_layout(config)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
@@ -126,6 +136,8 @@ def evaluate_model(config: QADConfig, checkpoint: str | Path | None, quantized: 
         teacher_logits_of = logits_function(teacher, context.device)
         student_logits_of = logits_function(student, context.device)
         return {"accuracy": task_accuracy(student_logits_of, data.problems, batch_size),
+                "mislabelled accuracy": (task_accuracy(student_logits_of, data.mislabelled, batch_size)
+                                         if data.mislabelled else None),
                 "task": agreement(teacher_logits_of, student_logits_of, data.task_samples, batch_size),
                 "general": agreement(teacher_logits_of, student_logits_of, data.general_samples, batch_size)}
     finally:
