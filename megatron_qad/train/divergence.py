@@ -169,7 +169,6 @@ class DivergenceGuard:
         for grad in grads:
             grad.fill_(math.inf)
 
-
     @property
     def vetted_by(self) -> int | None:
         """The iteration whose step vetted the weights of :attr:`vetted`."""
@@ -199,8 +198,12 @@ class DivergenceGuard:
         if not good:
             return (f"no checkpoint in {save} was taken before the divergence (iteration {saved}'s weights are "
                     f"those that diverged): start again in an empty checkpoint.save / --save")
-        newer = f"; iteration {saved}'s weights are those that diverged" if saved > max(good) else ""
-        return f"the last good checkpoint is iteration {max(good)} in {save}{newer}"
+        last = max(good)
+        if saved == last + 1:
+            newer = f"; iteration {saved}'s weights are those that diverged"
+        else:
+            newer = f"; iterations {last + 1}-{saved} hold the weights that diverged" if saved > last else ""
+        return f"the last good checkpoint is iteration {last} in {save}{newer}"
 
 
 def _iterations(save: str) -> list[int]:
