@@ -30,6 +30,7 @@ from .config import ConfigError, QADConfig, load_config, to_dict
 
 # Notices megatron.core and torch print on every CPU-only start; they say nothing about the run.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|absl\.logging).* not installed")
+warnings.filterwarnings("ignore", message=r"Only transformer-engine>=\S+ supports MoE experts, but your version is 0\.0\.0")
 # megatron.training's advice to pass a model config object; the package's model provider builds the model.
 warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
@@ -113,8 +114,7 @@ def run_training(mode: str, config_path: str, overrides: list[str]) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
         print(format_config(config), flush=True)
-    prepare_teacher(config)
-    return run(config, mode)
+    return prepare_teacher(config) or run(config, mode)  # a teacher stage that stopped ends the run
 
 
 def run_export(config_path: str, overrides: list[str]) -> None:

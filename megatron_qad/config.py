@@ -318,7 +318,9 @@ class TeacherConfig:
     """The frozen BF16 teacher: a megatron.core dist checkpoint (``checkpoint``), which the student
     starts from too. If the directory does not exist and ``pretrain_iters`` > 0, a teacher is first
     trained from scratch for that many iterations (cross entropy on the ``data`` sources, LR
-    ``pretrain_lr`` cosine to 0; for small demo models) and saved there.
+    ``pretrain_lr`` cosine to 0; for small demo models) and saved there; a run stopped on the way
+    leaves it marked unfinished, and the next run resumes its training before distilling from it
+    (``megatron_qad.train.teacher_state``).
 
     A second, post-training stage (``posttrain_iters`` > 0; see ``megatron_qad.train.teacher_stages``)
     makes a teacher whose last stage taught it a task, as SFT / RL do: the pre-trained model (kept

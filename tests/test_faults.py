@@ -5,6 +5,8 @@ directory, an export directory under a regular file, a malformed JSON-lines reco
 The checkpoints are real megatron.core dist checkpoints of a 2-layer tiny GPT-MoE (hidden 64),
 written once per module by ``checkpointing.save_model``."""
 
+import json
+import re
 import shutil
 import signal
 import subprocess
@@ -207,12 +209,16 @@ def test_ctrl_c_prints_interrupted_and_exits_130(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
-def test_ctrl_c_during_training_saves_and_exits_cleanly(tmp_path):
+def test_ctrl_c_during_training_saves_and_exits_cleanly(tmp_path, teacher_dir, capsys):
     """SIGINT once Megatron's loop runs (here the teacher's training): the step finishes, a
-    checkpoint is saved, one line says where, exit 0; the next run resumes from it."""
-    command = [sys.executable, "-m", "megatron_qad.cli", "train", TINY, *SMALL, "teacher.pretrain_iters=1000",
-               "training.log_interval=1",
-               f"teacher.checkpoint={tmp_path / 'teacher'}", f"checkpoint.save={tmp_path / 'run'}"]
+    checkpoint is saved, one line says where, exit 0, and the run's directories are unlocked. While
+    it trains, a second run given its checkpoint.save is refused in one line and writes nothing
+    there. The same command then resumes the teacher to teacher.pretrain_iters before distilling
+    from it, never from the half-trained one."""
+    teacher, save = tmp_path / "teacher", tmp_path / "run"
+    command = [sys.executable, "-m", "megatron_qad.cli", "train", TINY, *SMALL, "teacher.pretrain_iters=8",
+               "training.log_interval=1", "training.train_iters=1", "distill.calibration_iters=1",
+               f"teacher.checkpoint={teacher}", f"checkpoint.save={save}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=script_env(CUDA_VISIBLE_DEVICES=""))
     lines, sent = [], False
@@ -220,6 +226,12 @@ def test_ctrl_c_during_training_saves_and_exits_cleanly(tmp_path):
         for line in process.stdout:  # to the end of the output
             lines.append(line)
             if " iteration        2/" in line and not sent:
+                process.send_signal(signal.SIGSTOP)  # a second run starts while this one is mid-training
+                before = {path.name: path.read_bytes() for path in save.iterdir()}
+                code = main(["train", TINY, *SMALL, f"teacher.checkpoint={teacher_dir}", f"checkpoint.save={save}",
+                             "data.seed=7"])
+                assert {path.name: path.read_bytes() for path in save.iterdir()} == before
+                process.send_signal(signal.SIGCONT)
                 process.send_signal(signal.SIGINT)
                 sent = True
         process.wait(timeout=120)
@@ -227,7 +239,22 @@ def test_ctrl_c_during_training_saves_and_exits_cleanly(tmp_path):
         process.kill()
     out = "".join(lines)
     assert sent and process.returncode == 0, out[-3000:]
+    assert code == 2 and capsys.readouterr().err.splitlines()[-1].startswith(
+        f"megatron-qad: error: 'checkpoint.save' ({save}) is in use by another run: pid {process.pid} on ")
     assert "stopped after iteration" in out and "resume with the same command" in out
-    tracker = tmp_path / "teacher" / "latest_checkpointed_iteration.txt"
-    assert 2 <= int(tracker.read_text()) < 1000  # a teacher of 1000 iterations, stopped early
-    assert "its checkpoint in" in out and "is partial: delete that directory" in out
+    tracker = teacher / "latest_checkpointed_iteration.txt"
+    stopped = int(tracker.read_text())
+    assert 2 <= stopped < 8  # a teacher of 8 iterations, stopped early
+    assert (f"the teacher's training stopped at iteration {stopped} of 8; {teacher} is marked unfinished: the "
+            f"same command resumes its training") in out
+    assert "delete that directory" not in out
+    assert not (teacher / "writer.lock").exists() and not (save / "writer.lock").exists()
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env=script_env(CUDA_VISIBLE_DEVICES=""))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    iterations = re.findall(r" iteration +(\d+)/ +8 \|", resumed.stdout)
+    assert iterations == [str(i) for i in range(stopped + 1, 9)]  # the teacher went on where it stopped
+    assert int(tracker.read_text()) == 8
+    assert json.loads((teacher / "qad_teacher.json").read_text())["status"] == "finished"
+    assert '"final": {' in resumed.stdout

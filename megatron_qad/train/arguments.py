@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 
+from ..checkpoint_tracker import has_tracker
 from ..config import (ConfigError, DataConfig, DistillConfig, ExportConfig, ModelConfig, ParallelConfig,
                       QADConfig, QuantizationConfig, TeacherConfig, TrainingConfig, config_from_dict,
                       load_config, to_dict)
@@ -40,9 +42,11 @@ scratch, as the demo recipes do)."""
 
 
 def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the QAD flags to Megatron-LM's parser (``extra_args_provider`` of ``parse_args``).
+    """Add the QAD flags to Megatron-LM's parser (``extra_args_provider`` of ``parse_args``), and
+    make its errors one line (:func:`_one_line_error`).
 
     Every flag defaults to None, meaning "the ``--qad-recipe`` value, else the recipe default"."""
+    parser.error = functools.partial(_one_line_error, parser)
     group = parser.add_argument_group("QAD (megatron_qad)")
     group.add_argument("--qad-recipe", default=None,
                        help="YAML recipe whose quantization, distill, teacher, data and export sections "
@@ -92,6 +96,12 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-summary", default=None,
                        help="write the run's summary (PTQ and final validation metrics) as JSON here")
     return parser
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """A command-line error as one line and exit 2: argparse would print Megatron's usage first,
+    some 730 lines that hide the error."""
+    parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the flags)\n")
 
 
 def _qad_overrides(args: argparse.Namespace) -> list[str]:
@@ -260,6 +270,8 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
                                "--min-lr": "0.0", "--lr-warmup-iters": "0", "--lr-decay-style": "cosine",
                                "--lr-decay-iters": str(iters), "--exit-interval": None})
         argv += ["--save", config.teacher.checkpoint, "--save-interval", str(iters)]
+        if has_tracker(config.teacher.checkpoint):  # a teacher whose training stopped resumes
+            argv += ["--load", config.teacher.checkpoint]
         return argv
     if c.save:
         argv += ["--save", c.save, "--save-interval", str(c.save_interval or t.train_iters)]

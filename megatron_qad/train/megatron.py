@@ -9,7 +9,9 @@ Both front doors end here: ``scripts/pretrain_qad.py`` passes its command line, 
    (``--load``) is checked against its checkpoint's LR schedule and iteration (:mod:`.resume`);
 2. torch.distributed and megatron.core's parallel groups are set up by
    :func:`megatron_qad.parallel.initialize` (NCCL on GPUs; gloo and the CPU shims of
-   :mod:`megatron_qad.cpu_support` where no GPU is visible), then Megatron's globals;
+   :mod:`megatron_qad.cpu_support` where no GPU is visible); the run takes the lock of ``--save``
+   (:mod:`.writer_lock`: another run there is refused; the launch's settings are recorded there
+   once Megatron's set-up and the data checks passed: :mod:`.launches`); then Megatron's globals;
 3. ``pretrain`` runs with the pieces of :mod:`.plugin`: the model provider (teacher loaded and
    frozen, student quantized), the dataset provider (a fresh run calibrates there: PTQ), the
    forward step, and the pipeline communicator for the joined student / teacher activations.
@@ -36,7 +38,7 @@ from ..checkpoint_tracker import saved_iteration
 from ..config import ConfigError
 from ..distill import DistillationLoss
 from ..models import transformer_config
-from . import checkpointing, divergence, megatron_fixes
+from . import checkpointing, divergence, launches, megatron_fixes, teacher_state, writer_lock
 from .arguments import (model_config_from_args, parallel_config_from_args, parse_megatron_args,
                         qad_sections_from_args, write_summary)
 from .metrics import memory_gib
@@ -59,16 +61,26 @@ def run_pretrain(argv: list[str], recipe_keys: bool = False) -> dict:
     if args.qad_mode == "qad" and not sections.teacher.checkpoint:
         raise ConfigError("no teacher: pass --qad-teacher-load DIR (a Megatron-LM or megatron.core "
                           "checkpoint of the BF16 model), or set teacher.checkpoint in the --qad-recipe")
+    if args.qad_mode == "qad":
+        teacher = sections.teacher.checkpoint
+        teacher_state.check_finished(teacher, writer_lock.setting_name(
+            "teacher.checkpoint" if recipe_keys else "--qad-teacher-load", teacher))
     created = not dist.is_initialized()
     context = parallel.initialize(parallel_cfg, backend=args.distributed_backend, seed=args.seed)
+    save_key = ("teacher.checkpoint" if args.qad_mode == "teacher" else "checkpoint.save") if recipe_keys else "--save"
     try:
-        return _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time)
+        with writer_lock.hold(args.save, save_key):  # one run per --save, refused before it writes
+            if args.save and context.rank == 0 and args.qad_mode == "teacher":
+                teacher_state.mark(args.save, "training", args.train_iters)
+            provider = launches.recorded(datasets_provider, args, argv, rank0=context.rank == 0)
+            return _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time, provider)
     finally:
         _reset_megatron_globals()
         parallel.destroy(keep_process_group=not created)
 
 
-def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: float) -> dict:
+def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: float, provider) -> dict:
+    """``pretrain`` with the plugin's pieces and ``provider`` (the dataset provider); the summary."""
     from megatron.core.enums import ModelType
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training import pretrain
@@ -101,7 +113,7 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
                    communicator=communicator, student_load=args.qad_student_load) as state:
         cfg_container = pretrain_cfg_container_from_args(args)
         try:
-            pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+            pretrain(cfg_container, provider, ModelType.encoder_or_decoder, forward_step,
                      model_provider=model_provider,
                      p2p_communicator=communicator if args.qad_mode == "qad" else None,
                      pg_collection=pg_collection if args.qad_mode == "qad" else None)
@@ -121,6 +133,8 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
         _add_training_figures(summary, state, getattr(args, "curr_iteration", -1) + 1)
         if args.qad_mode == "qad":
             _after_training(args, state, summary)
+        elif args.save and state.rank0:  # every iteration trained and saved: a teacher to distil from
+            teacher_state.mark(args.save, "finished", args.train_iters)
         return _finish(summary, args, context, start_time)
 
 

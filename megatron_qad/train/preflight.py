@@ -20,6 +20,7 @@ from .. import quantize
 from ..checkpoint_tracker import MEGATRON_LATEST
 from ..config import ConfigError, QADConfig
 from ..data import validate_sources
+from . import teacher_state
 from .checkpoint_checks import check_checkpoint_files
 from .checkpointing import has_checkpoint, resolve_checkpoint
 
@@ -70,7 +71,8 @@ def check_runnable(config: QADConfig, device: torch.device) -> None:
 def check_teacher_checkpoint(config: QADConfig) -> bool:
     """Check ``teacher.checkpoint`` as :class:`~megatron_qad.config.TeacherConfig` documents it;
     return True when a teacher is to be trained there first (``teacher.pretrain_iters`` > 0 and
-    the path does not exist), False when one is to be loaded from there.
+    the path does not exist, or holds a teacher whose training stopped before its last iteration:
+    :mod:`.teacher_state`), False when one is to be loaded from there.
 
     Raises ConfigError when the key is null; when the path exists but is not a complete dist
     checkpoint (an empty directory, e.g. a copy that failed, or one without ``metadata.json``:
@@ -85,6 +87,8 @@ def check_teacher_checkpoint(config: QADConfig) -> bool:
                           "checkpoint (or a directory to train a small one in, with teacher.pretrain_iters)")
     path = Path(teacher.checkpoint).expanduser()
     if path.is_dir():
+        if teacher_state.unfinished(path) is not None:  # a teacher whose training stopped: it resumes
+            return True
         if not has_checkpoint(path):
             contents = "is empty" if not any(path.iterdir()) else f"holds neither {MEGATRON_LATEST} nor metadata.json"
             raise ConfigError(f"'teacher.checkpoint' ({path}) {contents}: it is not a checkpoint. Point it at "

@@ -2,10 +2,11 @@
 
     summary = run(config, "train")   # or "ptq": calibrate and evaluate only; "eval": see below
 
-``train``: when ``teacher.checkpoint`` does not exist and ``teacher.pretrain_iters`` > 0, a small
-teacher is first trained from scratch there (``pretrain`` in ``--qad-mode teacher``); then QAD
-(or QAT, ``distill.loss: ce``) runs through ``megatron.training.pretrain`` (:func:`.megatron.run_pretrain`),
-checkpointing into ``checkpoint.save`` in Megatron-LM's layout and resuming from it.
+``train``: when ``teacher.checkpoint`` does not exist (or holds a teacher whose training stopped:
+it resumes) and ``teacher.pretrain_iters`` > 0, a small teacher is first trained from scratch there
+(``pretrain`` in ``--qad-mode teacher``); then QAD (or QAT, ``distill.loss: ce``) runs through
+``megatron.training.pretrain`` (:func:`.megatron.run_pretrain`), checkpointing into
+``checkpoint.save`` in Megatron-LM's layout and resuming from it.
 ``ptq``: the same set-up with no training steps (Megatron's ``--skip-train``): calibrate, report the
 PTQ student's validation metrics, and save the student as ``checkpoint.save/ptq``.
 ``eval``: the run's newest student (its latest training checkpoint, else ``ptq/``) against the
@@ -29,6 +30,7 @@ import yaml
 from .. import parallel
 from ..checkpoint_tracker import has_tracker
 from ..config import QADConfig, to_dict
+from . import writer_lock
 from .arguments import recipe_to_argv
 from .checkpointing import resolve_checkpoint, student_checkpoint
 from .megatron import run_pretrain
@@ -44,20 +46,12 @@ def _world_size() -> int:
 
 
 def _resolved_recipe(config: QADConfig) -> str:
-    """The resolved recipe on disk (``checkpoint.save/config.yaml``, else a temporary file): the
-    ``--qad-recipe`` of the compiled command line."""
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    if config.checkpoint.save:
-        path = Path(config.checkpoint.save) / "config.yaml"
-        if int(os.environ.get("RANK", "0")) == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        return str(path)
-    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    """The resolved recipe in a temporary file of this rank: the ``--qad-recipe`` of the compiled
+    command line. A run copies it into its ``--save`` directory only once its checks passed
+    (``config.yaml`` and ``launches/``: :mod:`.launches`)."""
+    handle = tempfile.NamedTemporaryFile("w", prefix="qad-recipe-", suffix=".yaml", delete=False)
     with handle:
-        handle.write(text)
+        handle.write(yaml.safe_dump(to_dict(config), sort_keys=False))
     return handle.name
 
 
@@ -82,9 +76,14 @@ def run(config: QADConfig, mode: Literal["train", "ptq", "eval"] = "train") -> d
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     recipe = _resolved_recipe(config)
     common = dict(recipe_path=recipe, use_gpu=_uses_gpu(), world_size=_world_size())
-    # One process group for the teacher's and the student's runs.
-    with parallel.process_group(timeout_minutes=config.parallel.distributed_timeout_minutes):
-        return _run(config, mode, common)
+    # One process group for the teacher's and the student's runs; checkpoint.save is this run's
+    # from before the teacher's training on.
+    try:
+        with (parallel.process_group(timeout_minutes=config.parallel.distributed_timeout_minutes),
+              writer_lock.hold(config.checkpoint.save, "checkpoint.save")):
+            return _run(config, mode, common)
+    finally:
+        os.unlink(recipe)
 
 
 def _run(config: QADConfig, mode: str, common: dict) -> dict:
@@ -93,8 +92,8 @@ def _run(config: QADConfig, mode: str, common: dict) -> dict:
         if "stopped_at" in teacher:  # stopped by a signal or the clock before the teacher was complete
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"the teacher's training stopped at iteration {teacher['stopped_at']} of "
-                      f"{config.teacher.pretrain_iters}; its checkpoint in {config.teacher.checkpoint} is "
-                      f"partial: delete that directory to train the teacher again", flush=True)
+                      f"{config.teacher.pretrain_iters}; {config.teacher.checkpoint} is marked unfinished: the "
+                      f"same command resumes its training, and no run distils from it before", flush=True)
             return teacher
     argv = recipe_to_argv(config, **common)
     if mode == "ptq":

@@ -28,11 +28,11 @@ import copy
 from pathlib import Path
 
 from .. import parallel
-from ..checkpoint_tracker import has_tracker
+from ..checkpoint_tracker import saved_iteration
 from ..config import ConfigError, QADConfig, QuantizationConfig
 from ..data import validate_sources
 from ..models import build_model_chunks
-from . import checkpointing
+from . import checkpointing, teacher_state
 from .run import run
 
 NOTHING_QUANTIZED = QuantizationConfig(policy=None, format=None, rules=[], kv_cache="bf16")
@@ -130,24 +130,35 @@ def copy_model(config: QADConfig, source: Path, destination: str | Path) -> None
         parallel.destroy()
 
 
-def prepare_teacher(config: QADConfig) -> None:
+def _stopped(summary: dict) -> dict | None:
+    """``summary`` of a stage's run when it stopped before its end (a signal, the clock), else None."""
+    return summary if "stopped_at" in summary else None
+
+
+def prepare_teacher(config: QADConfig) -> dict | None:
     """Train the recipe's staged teacher into ``teacher.checkpoint`` (see the module docstring);
-    nothing to do when ``teacher.posttrain_iters`` is 0 or the checkpoint exists."""
+    nothing to do when ``teacher.posttrain_iters`` is 0 or the checkpoint exists. A stage that
+    stopped before its last iteration ends the preparation: its summary is returned (else None),
+    and the next call resumes that stage; no later stage starts from a half-trained model."""
     teacher = config.teacher
     if not teacher.posttrain_iters or teacher.checkpoint is None or checkpointing.has_checkpoint(teacher.checkpoint):
-        return
+        return None
     check_stage_sources(config)
     pretrain_dir, posttrain_dir = stage_dirs(config)
-    if not checkpointing.has_checkpoint(pretrain_dir):
-        run(pretrain_config(config), "ptq")
-    if not has_tracker(posttrain_dir):
-        run(posttrain_config(config), "train")
+    if not checkpointing.has_checkpoint(pretrain_dir) or teacher_state.unfinished(pretrain_dir):
+        if stopped := _stopped(run(pretrain_config(config), "ptq")):
+            return stopped
+    if (saved_iteration(posttrain_dir) or 0) < teacher.posttrain_iters:
+        if stopped := _stopped(run(posttrain_config(config), "train")):
+            return stopped
     last = checkpointing.student_checkpoint(posttrain_dir)
     if teacher.rft_iters:
         sft_dir, rft_dir = rft_dirs(config)
         if not checkpointing.has_checkpoint(sft_dir):
             copy_model(config, last, sft_dir)
-        if not has_tracker(rft_dir):
-            run(rft_config(config), "train")
+        if (saved_iteration(rft_dir) or 0) < teacher.rft_iters:
+            if stopped := _stopped(run(rft_config(config), "train")):
+                return stopped
         last = checkpointing.student_checkpoint(rft_dir)
     copy_model(config, last, teacher.checkpoint)
+    return None
