@@ -77,8 +77,9 @@ def train(recipe: str, gpus: int, overrides: list[str], log: Path) -> tuple[dict
     log.write_text(f"$ {' '.join(command)}\n{result.stdout}\n{result.stderr}")
     if result.returncode:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-3000:]}")
-    summary = next(json.loads(line.removeprefix("summary ")) for line in reversed(result.stdout.splitlines())
-                   if line.startswith("summary {"))
+    short = next(json.loads(line.removeprefix("summary ")) for line in reversed(result.stdout.splitlines())
+                 if line.startswith("summary {"))
+    summary = json.loads(Path(short["record"]).read_text())  # the run's whole record (checkpoint.save/summary.json)
     steps = {line["iteration"]: dict(line) for line in summary["train"]}
     tokens_per_step = _value(overrides, "training.global_batch_size") * _value(overrides, "model.seq_length")
     for match in ELAPSED.finditer(result.stdout):

@@ -11,7 +11,11 @@ checkpoint ``teacher.checkpoint: DIR`` loads, with its recipe's model section (`
 
 All run as one process (the CPU when no GPU is visible) or under torchrun / the launchers in
 ``scripts/``, where every rank takes its shard and rank 0 prints. ``train`` and ``ptq`` print the
-resolved recipe first and save it next to the checkpoints (``checkpoint.save/config.yaml``).
+resolved recipe first and save it next to the checkpoints (``checkpoint.save/config.yaml``;
+``logging.console: quiet`` prints only where, and keeps Megatron's own output in
+``checkpoint.save/megatron.log``). A run ends with a few lines for a person (:mod:`megatron_qad.train.summary`:
+PTQ and final KL, CE and top-1 agreement, tokens, time, where the student is, the record
+``checkpoint.save/summary.json``) and the commands to run next.
 
 Exit codes: 0 success, 2 bad command line, invalid recipe or unusable input (a data file, a damaged
 checkpoint or one of another architecture, an output path under a regular file: the one-line message
@@ -21,16 +25,24 @@ says which key or file and how to fix it, without a traceback), 130 interrupted 
 import argparse
 import logging
 import os
+import shlex
 import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 from .config import ConfigError, QADConfig, load_config, to_dict
 
 # Notices megatron.core and torch print on every CPU-only start; they say nothing about the run.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|absl\.logging).* not installed")
 warnings.filterwarnings("ignore", message=r"Only transformer-engine>=\S+ supports MoE experts, but your version is 0\.0\.0")
+warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true but no accelerator is found")
+warnings.filterwarnings("ignore", message=r"MimoModelConfig is experimental")  # megatron.core's import notice
+# torch.distributed.checkpoint's notices on every dist-checkpoint load (megatron.core's loader).
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message=r"The argument order of load has been changed")
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
 # megatron.training's advice to pass a model config object; the package's model provider builds the model.
 warnings.filterwarnings("ignore", message=r"\s*It is recommended to use a ModelConfig")
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
@@ -40,7 +52,9 @@ logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR) 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-qad",
-        description="Quantization-aware distillation of Megatron models to NVFP4.")
+        description="Quantization-aware distillation of Megatron models to NVFP4.",
+        epilog="'megatron-qad COMMAND --help' shows a command's arguments. Recipe keys: the dataclasses of "
+               "megatron_qad/config.py; Megatron-LM's own flags: scripts/pretrain_qad.py --help.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "inspect", help="build the recipe's student and print its quantization report",
@@ -105,16 +119,27 @@ def run_inspect(config_path: str, overrides: list[str]) -> None:
 
 
 def run_training(mode: str, config_path: str, overrides: list[str]) -> dict:
-    """``train`` / ``ptq`` / ``eval``: print the resolved recipe (rank 0), train a two-stage teacher
-    first where the recipe asks for one, and run it; return the summary."""
+    """``train`` / ``ptq`` / ``eval``: print the resolved recipe (rank 0; with ``logging.console:
+    quiet`` where it is saved instead), train a two-stage teacher first where the recipe asks for
+    one, and run it; a finished run ends with the commands to run next. Returns the summary."""
     config = load_config(config_path, overrides)
     from .train import run
+    from .train.summary import next_lines
     from .train.teacher_stages import prepare_teacher
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else ""))
-        print(format_config(config), flush=True)
-    return prepare_teacher(config) or run(config, mode)  # a teacher stage that stopped ends the run
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        given = f"config {config_path}" + (f" (overrides: {' '.join(overrides)})" if overrides else "")
+        if config.logging.console == "quiet" and config.checkpoint.save:
+            print(f"{given}; resolved in {Path(config.checkpoint.save) / 'config.yaml'}", flush=True)
+        else:
+            print(given)
+            print(format_config(config), flush=True)
+    summary = prepare_teacher(config) or run(config, mode)  # a teacher stage that stopped ends the run
+    if rank0 and not summary.get("exit_code") and "stopped_at" not in summary:
+        print("\n".join(next_lines(mode, lambda command: shlex.join(["megatron-qad", command, config_path,
+                                                                        *overrides]))), flush=True)
+    return summary
 
 
 def run_export(config_path: str, overrides: list[str]) -> None:
@@ -130,11 +155,20 @@ def run_megatron_command_line(argv: list[str]) -> int:
     exit code (Megatron's when it stopped the run, 2 for a setting error)."""
     from .train.megatron import run_pretrain
 
+    from .train.summary import next_lines
+
     try:
         summary = run_pretrain(argv)
     except ConfigError as err:
         print(f"pretrain_qad: error: {err}", file=sys.stderr)
         return 2
+    save = (summary.get("checkpoint") or {}).get("iteration") and summary["checkpoint"]["dir"]
+    if (int(os.environ.get("RANK", "0")) == 0 and save and summary["mode"] == "train"
+            and not summary.get("exit_code") and "stopped_at" not in summary):
+        print("\n".join(next_lines("train", lambda command: f"megatron-qad {command} RECIPE "
+                                                            f"{shlex.quote(f'checkpoint.save={save}')}")
+                        + ["      # RECIPE: a recipe of this model and teacher, e.g. the one 'megatron-qad import' "
+                           "writes; the student loads in Megatron-LM with --load"]), flush=True)
     return int(summary.get("exit_code") or 0)
 
 

@@ -399,10 +399,16 @@ class DataConfig:
 @dataclass
 class LoggingConfig:
     """Optional metric sinks besides the iteration lines: TensorBoard event files under
-    ``tensorboard_dir``, Weights & Biases run in ``wandb_project`` (each needs its package)."""
+    ``tensorboard_dir``, Weights & Biases run in ``wandb_project`` (each needs its package).
+    ``console``: ``full`` prints everything Megatron prints; ``quiet`` sends Megatron's argument
+    table, setup and memory reports and INFO lines to ``checkpoint.save/megatron.log`` only, and
+    prints the resolved recipe there (``config.yaml``) instead of on the console, which keeps the
+    QAD lines, Megatron's iteration and validation lines and errors (``--qad-console``; without
+    ``checkpoint.save`` the console stays full)."""
 
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
+    console: Literal["full", "quiet"] = "full"
 
 
 @dataclass

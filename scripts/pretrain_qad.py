@@ -9,10 +9,13 @@
 
 Every Megatron-LM flag works as in ``pretrain_gpt.py`` / ``pretrain_mamba.py`` (parallel sizes,
 ``--data-path`` blends or ``--mock-data``, checkpointing, ``--exit-duration-in-mins``, logging);
-``--help`` lists the QAD flags under "QAD (megatron_qad)". The student starts from the teacher's
-weights, is quantized to NVFP4 and calibrated (PTQ) on a fresh run, then trained with
-KL(teacher || student) in Megatron's own training loop. Exit code: Megatron's (0 when the run
-finished or stopped to be resumed).
+``--help`` lists Megatron-LM's flags and, under "QAD (megatron_qad)", the QAD flags. The student
+starts from the teacher's weights, is quantized to NVFP4 and calibrated (PTQ) on a fresh run, then
+trained with KL(teacher || student) in Megatron's own training loop. The run ends with a few lines
+for a person (PTQ and final KL, CE, top-1 agreement, tokens, time, where the student is) and one
+``summary {...}`` line; with ``--save`` the whole record goes to ``SAVE/summary.json``
+(``--qad-console quiet`` keeps Megatron's own output in ``SAVE/megatron.log``). Exit code:
+Megatron's (0 when the run finished or stopped to be resumed).
 """
 
 import sys

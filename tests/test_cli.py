@@ -87,3 +87,16 @@ def test_console_module_exit_codes():
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "unknown key 'parallel.foo'" in bad.stderr
+
+
+def test_every_command_has_help(capsys):
+    """``megatron-qad --help`` and ``megatron-qad COMMAND --help`` print their usage and exit 0."""
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: megatron-qad [-h] COMMAND ...") and "'megatron-qad COMMAND --help'" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("    ") and not line.startswith("     ")] \
+        == ["inspect", "train", "ptq", "eval", "export", "import"]
+    for command in ("train", "ptq", "eval", "export", "inspect", "import"):
+        assert main([command, "--help"]) == 0, command
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: megatron-qad {command} [-h] ") and "options:" in out, command

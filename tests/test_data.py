@@ -262,12 +262,16 @@ class NextTokenTeacher:
         return 40.0 * torch.nn.functional.one_hot((prefix + 1) % self.vocab_size, self.vocab_size).float()
 
 
-def test_teacher_generated_sequences_follow_the_teacher_and_are_cached(tmp_path):
+def test_teacher_generated_sequences_follow_the_teacher_and_are_cached(tmp_path, capsys):
     vocab, seq_length = 260, 12
     teacher = NextTokenTeacher(vocab)
     sources = [{"type": "teacher_generated", "num_sequences": 6, "batch_size": 4}]
     train = build_dataset(sources, "train", seq_length, vocab, 0, cache_dir=str(tmp_path), teacher_sampler=teacher)
     assert teacher.calls == 2 * seq_length and len(train) == 5
+    # The progress in sampled tokens (6 sequences x 12 after BOS): a line per tenth, the last at 100 %.
+    progress = capsys.readouterr().out.splitlines()
+    assert 2 <= len(progress) <= 10 and all(line.startswith("'data.sources[0]': teacher generation: ") for line in progress)
+    assert "(72 tokens) in " in progress[-1] and "tokens/s" in progress[-1]
     expected = [(257 + t) % vocab for t in range(seq_length + 1)]
     for index in range(len(train)):
         sample = train[index]

@@ -32,7 +32,7 @@ def next_token_model(rule, vocab_size: int, calls: list | None = None):
     return logits_of
 
 
-def test_greedy_decoding_stops_per_row_and_never_pads():
+def test_greedy_decoding_stops_per_row_and_never_pads(capsys):
     # Next token: (last token + 1) mod 5; 0 is the stop token.
     calls = []
     model = next_token_model(lambda prefix: (prefix[-1] + 1) % 5, vocab_size=5, calls=calls)
@@ -41,6 +41,12 @@ def test_greedy_decoding_stops_per_row_and_never_pads():
     # Prompts of one length go together (no padding); a group ends once all its rows stopped:
     # [0] and [3] take 5 calls, [1, 2] and [4, 4] take 3.
     assert calls == [(2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 2), (2, 3), (2, 4)]
+    # Progress through 4 x 6 token slots, a line per tenth crossed: a group that stops fills its
+    # rows' remaining slots (5th call: 8 -> 12 of 24).
+    progress = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()]
+    assert progress == [f"greedy generation: {p} % ({n}/24 token slots)" for p, n in
+                        ((16, 4), (25, 6), (33, 8), (50, 12), (66, 16))] + ["greedy generation: 100 % (24 token slots) in "
+                                                                           + progress[-1].split(" in ")[1]]
     assert greedy_generate(model, [[0]], max_new_tokens=2, stop_ids={0}) == [[1, 2]]
 
 

@@ -58,6 +58,19 @@ def _losses(summary: dict) -> list[float]:
     return [line["loss"] for line in summary["train"]]
 
 
+def test_help_lists_megatron_and_qad_flags():
+    """``--help``: Megatron-LM's flags (one of megatron-core 0.19.2's help texts holds a bare '%',
+    which argparse cannot format) and the QAD flags, exit code 0."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_qad.py"), "--help"], env=_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: pretrain_qad.py ")
+    for flag in ("--num-layers", "--moe-paged-stash-buffer-size-factor-cuda", "--qad-teacher-load", "--qad-console"):
+        assert f"\n  {flag} " in result.stdout, flag
+    assert "Magnitude is headroom (e.g. 1.10 = 10%)." in " ".join(result.stdout.split())
+    assert "\nQAD (megatron_qad):\n" in result.stdout
+
+
 def test_megatron_command_line_trains_stops_and_resumes_exactly(tmp_path, megatron_teacher):
     """DP=2: PTQ then QAD against the Megatron-LM teacher checkpoint; a run stopped by
     --exit-interval and resumed with --load repeats the uninterrupted run's losses."""

@@ -21,7 +21,7 @@ from megatron_qad.config import ConfigError, load_config
 from megatron_qad.train import checkpointing, run
 from megatron_qad.train.arguments import (model_config_from_args, parallel_config_from_args,
                                           parse_megatron_args, recipe_to_argv)
-from torchrun_helpers import json_lines, torchrun
+from torchrun_helpers import read_summary, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_cpu.yaml"
@@ -258,9 +258,10 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
 
 
 def _torchrun(processes: int, *args: str) -> dict:
-    """``megatron-qad train`` under torchrun on CPU processes; its summary line."""
-    (summary,) = json_lines(torchrun(processes, "-m", "megatron_qad.cli", "train", str(RECIPE), *args), "summary ")
-    return summary
+    """``megatron-qad train`` under torchrun on CPU processes; its summary (the record its summary
+    line names), with its stdout under "stdout"."""
+    stdout = torchrun(processes, "-m", "megatron_qad.cli", "train", str(RECIPE), *args)
+    return {**read_summary(stdout), "stdout": stdout}
 
 
 @pytest.mark.parametrize("layout", [["parallel.pipeline_model_parallel_size=2"],
@@ -282,12 +283,38 @@ def test_two_process_runs_of_the_tiny_recipe(tmp_path, teacher_dir, layout):
 
 
 def test_cli_train_prints_the_config_and_the_summary(tmp_path, teacher_dir):
+    """The tiny recipe's quiet console (``logging.console: quiet``): Megatron's argument table, setup
+    and memory reports in RUN/megatron.log only; the run ends with the short summary line and the
+    lines for a person; the whole record in RUN/summary.json."""
+    run_dir = tmp_path / "run"
     summary = _torchrun(1, *SMALL, f"teacher.checkpoint={teacher_dir}", "training.train_iters=1",
-                        f"checkpoint.save={tmp_path / 'run'}")
+                        f"checkpoint.save={run_dir}")
     assert summary["mode"] == "train" and summary["final"]["kl"] > 0
-    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert summary["record"] == str(run_dir / "summary.json") and len(summary["train"]) == 1
+    saved = (run_dir / "config.yaml").read_text()
     assert "train_iters: 1" in saved and str(teacher_dir) in saved
     assert torch.tensor(summary["final"]["top1 agreement"]) <= 1
+
+    out = summary["stdout"].splitlines()
+    assert out[0].startswith(f"config {RECIPE} (overrides: ") and out[0].endswith(f"; resolved in {run_dir / 'config.yaml'}")
+    assert any(line.startswith("PTQ calibration: 100 % (1 global batches) in ") for line in out)
+    assert any(re.search(r"\biteration +1/ +1 \|", line) for line in out)
+    log = (run_dir / "megatron.log").read_text()
+    for megatron_line in ("-------------------- end of arguments ---------------------", "memory (MB)",
+                          "INFO:megatron.core.optimizer:Setting up optimizer"):
+        assert megatron_line in log and not any(megatron_line in line for line in out), megatron_line
+    short = [line for line in out if line.startswith("summary {")]
+    assert len(short) == 1 and len(short[0]) < 200
+    end = out[out.index(short[0]) + 1:]
+    assert end[0] == "" and end[1].startswith("trained: 1 iteration, 128 tokens in ")
+    assert end[2].split() == ["PTQ", "trained", "change"]
+    assert [line.split("  ")[1] for line in end[3:6]] == ["KL(teacher || student)", "student cross entropy",
+                                                          "top-1 agreement"]
+    assert end[6:8] == [f"student: {run_dir} (Megatron-LM checkpoint, iteration 1)",
+                        f"record: {run_dir / 'summary.json'} (every iteration's metrics); Megatron's output: "
+                        f"{run_dir / 'megatron.log'}"]
+    assert end[8].startswith(f"next: megatron-qad eval {RECIPE} ") and "  # the trained student" in end[8]
+    assert end[9].startswith(f"      megatron-qad export {RECIPE} ") and len(end) == 10
 
 
 def test_eval_reloads_the_trained_student_and_reports_every_layer(tmp_path, teacher_dir):

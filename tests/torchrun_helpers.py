@@ -35,6 +35,15 @@ def json_lines(stdout: str, prefix: str = "") -> list[dict]:
             if line.startswith(prefix + "{")]
 
 
+def read_summary(stdout: str) -> dict:
+    """A run's summary: its one ``summary {...}`` line on ``stdout`` and, where that line names the
+    run's record file, the whole record (PTQ and final metrics, every iteration's metrics, ...)."""
+    (summary,) = json_lines(stdout, "summary ")
+    if "record" in summary:
+        summary = {**json.loads((ROOT / summary["record"]).read_text()), **summary}
+    return summary
+
+
 PRETRAIN_QAD = ROOT / "scripts" / "pretrain_qad.py"
 
 GPT_STYLE_FLAGS = [
@@ -64,14 +73,14 @@ def pretrain_qad_command(processes: int, *argv: str) -> list[str]:
 
 def run_pretrain_qad(processes: int, argv: list[str], env: dict, expect: tuple[int, ...] = (0,),
                      timeout_s: float = 600) -> dict:
-    """Run :func:`pretrain_qad_command` from the repository root; its one summary line, with the
-    run's stdout under "stdout". The exit code must be one of ``expect`` (the assertion message
+    """Run :func:`pretrain_qad_command` from the repository root; its summary (:func:`read_summary`),
+    with the run's stdout under "stdout". The exit code must be one of ``expect`` (the assertion message
     carries the lines naming an error and the ends of stdout and stderr)."""
     result = subprocess.run(pretrain_qad_command(processes, *argv), env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=timeout_s)
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
     assert result.returncode in expect, "\n".join([*errors[-10:], result.stdout[-3000:], result.stderr[-3000:]])
-    (summary,) = json_lines(result.stdout, "summary ")
+    summary = read_summary(result.stdout)
     summary["stdout"] = result.stdout
     return summary
 

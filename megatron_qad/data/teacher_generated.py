@@ -20,6 +20,7 @@ import socket
 import torch
 
 from ..config import ConfigError
+from ..progress import Progress
 from .documents import jsonl_documents
 from .samples import make_sample, wrapped_index
 from .seeds import generator
@@ -84,10 +85,12 @@ def generate(teacher_sampler, starts: list[list[int]], seq_length: int, vocab_si
 
     ``teacher_sampler(prefix)`` maps int64 ``[b, t]`` token ids to logits ``[b, t, vocab_size]`` (any
     float dtype and device); it is called under ``torch.no_grad`` with ``b <= batch_size``
-    sequences and ``t`` growing by one per call. Sampling runs on the CPU in float32.
+    sequences and ``t`` growing by one per call. Sampling runs on the CPU in float32. Rank 0 prints
+    the progress in sampled tokens (:class:`megatron_qad.progress.Progress`).
     """
     length = seq_length + 1
     sequences = torch.zeros(len(starts), length, dtype=torch.int64)
+    progress = Progress(f"'{where}': teacher generation", sum(length - len(start) for start in starts))
     with torch.no_grad():
         for first in range(0, len(starts), batch_size):
             rows = range(first, min(first + batch_size, len(starts)))
@@ -104,9 +107,10 @@ def generate(teacher_sampler, starts: list[list[int]], seq_length: int, vocab_si
                 probs = torch.softmax(logits[:, -1].detach().float().cpu(), dim=-1)
                 if not torch.isfinite(probs).all():
                     raise ValueError(f"'{where}': teacher_sampler returned logits that are not finite")
-                for offset, row in enumerate(rows):
-                    if position >= len(starts[row]):
-                        batch[offset, position] = torch.multinomial(probs[offset], 1, generator=generators[offset])
+                sampled = [offset for offset, row in enumerate(rows) if position >= len(starts[row])]
+                for offset in sampled:
+                    batch[offset, position] = torch.multinomial(probs[offset], 1, generator=generators[offset])
+                progress.advance(len(sampled))
     return sequences
 
 

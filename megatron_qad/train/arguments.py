@@ -35,6 +35,9 @@ from ..config import (ConfigError, DataConfig, DistillConfig, ExportConfig, Mode
 # ---------------------------------------------------------------------------------------------
 # The QAD flags (Megatron's ``extra_args_provider``).
 
+CONSOLE_MODES = ("full", "quiet")
+"""``--qad-console`` / ``logging.console`` (see :mod:`megatron_qad.train.console`)."""
+
 QAD_MODES = ("qad", "teacher")
 """``--qad-mode``: ``qad`` trains a quantized student against the frozen teacher (the loss of
 ``--qad-loss``); ``teacher`` trains a plain BF16 model with cross entropy (a small teacher from
@@ -94,8 +97,26 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-command", choices=("train", "ptq", "eval"), default="train",
                        help="what the run is, as the summary reports it (megatron-qad's subcommand)")
     group.add_argument("--qad-summary", default=None,
-                       help="write the run's summary (PTQ and final validation metrics) as JSON here")
+                       help="write the run's full record (PTQ and final validation metrics, every iteration's "
+                            "metrics) as JSON here; default: --qad-eval-report when given, else SAVE/summary.json "
+                            "(SAVE/ptq_summary.json for --qad-command ptq) with --save")
+    group.add_argument("--qad-console", choices=CONSOLE_MODES, default="full",
+                       help="quiet: Megatron's argument table, setup and memory reports and INFO lines go to the "
+                            "--qad-log file only; the console keeps the QAD lines, the iteration and validation "
+                            "lines and errors (needs --qad-log or --save, else the console stays full)")
+    group.add_argument("--qad-log", default=None,
+                       help="with --qad-console quiet: the log file of Megatron's output (default: SAVE/megatron.log; "
+                            "rank N > 0 writes megatron.rankN.log beside it)")
     return parser
+
+
+def megatron_log(args: argparse.Namespace) -> str | None:
+    """The file Megatron's output goes to under ``--qad-console quiet`` (None: a full console)."""
+    if args.qad_console != "quiet":
+        return None
+    if args.qad_log:
+        return args.qad_log
+    return str(Path(args.save) / "megatron.log") if args.save else None
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str) -> None:
@@ -264,6 +285,8 @@ def recipe_to_argv(config: QADConfig, recipe_path: str | Path, *, mode: str = "q
     argv = _replace(argv, {"--lr-warmup-iters": str(min(t.lr_warmup_iters, max(decay_iters - 1, 0)))})
     eval_interval = t.eval_interval or t.train_iters + 1  # null: Megatron validates at the end only
     argv += ["--eval-interval", str(eval_interval)]
+    if c.save and config.logging.console == "quiet":  # the teacher's run logs there too
+        argv += ["--qad-console", "quiet", "--qad-log", str(Path(c.save) / "megatron.log")]
     if mode == "teacher":
         iters = config.teacher.pretrain_iters
         argv = _replace(argv, {"--train-iters": str(iters), "--lr": repr(config.teacher.pretrain_lr),
@@ -309,22 +332,27 @@ def _replace(argv: list[str], values: dict[str, str | None]) -> list[str]:
 def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv`` with Megatron-LM's parser plus :func:`add_qad_arguments`, set the Megatron
     arguments the divergence policy relies on (:func:`megatron_qad.train.divergence.configure_megatron`)
-    and validate it (``megatron.training.arguments.validate_args``); nothing global is set yet.
-    Where no GPU is visible, the CPU shims of :func:`megatron_qad.cpu_support.apply_training` go in
-    first (the checks read the GPU's architecture)."""
+    and validate it (``megatron.training.arguments.validate_args``, whose argument table goes to the
+    log file under ``--qad-console quiet``); nothing global is set yet. ``--help`` prints Megatron's
+    flags and the QAD flags (:func:`megatron_qad.train.megatron_fixes.formattable_help`). Where no
+    GPU is visible, the CPU shims of :func:`megatron_qad.cpu_support.apply_training` go in first
+    (the checks read the GPU's architecture)."""
     import torch
     from megatron.training.arguments import parse_args, validate_args
 
     from .. import cpu_support
+    from .console import megatron_output
     from .divergence import configure_megatron
+    from .megatron_fixes import formattable_help
 
     if not torch.cuda.is_available():
         cpu_support.apply_training()
 
     with _argv(argv):
-        args = parse_args(extra_args_provider=add_qad_arguments)
+        args = parse_args(extra_args_provider=lambda parser: formattable_help(add_qad_arguments(parser)))
     configure_megatron(args)
-    validate_args(args)
+    with megatron_output(megatron_log(args)):
+        validate_args(args)
     return args
 
 

@@ -39,14 +39,16 @@ from ..config import ConfigError
 from ..distill import DistillationLoss
 from ..models import transformer_config
 from . import checkpointing, divergence, launches, megatron_fixes, teacher_state, writer_lock
-from .arguments import (model_config_from_args, parallel_config_from_args, parse_megatron_args,
+from .arguments import (megatron_log, model_config_from_args, parallel_config_from_args, parse_megatron_args,
                         qad_sections_from_args, write_summary)
+from .console import megatron_output
 from .metrics import memory_gib
 from .preflight import nvfp4_backend
 from .resume import check_resume
 from .save_faults import install as explain_save_failures
 from .plugin import TeacherStudentCommunicator, datasets_provider, forward_step, model_provider
 from .state import RunState, run_state
+from .summary import human_lines, record_path, short_line
 
 
 def run_pretrain(argv: list[str], recipe_keys: bool = False) -> dict:
@@ -93,7 +95,8 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
                                        rank0=context.rank == 0, max_loss_spike=args.qad_max_loss_spike)
     if args.tokenizer_type is None:  # the package's data sources tokenize themselves
         args.padded_vocab_size = args.vocab_size
-    set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
+    with megatron_output(megatron_log(args)):
+        set_global_variables(args, build_tokenizer=args.tokenizer_type is not None)
     if args.exit_signal_handler:
         exit_signals = _stop_on_extra_signals(args.qad_extra_exit_signals)
         if args.save:
@@ -113,10 +116,11 @@ def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: floa
                    communicator=communicator, student_load=args.qad_student_load) as state:
         cfg_container = pretrain_cfg_container_from_args(args)
         try:
-            pretrain(cfg_container, provider, ModelType.encoder_or_decoder, forward_step,
-                     model_provider=model_provider,
-                     p2p_communicator=communicator if args.qad_mode == "qad" else None,
-                     pg_collection=pg_collection if args.qad_mode == "qad" else None)
+            with megatron_output(megatron_log(args)):
+                pretrain(cfg_container, provider, ModelType.encoder_or_decoder, forward_step,
+                         model_provider=model_provider,
+                         p2p_communicator=communicator if args.qad_mode == "qad" else None,
+                         pg_collection=pg_collection if args.qad_mode == "qad" else None)
         except (SystemExit, divergence.NonFiniteStep) as stop:  # Megatron's early exits; divergence
             if isinstance(stop, divergence.NonFiniteStep):
                 summary["stopped_at"], summary["exit_code"] = stop.iteration, divergence.EXIT_CODE
@@ -210,7 +214,8 @@ def _after_training(args, state: RunState, summary: dict) -> None:
 
 
 def _finish(summary: dict, args, context, start_time: float) -> dict:
-    """Add the derived figures to ``summary``, print it (rank 0) and return it."""
+    """Add the derived figures to ``summary``; on rank 0 write it to its record file (the whole
+    summary) and print the short line and the lines for a person (:mod:`.summary`); return it."""
     state = RunState.get()
     if state.teacher_gib is not None:
         summary["teacher GiB"] = round(state.teacher_gib, 3)
@@ -221,15 +226,33 @@ def _finish(summary: dict, args, context, start_time: float) -> dict:
     peak = memory_gib(context.device)
     if peak is not None:
         summary["peak GiB"] = round(peak, 2)
+    summary["tokens"] = len(summary.get("train") or []) * args.global_batch_size * args.seq_length
+    student = _student_checkpoint(args)
+    if student:
+        summary["checkpoint"] = student
+    record, log = record_path(args), megatron_log(args)
+    if record:
+        summary["record"] = record
+    if log:
+        summary["log"] = log
     if context.rank == 0:
-        import json
-
-        print("summary " + json.dumps(summary, sort_keys=True), flush=True)
-        if args.qad_summary:
-            write_summary(args.qad_summary, summary)
+        if record:
+            write_summary(record, summary)
+        print(short_line(summary), flush=True)
+        print("\n".join(["", *human_lines(summary)]), flush=True)
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _student_checkpoint(args) -> dict | None:
+    """Where the run's model is: ``{"dir": ...}`` for ``--qad-save-student``, or, without
+    training (``--skip-train``), the evaluated ``--qad-student-load``; else ``{"dir": ...,
+    "iteration": ...}`` for ``--save``'s newest checkpoint (a teacher's too); None when there is none."""
+    if args.qad_mode == "qad" and (args.qad_save_student or (args.skip_train and args.qad_student_load)):
+        return {"dir": args.qad_save_student or args.qad_student_load}
+    iteration = saved_iteration(args.save) if args.save else None
+    return {"dir": args.save, "iteration": iteration} if iteration is not None else None
 
 
 def _stop_on_extra_signals(names: str) -> list:

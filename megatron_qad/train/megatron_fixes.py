@@ -4,9 +4,11 @@ Each is installed by :func:`apply` before ``pretrain`` runs (idempotent) and say
 replaces and why. The first two change nothing a run computes; the third makes a resumed
 distributed-optimizer run compute what the uninterrupted one does; the fourth lets a resume change
 the learning rate as Megatron's ``--override-opt_param-scheduler`` /
-``--use-checkpoint-opt_param-scheduler`` say.
+``--use-checkpoint-opt_param-scheduler`` say. :func:`formattable_help` is applied to Megatron's
+parser instead, where the arguments are parsed (:func:`megatron_qad.train.arguments.parse_megatron_args`).
 """
 
+import argparse
 import functools
 
 import torch
@@ -192,3 +194,21 @@ def apply() -> None:
     resume_distributed_optimizer_with_torch_adam()
     resume_distributed_optimizer_step_counts()
     resume_with_a_changed_lr()
+
+
+def formattable_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make every help string of ``parser`` formattable, so that ``--help`` prints instead of failing.
+
+    argparse formats each help string with ``%`` (``%(default)s``); megatron-core 0.19.2 takes
+    some help texts from its config dataclasses' docstrings, and the one of
+    ``--moe-paged-stash-buffer-size-factor-cuda`` holds a bare ``%``, so ``--help`` ended in
+    ``ValueError: unsupported format character``. A help string that does not format has its
+    ``%`` escaped (shown as written); the others are left as they are. Returns ``parser``."""
+    for action in parser._actions:
+        if not isinstance(action.help, str) or "%" not in action.help:
+            continue
+        try:
+            action.help % dict(vars(action), prog=parser.prog)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+    return parser

@@ -18,6 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 
 from .. import quantize
+from ..progress import Progress
 from ..data import build_dataset, step_micro_batches
 from ..distill import DistillationLoss, distillation_step
 from ..distill.pipeline import chunk_iterators
@@ -168,15 +169,19 @@ class RunState:
     def calibrate_if_fresh(self, iteration: int, train, validation) -> None:
         """On a fresh run (Megatron loaded no checkpoint: ``iteration`` 0), set the static scales
         from ``distill.calibration_iters`` global batches of the training data and evaluate the
-        PTQ student; a resumed run keeps the scales its checkpoint holds."""
+        PTQ student; a resumed run keeps the scales its checkpoint holds. Rank 0 prints the
+        calibration's progress (:class:`megatron_qad.progress.Progress`)."""
         if iteration != 0 or self.student_load:
             where = f"iteration {iteration}" if iteration else self.student_load
             self.print(f"student from {where}: its calibrated scales are kept")
             return
         students = [chunk.student for chunk in self.chunks]
+        iters = self.sections.distill.calibration_iters
+        progress = Progress("PTQ calibration", iters, unit="global batches")
         with quantize.calibration(students):
-            for step in range(self.sections.distill.calibration_iters):
+            for step in range(iters):
                 self.step(self.batches(train, step), DistillationLoss("kl"))
+                progress.advance(1, tokens=self.global_batch_size * self.seq_length)
         self.ptq = self.evaluate(validation)
         self.print("validation (PTQ) | " + " | ".join(f"{name} {value:.4E}" for name, value in self.ptq.items()))
 
