@@ -21,6 +21,7 @@ from distributed_helpers import single_process
 from megatron_qad.cli import main
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.models import build_model_chunks
+from megatron_qad.train import teacher_state
 from torchrun_helpers import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +250,9 @@ def test_ctrl_c_during_training_saves_and_exits_cleanly(tmp_path, teacher_dir, c
             f"same command resumes its training") in out
     assert "delete that directory" not in out
     assert not (teacher / "writer.lock").exists() and not (save / "writer.lock").exists()
+    with pytest.raises(ConfigError, match=rf"^--qad-teacher-load {teacher} is a teacher whose training stopped at "
+                                          rf"iteration {stopped} of 8: no run distils from a half-trained teacher"):
+        teacher_state.check_finished(teacher, f"--qad-teacher-load {teacher}")  # scripts/pretrain_qad.py's check
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env=script_env(CUDA_VISIBLE_DEVICES=""))
