@@ -219,8 +219,9 @@ def _broadcast(value: str | None) -> str | None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     device = None
-    if dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl":  # before parallel.initialize: this rank's GPU, as it will pick
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     box = [value]
     dist.broadcast_object_list(box, src=0, device=device)
     return box[0]
