@@ -21,7 +21,6 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint_tracker import saved_iteration
 
 LAUNCHES = "launches"
 RECIPE = "config.yaml"
@@ -36,7 +35,8 @@ def _write(path: Path, text: str) -> None:
 
 def record(args: argparse.Namespace, argv: list[str]) -> Path:
     """Add this launch's settings file to ``args.save`` (and its recipe as ``config.yaml``); return
-    the file. ``argv``: the Megatron-LM command line the run was given."""
+    the file. ``args``: Megatron's arguments once it loaded any checkpoint (``args.iteration``);
+    ``argv``: the Megatron-LM command line the run was given."""
     save = Path(args.save)
     launches = save / LAUNCHES
     launches.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def record(args: argparse.Namespace, argv: list[str]) -> Path:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "command": args.qad_command if args.qad_mode == "qad" else "teacher",
-        "start_iteration": (saved_iteration(args.load) or 0) if args.load else 0,
+        "start_iteration": args.iteration,  # the checkpoint Megatron loaded (--load), else 0
         "argv": list(argv),
         "recipe": yaml.safe_load(recipe) if recipe else None,
     }
