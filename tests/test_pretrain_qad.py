@@ -264,7 +264,7 @@ def test_sigkill_of_one_rank_mid_save_ends_the_launch_and_the_resume_continues_t
 
     qad = ["--qad-teacher-load", str(megatron_teacher), "--qad-calibration-iters", "1", "--train-iters", "10",
            "--distributed-timeout-minutes", "1"]
-    whole = pretrain_qad(*qad)
+    whole = pretrain_qad(*qad, "--qad-summary", str(tmp_path / "whole.json"))  # the record holds every loss
     run_dir = tmp_path / "run"
     tracker = run_dir / "latest_checkpointed_iteration.txt"
     checkpointed = ["--save", str(run_dir), "--load", str(run_dir), "--save-interval", "2", "--exit-signal-handler"]
