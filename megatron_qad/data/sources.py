@@ -23,6 +23,8 @@ SOURCE_KEYS = {
     "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0, "format": "plain", "wrong_labels": 0.0},
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
+    "chat": {"paths": REQUIRED, "tokenizer": REQUIRED, "prompt_field": "prompt", "response_field": "response",
+             "loss_on": "response"},
     "indexed": {"path_prefix": REQUIRED},
     "teacher_generated": {"num_sequences": REQUIRED, "cache": None, "prompts": None, "field": "text",
                           "tokenizer": "byte", "batch_size": 8},
@@ -32,6 +34,7 @@ SOURCE_KEYS = {
 
 KEY_HELP = {
     "paths": "a list of file globs",
+    "tokenizer": "the directory of a Hugging Face tokenizer with a chat template",
     "path_prefix": "the prefix of a Megatron indexed dataset's PREFIX.bin / PREFIX.idx",
     "num_sequences": "the number of sequences to sample from the teacher",
     "task": "the arithmetic source whose training problems are the prompts, e.g. {type: arithmetic}",
@@ -118,6 +121,11 @@ def check_tokenizer_fits(tokenizer, key: str, vocab_size: int) -> None:
     if tokenizer.eod_id is None:
         raise ConfigError(f"'{key}': the tokenizer {tokenizer.name!r} has no EOS token to end documents with; "
                           f"use a tokenizer that defines eos_token")
+
+
+def check_loss_on(value, key: str, vocab_size: int) -> None:
+    if value not in ("response", "all"):
+        raise ConfigError(f"'{key}': must be 'response' (loss on the assistant's tokens only) or 'all', got {value!r}")
 
 
 def _check_weight(value, key: str, vocab_size: int) -> None:
@@ -227,6 +235,9 @@ _CHECKS = {
     "paths": _check_paths,
     "tokenizer": _check_tokenizer,
     "field": _check_text,
+    "prompt_field": _check_text,
+    "response_field": _check_text,
+    "loss_on": check_loss_on,
     "path_prefix": _check_path_prefix,
     "num_sequences": _positive_int(2, "every 50th sequence, starting with the first, is held out for "
                                       "validation, so both splits need one"),

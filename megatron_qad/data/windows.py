@@ -14,10 +14,15 @@ from .samples import make_sample, wrapped_index
 
 
 class ArrayStream:
-    """A token stream held in memory: ``tokens`` is a 1-D integer array."""
+    """A token stream held in memory: ``tokens`` is a 1-D integer array. ``label_mask`` (bool, the
+    same length, or None for all True) says which tokens count as labels: a window's loss_mask is
+    0 where its label is a token with False (e.g. a chat prompt's tokens)."""
 
-    def __init__(self, tokens: np.ndarray):
+    def __init__(self, tokens: np.ndarray, label_mask: np.ndarray | None = None):
+        if label_mask is not None and len(label_mask) != len(tokens):
+            raise ValueError(f"label_mask has {len(label_mask)} entries for {len(tokens)} tokens")
         self.tokens = tokens
+        self.label_mask = label_mask
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -51,5 +56,11 @@ class TokenWindows:
 
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
         start = int(self.order[wrapped_index(index, len(self))]) * self.seq_length
-        window = self.stream.read(start, min(start + self.seq_length + 1, len(self.stream)))
-        return make_sample(torch.from_numpy(np.asarray(window, dtype=np.int64)), self.seq_length)
+        stop = min(start + self.seq_length + 1, len(self.stream))
+        sample = make_sample(torch.from_numpy(np.asarray(self.stream.read(start, stop), dtype=np.int64)),
+                             self.seq_length)
+        label_mask = getattr(self.stream, "label_mask", None)
+        if label_mask is not None:  # the label of position t is stream token start + 1 + t
+            labelled = torch.from_numpy(np.asarray(label_mask[start + 1:stop], dtype=np.float32))
+            sample["loss_mask"][:len(labelled)] *= labelled
+        return sample

@@ -131,8 +131,8 @@ def evaluate_model(config: QADConfig, checkpoint: str | Path | None, quantized: 
     check_single_process_layout(config)
     context = parallel.initialize(config.parallel, seed=config.model.seed)
     try:
-        teacher = _load(config, config.teacher.checkpoint, context.device, quantized=False)
-        student = teacher if checkpoint is None else _load(config, checkpoint, context.device, quantized)
+        teacher = load_model(config, config.teacher.checkpoint, context.device, quantized=False)
+        student = teacher if checkpoint is None else load_model(config, checkpoint, context.device, quantized)
         teacher_logits_of = logits_function(teacher, context.device)
         student_logits_of = logits_function(student, context.device)
         return {"accuracy": task_accuracy(student_logits_of, data.problems, batch_size),
@@ -144,7 +144,9 @@ def evaluate_model(config: QADConfig, checkpoint: str | Path | None, quantized: 
         parallel.destroy()
 
 
-def _load(config: QADConfig, checkpoint: str | Path, device: torch.device, quantized: bool) -> torch.nn.Module:
+def load_model(config: QADConfig, checkpoint: str | Path, device: torch.device, quantized: bool) -> torch.nn.Module:
+    """The recipe's model (quantized by its policy, emulated NVFP4 backend, when ``quantized``) with
+    the weights and static scales saved at ``checkpoint``, in eval mode on ``device``."""
     (model,) = build_model_chunks(config.model, config.parallel, device)
     if quantized:
         quantize.apply([model], config.quantization.to_policy(), backend="emulated")
