@@ -58,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import chat_prompts, reply_number, split_prompts  # noqa: E402
+from markdown_tables import sweep_table, write_between_markers  # noqa: E402
 
 from megatron_qad import parallel  # noqa: E402
 from megatron_qad.checkpoint_tracker import saved_iteration  # noqa: E402
@@ -415,15 +416,6 @@ def main_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep_table(results: list[dict]) -> str:
-    lines = ["| model | lr | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(COLUMNS)]
-    for row in sorted(results, key=lambda row: (row["variant"], row["lr"])):
-        lines.append(f"| {row['variant']} | {row['lr']:g} | "
-                     + " | ".join(format_value(key, [row[key]]) for key, _ in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
 def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: float) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
     trained = [row for row in results if row["tokens"]]
@@ -442,7 +434,7 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
     if sweep:
-        text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep)}\n"
+        text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
 
 
@@ -466,18 +458,6 @@ def export_selected(args, files: dict, hf_dir: Path) -> list[Path]:
             export(config)
         written.append(target)
     return written
-
-
-def write_results(path: Path, text: str) -> None:
-    """Put ``text`` between the markers of ``path`` (appended as a new section when it has none)."""
-    old = path.read_text() if path.is_file() else ""
-    marked = f"{BEGIN}\n{text}{END}"
-    if BEGIN in old and END in old:
-        before, rest = old.split(BEGIN, 1)
-        new = before + marked + rest.split(END, 1)[1]
-    else:
-        new = old + ("\n" if old and not old.endswith("\n") else "") + marked + "\n"
-    path.write_text(new)
 
 
 def parse_list(text: str, kind=float) -> list:
@@ -547,7 +527,7 @@ def main(argv=None) -> None:
     text = report(args, data, results, sweep, time.perf_counter() - start)
     print(text)
     if args.results:
-        write_results(args.results, text)
+        write_between_markers(args.results, text, BEGIN, END)
     if args.export:
         print("real_model: exported " + ", ".join(map(str, export_selected(args, data, hf_dir))))
 

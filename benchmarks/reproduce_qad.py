@@ -57,11 +57,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_qad.config import ConfigError, QADConfig, load_config
-from megatron_qad.evaluate.students import evaluate_model, evaluation_data
-from megatron_qad.train import checkpointing, run
-from megatron_qad.train.arguments import write_summary
-from megatron_qad.train.teacher_stages import prepare_teacher, rft_dirs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import markdown_tables  # noqa: E402
+
+from megatron_qad.config import ConfigError, QADConfig, load_config  # noqa: E402
+from megatron_qad.evaluate.students import evaluate_model, evaluation_data  # noqa: E402
+from megatron_qad.train import checkpointing, run  # noqa: E402
+from megatron_qad.train.arguments import write_summary  # noqa: E402
+from megatron_qad.train.teacher_stages import prepare_teacher, rft_dirs  # noqa: E402
 
 TEACHER = "BF16 teacher"
 SFT_STAGE = "SFT stage of the teacher"
@@ -286,12 +289,7 @@ def main_table(results: list[dict]) -> str:
 
 def sweep_table(results: list[dict]) -> str:
     """Markdown: QAT and QAD at every learning rate run (one seed each)."""
-    lines = ["| model | lr | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(COLUMNS)]
-    for row in sorted(results, key=lambda row: (row["variant"], row["lr"])):
-        lines.append(f"| {row['variant']} | {row['lr']:g} | "
-                     + " | ".join(format_value(key, [row[key]]) for key, _ in COLUMNS) + " |")
-    return "\n".join(lines)
+    return markdown_tables.sweep_table(results, COLUMNS, format_value)
 
 
 def goals(teacher: dict, results: list[dict]) -> str:
@@ -378,17 +376,6 @@ def report(args, config: QADConfig, teachers: list[dict], results: list[dict], s
     return text
 
 
-def write_results(path: Path, text: str) -> None:
-    """Put ``text`` between the markers of ``path`` (or make ``path`` hold just the marked text)."""
-    marked = f"{BEGIN}\n{text}{END}"
-    old = path.read_text() if path.is_file() else ""
-    if BEGIN in old and END in old:
-        before, rest = old.split(BEGIN, 1)
-        marked = before + marked + rest.split(END, 1)[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(marked if marked.endswith("\n") else marked + "\n")
-
-
 def main(argv=None) -> None:
     args = arguments(argv)
     start = time.perf_counter()
@@ -403,7 +390,7 @@ def main(argv=None) -> None:
     text = report(args, config, teachers, results, time.perf_counter() - start)
     print(text)
     if args.results:
-        write_results(args.results, text)
+        markdown_tables.write_between_markers(args.results, text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 from .sources import with_defaults
 from .splits import split_positions
 from .tasks import END_OF_ANSWER, source_problems
-from .teacher_generated import generate, load_cache, save_cache
+from .teacher_generated import cached_or_sampled
 from .tokenizers import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -60,18 +60,8 @@ def _sampled(spec: dict, where: str, starts: list[list[int]], length: int, vocab
     fingerprint = dict(source="teacher_answers", seed=int(seed), num_prompts=len(starts), length=length,
                        vocab_size=vocab_size,
                        start_tokens=hashlib.blake2b(json.dumps(starts).encode(), digest_size=16).hexdigest())
-    cached = load_cache(cache_path, fingerprint)
-    if cached is not None:
-        return cached
-    if teacher_sampler is None:
-        found = "no cache path is set" if cache_path is None else f"no cache at {cache_path!r} matches {fingerprint}"
-        raise ValueError(f"'{where}': a teacher_answers source needs the teacher to sample its answers and "
-                         f"{found}; build the dataset with teacher_sampler, or point {where}.cache at a cache "
-                         f"generated with these settings")
-    sequences = generate(teacher_sampler, starts, length - 1, vocab_size, seed, spec["batch_size"], where)
-    if cache_path is not None:
-        save_cache(cache_path, fingerprint, sequences)
-    return sequences
+    return cached_or_sampled(teacher_sampler, starts, length - 1, vocab_size, seed, spec["batch_size"], cache_path,
+                             fingerprint, where, "a teacher_answers source needs the teacher to sample its answers")
 
 
 def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:

@@ -51,15 +51,24 @@ def teacher_sequences(spec: dict, where: str, seq_length: int, vocab_size: int, 
     fingerprint = dict(seed=int(seed), num_sequences=spec["num_sequences"], seq_length=seq_length,
                        vocab_size=vocab_size,
                        start_tokens=hashlib.blake2b(json.dumps(starts).encode(), digest_size=16).hexdigest())
+    return cached_or_sampled(teacher_sampler, starts, seq_length, vocab_size, seed, spec["batch_size"], cache_path,
+                             fingerprint, where, "a teacher_generated source needs the teacher to sample its sequences")
+
+
+def cached_or_sampled(teacher_sampler, starts: list[list[int]], seq_length: int, vocab_size: int, seed: int,
+                      batch_size: int, cache_path: str | None, fingerprint: dict, where: str,
+                      need: str) -> torch.Tensor:
+    """int64 ``[len(starts), seq_length + 1]``: the cache at ``cache_path`` when it was written with
+    ``fingerprint``, else ``starts`` continued by :func:`generate` and cached there. Without a
+    cache and a ``teacher_sampler`` a ValueError names ``where`` and says ``need``."""
     cached = load_cache(cache_path, fingerprint)
     if cached is not None:
         return cached
     if teacher_sampler is None:
         found = "no cache path is set" if cache_path is None else f"no cache at {cache_path!r} matches {fingerprint}"
-        raise ValueError(f"'{where}': a teacher_generated source needs the teacher to sample its sequences and "
-                         f"{found}; build the dataset with teacher_sampler, or point {where}.cache at a cache "
-                         f"generated with these settings")
-    sequences = generate(teacher_sampler, starts, seq_length, vocab_size, seed, spec["batch_size"], where)
+        raise ValueError(f"'{where}': {need} and {found}; build the dataset with teacher_sampler, or point "
+                         f"{where}.cache at a cache generated with these settings")
+    sequences = generate(teacher_sampler, starts, seq_length, vocab_size, seed, batch_size, where)
     if cache_path is not None:
         save_cache(cache_path, fingerprint, sequences)
     return sequences
