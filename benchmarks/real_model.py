@@ -335,7 +335,7 @@ def variant_config(args, name: str, seed: int, lr: float | None, files: dict, hf
         overrides += [f"training.lr={lr}", f"training.min_lr={lr / 10}"]
     config = load_config(args.out / "teacher" / "recipe.yaml", overrides)
     tokens_per_step = config.training.global_batch_size * config.model.seq_length
-    config.training.train_iters = max(1, round(args.tokens / tokens_per_step))
+    config.training.train_iters = max(1, -(-args.tokens // tokens_per_step))  # at least --tokens
     config.checkpoint.save, config.checkpoint.resume = str(directory), False
     if name == QAD_RESPONSES and lr is None:
         config.checkpoint.save_interval = max(1, config.training.train_iters // args.select_points)
@@ -476,7 +476,7 @@ def arguments(argv=None):
     parser.add_argument("--qad-lrs", default="3e-5,1e-4", help="learning rates besides the recipe's for QAD on "
                         "responses (first seed); '' for none")
     parser.add_argument("--qat-lrs", default="3e-5,1e-4", help="the same for QAT on responses")
-    parser.add_argument("--tokens", default=10_000_000, type=int, help="training tokens of every trained student")
+    parser.add_argument("--tokens", default=10_000_000, type=int, help="training tokens of every trained student (rounded up to whole steps)")
     parser.add_argument("--select-points", default=5, type=int,
                         help="checkpoints of QAD on responses compared for selection (saved evenly)")
     parser.add_argument("--prompts", default=0, type=int, help="use at most this many prompts of each set (0: all)")
