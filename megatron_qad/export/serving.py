@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic_files import write_text
 from ..config import QADConfig
 
 IMPORTED_DIR = "hf_tokenizer"
@@ -84,9 +85,7 @@ def complete_generation_config(directory: Path, token_ids: dict) -> bool:
     config = json.loads(path.read_text()) if path.is_file() else {}
     missing = {name: value for name, value in token_ids.items() if value is not None and config.get(name) is None}
     if missing:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({**config, **missing}, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({**config, **missing}, indent=2) + "\n")
     return path.is_file()
 
 

@@ -23,10 +23,10 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
+from ..atomic_files import write_text
 from ..checkpoint_tracker import has_tracker
 from ..config import (ConfigError, DataConfig, DistillConfig, ExportConfig, ModelConfig, ParallelConfig,
                       QADConfig, QuantizationConfig, TeacherConfig, TrainingConfig, config_from_dict,
@@ -462,8 +462,4 @@ def qad_sections_from_args(args: argparse.Namespace) -> QADSections:
 
 def write_summary(path: str | Path, summary: dict) -> None:
     """``summary`` as JSON at ``path`` (rank 0 writes it; atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

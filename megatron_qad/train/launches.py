@@ -21,16 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from ..atomic_files import write_text
+
 
 LAUNCHES = "launches"
 RECIPE = "config.yaml"
-
-
-def _write(path: Path, text: str) -> None:
-    """``text`` at ``path``, atomically (a temporary file renamed over it)."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def record(args: argparse.Namespace, argv: list[str]) -> Path:
@@ -55,9 +50,9 @@ def record(args: argparse.Namespace, argv: list[str]) -> Path:
     header = (f"# Launch {number} of {save}: the settings that trained the checkpoints after iteration "
               f"{settings['start_iteration']}, up to the next launch's start.\n")
     path = launches / f"{number:04d}.yaml"
-    _write(path, header + yaml.safe_dump(settings, sort_keys=False))
+    write_text(path, header + yaml.safe_dump(settings, sort_keys=False))
     if recipe:
-        _write(save / RECIPE, recipe)
+        write_text(save / RECIPE, recipe)
     return path
 
 

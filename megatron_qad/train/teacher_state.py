@@ -11,9 +11,9 @@ directory without the file is a checkpoint from elsewhere and loads as it is.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic_files import write_text
 from ..checkpoint_tracker import saved_iteration
 from ..config import ConfigError
 
@@ -23,11 +23,7 @@ MARKER = "qad_teacher.json"
 def mark(directory: str | Path, status: str, train_iters: int) -> None:
     """Write ``status`` ("training" or "finished") of the teacher of ``train_iters`` iterations
     trained into ``directory`` (rank 0; atomic)."""
-    path = Path(directory) / MARKER
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{MARKER}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"status": status, "train_iters": train_iters}) + "\n")
-    os.replace(tmp, path)
+    write_text(Path(directory) / MARKER, json.dumps({"status": status, "train_iters": train_iters}) + "\n")
 
 
 def unfinished(directory: str | Path | None) -> dict | None:
