@@ -58,14 +58,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import chat_prompts, reply_number, split_prompts  # noqa: E402
-from markdown_tables import sweep_table, write_between_markers  # noqa: E402
+from result_benchmarks import number_list, slug, sweep_table, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad import parallel  # noqa: E402
-from megatron_qad.checkpoint_tracker import saved_iteration  # noqa: E402
+from megatron_qad.atomic_files import write_text  # noqa: E402
 from megatron_qad.config import QADConfig, load_config  # noqa: E402
 from megatron_qad.data.chat import chat_stream, prompt_tokens  # noqa: E402
-from megatron_qad.data.documents import CORPUS_DIR  # noqa: E402
 from megatron_qad.data import build_dataset  # noqa: E402
+from megatron_qad.data.documents import CORPUS_DIR  # noqa: E402
+from megatron_qad.data.sources import with_defaults  # noqa: E402
 from megatron_qad.data.tokenizers import load_tokenizer  # noqa: E402
 from megatron_qad.data.windows import ArrayStream, TokenWindows  # noqa: E402
 from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,  # noqa: E402
@@ -73,7 +74,8 @@ from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, m
 from megatron_qad.evaluate.students import agreement, load_model, logits_function  # noqa: E402
 from megatron_qad.export import export  # noqa: E402
 from megatron_qad.hf_import import import_checkpoint  # noqa: E402
-from megatron_qad.train import run  # noqa: E402
+from megatron_qad.progress import Progress  # noqa: E402
+from megatron_qad.train import checkpointing, run  # noqa: E402
 from megatron_qad.train.arguments import write_summary  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,9 +125,8 @@ def write_hf_directory(gguf: Path, out: Path) -> None:
     print(f"real_model: reading {gguf} (dequantizing to float32)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.config.quantization_config = None  # the tensors are plain float32 now
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        del model.config.quantization_config  # the tensors are plain float32 now
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     partial = out.with_name(out.name + ".partial")
@@ -151,17 +152,6 @@ def prepare_model(args) -> tuple[Path, Path]:
 # 2. Data
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(temporary, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def prompt_sets(args) -> dict[str, list[dict]]:
     """The train / validation / test prompt records (``chat_prompts.py``), at most ``--prompts`` of each."""
     train, held_out = split_prompts(chat_prompts())
@@ -182,7 +172,8 @@ def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     eos, pad = tokenizer.tokenizer.eos_token_id, tokenizer.tokenizer.pad_token_id or 0
     jobs = [prompt for prompt in prompts for _ in range(samples)]
-    records, dropped, start = [], 0, time.perf_counter()
+    records, dropped = [], 0
+    progress = Progress("teacher responses", len(jobs), unit="responses")
     for first in range(0, len(jobs), batch_size):
         batch = jobs[first:first + batch_size]
         ids = [prompt_tokens(tokenizer, prompt, "chat prompts") for prompt in batch]
@@ -193,15 +184,15 @@ def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, 
         with torch.no_grad():
             out = model.generate(input_ids=tokens, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        generated = 0
         for prompt, row in zip(batch, out[:, longest:].tolist()):
             if eos not in row:
                 dropped += 1
+                generated += len(row)
                 continue
+            generated += row.index(eos) + 1
             records.append({"prompt": prompt, "response": tokenizer.decode(row[:row.index(eos)])})
-        done = min(first + batch_size, len(jobs))
-        rate = done / (time.perf_counter() - start)
-        print(f"real_model: teacher responses {done}/{len(jobs)} ({rate:.1f} responses/s, "
-              f"ETA {(len(jobs) - done) / rate:.0f} s)", flush=True)
+        progress.advance(len(batch), tokens=generated)
     return records, dropped
 
 
@@ -213,15 +204,16 @@ def prepare_data(args, hf_dir: Path) -> dict:
     info_path = data / "responses.json"
     files = {name: data / f"responses_{name}.jsonl" for name in sets}
     if not info_path.is_file():
-        dropped = {}
-        for name, records in sets.items():
+        dropped, counts = {}, {}
+        for offset, (name, records) in enumerate(sets.items()):
             samples = args.samples if name == "train" else 1
             responses, dropped[name] = sample_responses(hf_dir, [record["prompt"] for record in records], samples,
-                                                        args.generation_seed + len(dropped), args.max_new_tokens,
+                                                        args.generation_seed + offset, args.max_new_tokens,
                                                         args.generation_batch)
-            write_jsonl(files[name], responses)
+            write_text(files[name], "".join(json.dumps(response) + "\n" for response in responses))
+            counts[name] = len(responses)
         write_summary(info_path, {"dropped": dropped, "samples": args.samples, "max new tokens": args.max_new_tokens,
-                                  "responses": {name: len(read_jsonl(path)) for name, path in files.items()}})
+                                  "responses": counts})
     return {**{name: str(path) for name, path in files.items()}, "prompts": sets,
             "info": json.loads(info_path.read_text())}
 
@@ -242,8 +234,7 @@ def data_sources(kind: str, files: dict, hf_dir: Path) -> str:
 def chat_windows(path: str, hf_dir: Path, seq_length: int) -> list[dict]:
     """Every window of the conversations in ``path`` (both splits: they are all held-out prompts),
     loss on response tokens."""
-    spec = {"type": "chat", "paths": path, "tokenizer": str(hf_dir), "prompt_field": "prompt",
-            "response_field": "response", "loss_on": "response", "weight": 1.0}
+    spec = with_defaults({"type": "chat", "paths": path, "tokenizer": str(hf_dir)})
     pieces = [chat_stream(spec, "held-out responses", split) for split in ("train", "validation")]
     tokens = np.concatenate([piece[0] for piece in pieces])
     mask = np.concatenate([piece[1] for piece in pieces])
@@ -322,10 +313,6 @@ class Evaluator:
         return sum(reply_number(self.tokenizer.decode(reply)) == record["answer"] for record, reply in right) / len(right)
 
 
-def slug(text: str) -> str:
-    return "".join(character if character.isalnum() else "_" for character in text.lower()).strip("_")
-
-
 def variant_config(args, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path, directory: Path) -> QADConfig:
     mode, kind, overrides = VARIANTS[name]
     overrides = [*args.overrides, *overrides, f"data.seed={seed}", f"model.seed={seed}"]
@@ -342,16 +329,21 @@ def variant_config(args, name: str, seed: int, lr: float | None, files: dict, hf
     return config
 
 
-def select_best(evaluator: Evaluator, config: QADConfig, directory: Path) -> dict:
-    """Keep the saved student with the lowest validation KL; delete the others; point the tracker at it."""
-    candidates = sorted(directory.glob("iter_*"))
-    scores = {int(path.name.split("_")[1]): evaluator.validation_kl(config, path) for path in candidates}
+def select_best(evaluator: Evaluator, config: QADConfig, directory: Path, final: Path, final_metrics: dict) -> dict:
+    """Keep the saved student with the lowest validation KL (the ``final`` checkpoint's is in
+    ``final_metrics``); delete the others; point the tracker at it. The kept one's full metrics are
+    ``metrics`` (measured here unless it is the final one)."""
+    scores = {int(path.name.split("_")[1]): (final_metrics["validation kl"] if path.name == final.name
+                                             else evaluator.validation_kl(config, path))
+              for path in sorted(directory.glob("iter_*"))}
     best = min(scores, key=scores.get)
     for iteration in scores:
         if iteration != best:
             shutil.rmtree(directory / f"iter_{iteration:07d}")
     (directory / "latest_checkpointed_iteration.txt").write_text(str(best))
-    return {"iteration": best, "validation kl": sorted(scores.items())}
+    kept = directory / f"iter_{best:07d}"
+    metrics = final_metrics if kept.name == final.name else evaluator.evaluate(config, kept, quantized=True)
+    return {"iteration": best, "validation kl": sorted(scores.items()), "metrics": metrics}
 
 
 def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path) -> dict:
@@ -367,16 +359,10 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
     start, seconds, selection = time.perf_counter(), 0.0, None
     if mode is not None:
         seconds = run(config, mode)["seconds"]
-    checkpoint = None
-    if mode == "ptq":
-        checkpoint = directory / "ptq"
-    elif mode == "train":
-        checkpoint = directory / f"iter_{saved_iteration(directory):07d}"
+    checkpoint = checkpointing.student_checkpoint(directory) if mode is not None else None
     metrics = evaluator.evaluate(config, checkpoint, quantized=mode is not None)
     if name == QAD_RESPONSES and lr is None:
-        selection = select_best(evaluator, config, directory)
-        selected = evaluator.evaluate(config, directory / f"iter_{selection['iteration']:07d}", quantized=True)
-        selection["metrics"] = selected
+        selection = select_best(evaluator, config, directory, checkpoint, metrics)
     tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
     result = {"variant": name, "seed": seed, "lr": config.training.lr if mode == "train" else None,
               "tokens": tokens if mode == "train" else 0, "run seconds": seconds,
@@ -460,10 +446,6 @@ def export_selected(args, files: dict, hf_dir: Path) -> list[Path]:
     return written
 
 
-def parse_list(text: str, kind=float) -> list:
-    return [kind(item) for item in text.split(",") if item.strip()]
-
-
 def arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="configs/smollm2_135m_instruct.yaml", help="base recipe of the import")
@@ -496,14 +478,12 @@ def arguments(argv=None):
                         "formats to OUT/export/{compressed_tensors,modelopt}")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, key.path=value")
     args = parser.parse_intermixed_args(argv)
-    args.variants = list(VARIANTS) if args.variants == "all" else [name.strip() for name in args.variants.split(",")]
-    unknown = [name for name in args.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; the variants are {list(VARIANTS)}")
-    args.seeds = parse_list(args.seeds, int)
+    args.variants = variant_names(parser, args.variants, list(VARIANTS))
+    args.seeds = number_list(parser, "--seeds", args.seeds, int)
     if not args.seeds:
         parser.error("--seeds needs at least one seed")
-    args.qad_lrs, args.qat_lrs = parse_list(args.qad_lrs), parse_list(args.qat_lrs)
+    args.qad_lrs = number_list(parser, "--qad-lrs", args.qad_lrs)
+    args.qat_lrs = number_list(parser, "--qat-lrs", args.qat_lrs)
     return args
 
 

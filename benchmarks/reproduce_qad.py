@@ -48,7 +48,6 @@ import datetime
 import json
 import multiprocessing
 import platform
-import re
 import statistics
 import sys
 import time
@@ -58,7 +57,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import markdown_tables  # noqa: E402
+import result_benchmarks  # noqa: E402
+from result_benchmarks import number_list, slug, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad.config import ConfigError, QADConfig, load_config  # noqa: E402
 from megatron_qad.evaluate.students import evaluate_model, evaluation_data  # noqa: E402
@@ -90,10 +90,6 @@ BEGIN, END = "<!-- reproduce_qad: begin -->", "<!-- reproduce_qad: end -->"
 COLUMNS = (("accuracy", "task accuracy"), ("mislabelled accuracy", "accuracy, mislabelled problems"),
            ("task kl", "KL, task text"), ("general kl", "KL, general text"),
            ("task student ce", "CE, task text"), ("general student ce", "CE, general text"))
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def teacher_dir(args, teacher_seed: int) -> Path:
@@ -289,7 +285,7 @@ def main_table(results: list[dict]) -> str:
 
 def sweep_table(results: list[dict]) -> str:
     """Markdown: QAT and QAD at every learning rate run (one seed each)."""
-    return markdown_tables.sweep_table(results, COLUMNS, format_value)
+    return result_benchmarks.sweep_table(results, COLUMNS, format_value)
 
 
 def goals(teacher: dict, results: list[dict]) -> str:
@@ -307,10 +303,6 @@ def goals(teacher: dict, results: list[dict]) -> str:
     return (f"The paper's ordering on accuracy, teacher >= QAD > PTQ > QAT (both on the SFT data): "
             f"{'holds' if holds else 'does not hold'} ({' / '.join(f'{100 * value:.1f}%' for value in order)}). "
             f"QAD on the SFT data recovers {recovered}.\n")
-
-
-def parse_list(text: str, kind=float) -> list:
-    return [kind(item) for item in text.split(",") if item.strip()]
 
 
 def arguments(argv=None):
@@ -337,16 +329,15 @@ def arguments(argv=None):
     parser.add_argument("--results", type=Path, help="write the tables into this Markdown file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, key.path=value")
     args = parser.parse_intermixed_args(argv)
-    args.variants = list(VARIANTS) if args.variants == "all" else [name.strip() for name in args.variants.split(",")]
-    unknown = [name for name in args.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; the variants are {list(VARIANTS)}")
-    args.seeds, args.teacher_seeds = parse_list(args.seeds, int), parse_list(args.teacher_seeds, int)
+    args.variants = variant_names(parser, args.variants, list(VARIANTS))
+    args.seeds = number_list(parser, "--seeds", args.seeds, int)
+    args.teacher_seeds = number_list(parser, "--teacher-seeds", args.teacher_seeds, int)
     if not args.seeds or not args.teacher_seeds:
         parser.error("--seeds and --teacher-seeds need at least one seed each")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    args.qad_lrs, args.qat_lrs = parse_list(args.qad_lrs), parse_list(args.qat_lrs)
+    args.qad_lrs = number_list(parser, "--qad-lrs", args.qad_lrs)
+    args.qat_lrs = number_list(parser, "--qat-lrs", args.qat_lrs)
     return args
 
 
@@ -390,7 +381,7 @@ def main(argv=None) -> None:
     text = report(args, config, teachers, results, time.perf_counter() - start)
     print(text)
     if args.results:
-        markdown_tables.write_between_markers(args.results, text, BEGIN, END)
+        write_between_markers(args.results, text, BEGIN, END)
 
 
 if __name__ == "__main__":

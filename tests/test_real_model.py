@@ -142,7 +142,7 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     assert rows == ["model", "BF16 teacher", "PTQ", "QAD (teacher responses)", "QAD (teacher responses), selected"]
     teacher = json.loads((out / "runs" / "bf16_teacher" / "seed1" / "recipe_lr" / "metrics.json").read_text())
     assert teacher["kl"] < 1e-6 and teacher["exact match"] == 1.0 and teacher["common prefix"] > 0
-    qad_dir = out / "runs" / "qad__teacher_responses" / "seed1" / "recipe_lr"
+    qad_dir = out / "runs" / "qad_teacher_responses" / "seed1" / "recipe_lr"
     qad = json.loads((qad_dir / "metrics.json").read_text())
     assert qad["tokens"] == 2048 and qad["kl"] > 0
     selection = qad["selection"]

@@ -1,7 +1,34 @@
-"""Markdown pieces the result benchmarks share: the learning-rate sweep table and a file's marked section."""
+"""What the result benchmarks (``reproduce_qad.py``, ``real_model.py``) share: their command line's
+lists (variants, seeds, learning rates), run directory names, the learning-rate sweep table and the
+marked section of a Markdown file they write their tables into."""
 
+import argparse
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+def variant_names(parser: argparse.ArgumentParser, text: str, variants: Sequence[str]) -> list[str]:
+    """The variants ``text`` names (``all`` or comma-separated names); an unknown one is a usage error."""
+    names = list(variants) if text == "all" else [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in variants]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; the variants are {list(variants)}")
+    return names
+
+
+def number_list(parser: argparse.ArgumentParser, flag: str, text: str, kind=float) -> list:
+    """The comma-separated numbers of ``text`` (``''``: none), each a ``kind``; a bad one is a usage
+    error naming ``flag``."""
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        parser.error(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__} numbers")
+
+
+def slug(text: str) -> str:
+    """A variant's name as a directory name: lower case, each run of other characters one '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def sweep_table(rows: list[dict], columns: Sequence[tuple[str, str]], format_value: Callable[[str, list], str]) -> str:
