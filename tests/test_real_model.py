@@ -19,7 +19,8 @@ import torch
 
 from megatron_qad import parallel
 from megatron_qad.config import load_config
-from megatron_qad.data import build_dataset
+from megatron_qad.config import ConfigError
+from megatron_qad.data import build_dataset, validate_sources
 from megatron_qad.data.chat import conversation_tokens, prompt_tokens
 from megatron_qad.data.tokenizers import load_tokenizer
 from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,
@@ -96,6 +97,10 @@ def test_chat_source_counts_the_response_tokens_only(tiny_chat_model, tmp_path):
     labelled = sample["labels"][sample["loss_mask"] > 0].tolist()
     text = tokenizer.decode(labelled)
     assert "It is" in text and "<|im_end|>" in text and "What is" not in text and "<|im_start|>" not in text
+    with pytest.raises(ConfigError, match=r"'data.sources\[0\].tokenizer': 'byte' has no chat template"):
+        validate_sources([{**spec, "tokenizer": "byte"}], len(tokenizer.tokenizer))
+    with pytest.raises(ConfigError, match=r"'data.sources\[0\].loss_on': must be 'response'"):
+        validate_sources([{**spec, "loss_on": "prompt"}], len(tokenizer.tokenizer))
     everything = build_dataset([{**spec, "loss_on": "all"}], "train", length, len(tokenizer.tokenizer), 0)[0]
     assert everything["loss_mask"].sum() > sample["loss_mask"].sum()
     assert torch.equal(everything["tokens"], sample["tokens"])

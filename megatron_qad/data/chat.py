@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ConfigError
 from .documents import jsonl_records
 from .splits import split_positions
-from .tokenizers import load_tokenizer
+from .tokenizers import load_tokenizer, require_chat_template
 
 
 def conversation_tokens(tokenizer, prompt: str, response: str, where: str) -> tuple[list[int], int]:
@@ -47,9 +47,7 @@ def prompt_tokens(tokenizer, prompt: str, where: str) -> list[int]:
 
 
 def _template(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
-    if not getattr(tokenizer.tokenizer, "chat_template", None):
-        raise ConfigError(f"'{where}.tokenizer': {tokenizer.name!r} has no chat template; give the directory of a "
-                          f"chat model's tokenizer (its tokenizer_config.json or chat_template.jinja holds it)")
+    require_chat_template(tokenizer, f"{where}.tokenizer")
     return tokenizer.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -61,9 +59,6 @@ def chat_stream(spec: dict, where: str, split: str) -> tuple[np.ndarray, np.ndar
     validation split, the rest train.
     """
     tokenizer = load_tokenizer(spec["tokenizer"], f"{where}.tokenizer")
-    if tokenizer.name == "byte":
-        raise ConfigError(f"'{where}.tokenizer': a chat source needs a Hugging Face tokenizer directory with a "
-                          f"chat template, not 'byte'")
     records = jsonl_records(spec["paths"], (spec["prompt_field"], spec["response_field"]), f"{where}.paths",
                             f"{where}.prompt_field / response_field")
     tokens, masks, documents = [], [], []

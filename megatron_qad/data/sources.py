@@ -11,7 +11,7 @@ import os
 from ..config import ConfigError
 from .splits import split_positions
 from .tasks import FORMATS, TRAP_SHARE
-from .tokenizers import ByteTokenizer, load_tokenizer
+from .tokenizers import ByteTokenizer, load_tokenizer, require_chat_template
 
 REQUIRED = "required"
 """Marks a key without a default in :data:`SOURCE_KEYS`."""
@@ -111,6 +111,8 @@ def _check_source(spec, where: str, vocab_size: int) -> None:
         _check_problem_count(spec, where)
     if kind == "teacher_answers":
         _check_answers_task(spec, where, vocab_size)
+    if kind == "chat":
+        require_chat_template(load_tokenizer(spec["tokenizer"], f"{where}.tokenizer"), f"{where}.tokenizer")
 
 
 def check_tokenizer_fits(tokenizer, key: str, vocab_size: int) -> None:

@@ -70,6 +70,13 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids])
 
 
+def require_chat_template(tokenizer, key: str) -> None:
+    """ConfigError naming recipe key ``key`` unless ``tokenizer`` is a Hugging Face tokenizer with a chat template."""
+    if not getattr(getattr(tokenizer, "tokenizer", None), "chat_template", None):
+        raise ConfigError(f"'{key}': {tokenizer.name!r} has no chat template; give the directory of a chat model's "
+                          f"tokenizer (its tokenizer_config.json or chat_template.jinja holds it)")
+
+
 def load_tokenizer(spec: str, key: str):
     """The tokenizer named by recipe value ``spec`` at key path ``key``: "byte" or a HF tokenizer directory."""
     if spec == "byte":
