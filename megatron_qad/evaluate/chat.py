@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..progress import Progress
+
 PaddedLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``logits_of(tokens int64 [b, t], padding int64 [b]) -> logits [b, t, V]``: rows padded on the left
 by ``padding[i]`` tokens."""
@@ -56,16 +58,22 @@ def _left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch
 def greedy_replies(logits_of: PaddedLogits, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id: int,
                    batch_size: int = 64, pad_id: int = 0) -> list[list[int]]:
     """Per prompt (token ids), the tokens chosen greedily after it (argmax, ties to the lowest id),
-    ending with ``stop_id`` when the model ends its turn within ``max_new_tokens`` tokens."""
+    ending with ``stop_id`` when the model ends its turn within ``max_new_tokens`` tokens. Rank 0
+    prints the progress through ``len(prompts) x max_new_tokens`` token slots (a reply that ends
+    fills its remaining ones), as :func:`megatron_qad.evaluate.generate.greedy_generate` does."""
     replies: list[list[int]] = [[] for _ in prompts]
+    progress = Progress("greedy replies", len(prompts) * max_new_tokens, unit="token slots")
     for first in range(0, len(prompts), batch_size):
         active = list(range(first, min(first + batch_size, len(prompts))))
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             tokens, padding = _left_padded([list(prompts[row]) + replies[row] for row in active], pad_id)
             chosen = logits_of(tokens, padding)[:, -1].float().argmax(dim=-1).tolist()
             for row, token in zip(active, chosen):
                 replies[row].append(token)
-            active = [row for row in active if replies[row][-1] != stop_id]
+            going = [row for row in active if replies[row][-1] != stop_id]
+            ended = len(active) - len(going)
+            progress.advance(len(active) + ended * (max_new_tokens - step - 1), tokens=len(active))
+            active = going
             if not active:
                 break
     return replies
