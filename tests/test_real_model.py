@@ -22,7 +22,7 @@ from megatron_qad.config import load_config
 from megatron_qad.config import ConfigError
 from megatron_qad.data import build_dataset, validate_sources
 from megatron_qad.data.chat import conversation_tokens, prompt_tokens
-from megatron_qad.data.tokenizers import load_tokenizer
+from megatron_qad.data.tokenizers import end_of_turn_id, load_tokenizer
 from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,
                                         reply_agreement)
 from megatron_qad.evaluate.generate import greedy_generate
@@ -47,6 +47,8 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
     gguf = real_model.packaged_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for name, token in real_model.gguf_special_tokens(gguf).items():
+        setattr(tokenizer, name, token)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -60,6 +62,16 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def test_special_tokens_come_from_the_gguf_and_a_turn_ends_at_the_templates_end_token(tiny_chat_model):
+    special = real_model.gguf_special_tokens(real_model.packaged_gguf())
+    assert special == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    tokenizer = load_tokenizer(str(tiny_chat_model), "t")
+    assert tokenizer.tokenizer.eos_token == "<|im_end|>"
+    assert end_of_turn_id(tokenizer, "t") == tokenizer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ConfigError, match="'k': 'byte' has no chat template"):
+        end_of_turn_id(load_tokenizer("byte", "k"), "k")
 
 
 def test_prompts_are_many_unique_deterministic_and_held_out_apart():

@@ -56,7 +56,7 @@ def test_reversed_problems_and_their_wrong_labels():
         validate_sources([dict(TASK, wrong_labels=TRAP_SHARE + 0.1)], VOCAB)
 
 
-def test_answers_keep_all_or_the_correct_ones_and_are_cached(tmp_path):
+def test_answers_keep_all_or_the_correct_ones_and_are_cached(tmp_path, capsys):
     problems = addition_problems(2000, digits=2, seed=0, format="reversed", wrong_labels=0.2)
     train = [problems[position] for position in split_positions(len(problems), "train")][:300]
     sampler, cache = label_follower(problems), str(tmp_path / "answers.pt")
@@ -73,6 +73,8 @@ def test_answers_keep_all_or_the_correct_ones_and_are_cached(tmp_path):
     correct = [problem.text for problem in train if not problem.mislabelled]
     assert decoded(tokens) == [correct[p] for p in split_positions(len(correct), "train")]
     assert len(correct) < len(train)
+    assert (f"'w': {len(correct)} of 300 sampled answers are correct ({100 * len(correct) / 300:.1f} %); "
+            f"those are the data") in capsys.readouterr().out
     with pytest.raises(ValueError, match="needs the teacher to sample its answers"):
         answer_documents(dict(spec, keep="all", num_prompts=200), "w", VOCAB, 3, cache, None, "train")
     dataset = build_dataset([dict(spec, keep="all", cache=cache)], "train", 16, VOCAB, 3)

@@ -21,6 +21,7 @@ import json
 
 import numpy as np
 
+from ..progress import say
 from .sources import with_defaults
 from .splits import split_positions
 from .tasks import END_OF_ANSWER, source_problems
@@ -49,6 +50,9 @@ def answer_documents(spec: dict, where: str, vocab_size: int, seed: int, cache_p
         if spec["keep"] == "all" or written == TOKENIZER.encode(problem.answer + END_OF_ANSWER):
             documents.append(start[1:] + written)
             names.append(f"teacher_answers:{position}")
+    if spec["keep"] == "correct" and split == "train":
+        say(f"'{where}': {len(documents):,} of {len(problems):,} sampled answers are correct "
+            f"({100 * len(documents) / len(problems):.1f} %); those are the data")
     kept = split_positions(len(documents), split)
     pieces = [token for index in kept for token in (*documents[index], TOKENIZER.eod_id)]
     return np.array(pieces, dtype=np.int32), [names[index] for index in kept]

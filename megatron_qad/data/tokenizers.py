@@ -77,6 +77,24 @@ def require_chat_template(tokenizer, key: str) -> None:
                           f"tokenizer (its tokenizer_config.json or chat_template.jinja holds it)")
 
 
+def end_of_turn_id(tokenizer, key: str) -> int:
+    """The id of the token ``tokenizer``'s chat template writes right after an assistant turn's text
+    (its end-of-turn token, e.g. ``<|im_end|>``): where a served model stops generating. Taken from
+    the template rather than the tokenizer's ``eos_token``, which a converted tokenizer can get wrong.
+    ConfigError naming recipe key ``key`` when the template has none."""
+    require_chat_template(tokenizer, key)
+    reply = "Hello."
+    asked = [{"role": "user", "content": "Hi"}]
+    prompt = tokenizer.tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.tokenizer.apply_chat_template([*asked, {"role": "assistant", "content": reply}], tokenize=False)
+    after = full[len(prompt):]
+    ids = tokenizer.encode(after[len(reply):]) if full.startswith(prompt) and after.startswith(reply) else []
+    if not ids:
+        raise ConfigError(f"'{key}': the chat template of {tokenizer.name!r} writes no token after an assistant "
+                          f"reply, so the end of a turn cannot be found; use a chat model's template")
+    return ids[0]
+
+
 def load_tokenizer(spec: str, key: str):
     """The tokenizer named by recipe value ``spec`` at key path ``key``: "byte" or a HF tokenizer directory."""
     if spec == "byte":
