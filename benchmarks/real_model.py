@@ -401,7 +401,7 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
     start, seconds, selection = time.perf_counter(), 0.0, None
     if mode is not None:
         summary = run(config, mode)
-        if "stopped_at" in summary:
+        if summary.get("stopped_at", config.training.train_iters) < config.training.train_iters:
             sys.exit(f"real_model: {name} (seed {seed}) stopped at iteration {summary['stopped_at']} of "
                      f"{config.training.train_iters}; run the same command again to continue it")
         seconds = summary["seconds"]

@@ -152,6 +152,11 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
               "--select-points", "2", "model.seq_length=128", "model.params_dtype=float32",
               "training.global_batch_size=2", "training.micro_batch_size=2", "training.lr_warmup_iters=0",
               "distill.calibration_iters=1"]
+    # A run that stops early (here Megatron's exit interval; a signal does the same) is continued by the
+    # next command, not started over.
+    with pytest.raises(SystemExit, match=r"QAD \(teacher responses\) \(seed 1\) stopped at iteration 3 of 8; "
+                                         r"run the same command again to continue it"):
+        real_model.main([*common, "--variants", "QAD (teacher responses)", "training.exit_interval=3"])
     real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--results", str(results)])
     text = results.read_text()
     assert text.startswith("# Results\n\nkept\n") and "old" not in text
@@ -163,7 +168,8 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     qad = json.loads((qad_dir / "metrics.json").read_text())
     assert qad["tokens"] == 2048 and qad["kl"] > 0
     selection = qad["selection"]
-    assert [iteration for iteration, _ in selection["validation kl"]] == [4, 8]  # 8 iterations, saved every 4
+    # 8 iterations, saved every 4 and where the first command stopped
+    assert [iteration for iteration, _ in selection["validation kl"]] == [3, 4, 8]
     kept = sorted(path.name for path in qad_dir.glob("iter_*"))
     assert kept == [f"iter_{selection['iteration']:07d}"]
     assert (qad_dir / "latest_checkpointed_iteration.txt").read_text() == str(selection["iteration"])
