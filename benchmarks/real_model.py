@@ -12,8 +12,9 @@ continues it):
    transformers reads it (``gguf`` package) and dequantizes it to float32 tensors: those are the
    teacher ("BF16 teacher": the dequantized Q4_1 release, run in BF16). They are written as a
    Hugging Face directory (``OUT/hf``: safetensors, tokenizer, chat template, generation config;
-   the special tokens as the GGUF file names them) and imported (``OUT/teacher``, :func:`megatron_qad.hf_import.import_checkpoint`, with
-   ``configs/smollm2_135m_instruct.yaml`` as base recipe). ``--hf-dir`` takes any Llama-architecture
+   the special tokens as the GGUF file names them) and imported (``OUT/teacher``,
+   :func:`megatron_qad.hf_import.import_checkpoint`, with ``configs/smollm2_135m_instruct.yaml`` as
+   base recipe). ``--hf-dir`` takes any Llama-architecture
    chat model directory instead.
 2. **Data** (``OUT/data``), as the published QAD recipe uses it: the chat prompts of
    ``chat_prompts.py`` (templates and word lists, deterministic), split into training, validation
@@ -119,6 +120,16 @@ def packaged_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / GGUF_FILE
 
 
+def gguf_tokenizer(gguf: Path):
+    """The GGUF file's tokenizer (transformers'), with the special tokens its metadata names."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for name, token in gguf_special_tokens(gguf).items():
+        setattr(tokenizer, name, token)
+    return tokenizer
+
+
 def gguf_special_tokens(gguf: Path) -> dict[str, str]:
     """``{"bos_token": ..., "eos_token": ..., "pad_token": ...}`` as the GGUF file's metadata names them
     (``tokenizer.ggml.*_token_id``). Set on the tokenizer explicitly: transformers 5.17 reads this
@@ -139,12 +150,10 @@ def gguf_special_tokens(gguf: Path) -> dict[str, str]:
 def write_hf_directory(gguf: Path, out: Path) -> None:
     """The GGUF model as a Hugging Face directory at ``out`` (float32 safetensors, tokenizer with its chat
     template, generation config ending at the end-of-turn token); written beside and renamed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     print(f"real_model: reading {gguf} (dequantizing to float32)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    for name, token in gguf_special_tokens(gguf).items():
-        setattr(tokenizer, name, token)
+    tokenizer = gguf_tokenizer(gguf)
     dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = dequantized.config
     if hasattr(config, "quantization_config"):
@@ -393,8 +402,8 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
         return None
     mode = VARIANTS[name][0]
     config = variant_config(args, name, seed, lr, files, hf_dir, directory)
-    # A trained run stopped by a signal (SIGTERM, SIGINT, SIGUSR1: it saves first) continues from its
-    # checkpoint; any other unfinished run starts over.
+    # A trained run that left a checkpoint (a signal, SIGTERM, SIGINT or SIGUSR1, saves one first)
+    # continues from it; any other unfinished run starts over.
     config.checkpoint.resume = mode == "train" and checkpointing.has_tracker(directory)
     if not config.checkpoint.resume:
         shutil.rmtree(directory, ignore_errors=True)

@@ -43,12 +43,9 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     """A 2-layer Llama (transformers' LlamaForCausalLM, random weights, untied output layer) with
     SmolLM2-135M-Instruct's tokenizer; its output row of the end-of-turn token leans on one hidden
     coordinate, so sampled replies end within a few tokens."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    gguf = real_model.packaged_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    for name, token in real_model.gguf_special_tokens(gguf).items():
-        setattr(tokenizer, name, token)
+    tokenizer = real_model.gguf_tokenizer(real_model.packaged_gguf())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
