@@ -472,7 +472,7 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
             f"{len(prompts['test'])} test; teacher responses (temperature 1): {info['responses']} "
             f"({info['samples']} per training prompt; dropped for not ending within {info['max new tokens']} tokens: "
             f"{info['dropped']}). Every trained student saw {tokens:,} tokens. Metrics on the test prompts; "
-            f"mean ± sample standard deviation over seeds {', '.join(map(str, args.seeds))}. Arithmetic accuracy "
+            f"{seed_phrase(results)}. Arithmetic accuracy "
             f"over the {counts.get('arithmetic prompts', '?')} arithmetic test prompts the teacher's greedy reply "
             f"gets right; end-of-turn agreement over the {counts.get('ended teacher replies', '?')} teacher replies "
             f"that end within {args.eval_new_tokens} tokens. Selected students "
@@ -481,6 +481,14 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
     if sweep:
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
+
+
+def seed_phrase(results: list[dict]) -> str:
+    """What the table's values are over: the seeds its rows hold (a row's ``seeds`` column counts its own)."""
+    seeds = sorted({row["seed"] for row in results})
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]}), so no spread"
+    return f"mean ± sample standard deviation over the seeds of each row (of {', '.join(map(str, seeds))})"
 
 
 def teacher_name(args) -> str:

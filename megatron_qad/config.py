@@ -74,6 +74,10 @@ class ModelConfig:
     ``transformer_impl``: the layer spec of a GPT model, megatron.core's "local" one (any device)
     or "transformer_engine" (Megatron-LM's default: TE linear, fused-norm linear, norm and
     attention layers; needs Transformer Engine and a GPU; hybrid models are built local).
+    ``core_attention`` (local spec): "local" is megatron.core's unfused ``DotProductAttention``,
+    "sdpa" the same product through PyTorch's fused ``scaled_dot_product_attention``
+    (:mod:`megatron_qad.sdpa_attention`: FlashAttention on a GPU, no ``[s, s]`` scores kept;
+    no parameters, so checkpoints are the same either way).
     ``activation``: "swiglu" is a gated SiLU MLP (fc1 has 2 x ffn outputs). ``params_dtype`` is
     the dtype of the parameters; ``seed`` fixes their initialisation (normal, std
     ``init_method_std``). ``kv_channels``: the attention head size (None: hidden_size / heads);
@@ -140,6 +144,7 @@ class ModelConfig:
     params_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     seed: int = 1234
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    core_attention: Literal["local", "sdpa"] = "local"
     hybrid_layer_pattern: str = ""
     mamba_state_dim: int = 128
     mamba_head_dim: int = 64
@@ -704,6 +709,7 @@ def validate(config: QADConfig) -> None:
              f"'model.num_attention_heads' ({m.num_attention_heads}) must be a multiple of "
              f"'model.num_query_groups' ({m.num_query_groups}); change one of them")
     _validate_hybrid(m, p)
+    _validate_core_attention(m)
     _validate_heterogeneous(m, p)
     _validate_moe(m, p)
     _validate_parallel(m, p)
@@ -764,6 +770,14 @@ def _validate_quantization(q: QuantizationConfig) -> None:
         q.to_policy()
     except (PolicyError, TypeError) as err:
         raise ConfigError(f"'quantization': {err}") from None
+
+
+def _validate_core_attention(m: ModelConfig) -> None:
+    if m.core_attention == "local":
+        return
+    _require(m.transformer_impl == "local" and m.heterogeneous_layers_config is None,
+             "'model.core_attention: sdpa' replaces the local spec's attention of GPT and hybrid models; "
+             "Transformer Engine and heterogeneous (DeciLM) layers bring their own: set model.core_attention=local")
 
 
 def _validate_hybrid(m: ModelConfig, p: ParallelConfig) -> None:

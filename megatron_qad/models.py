@@ -66,6 +66,8 @@ from megatron.core.transformer.transformer_layer import (MoETransformerLayer, Tr
 
 from .config import HYBRID_PIPE, ConfigError, ModelConfig, ParallelConfig
 from .heterogeneous import heterogeneous_block_spec
+from .sdpa_attention import causal_attention_mask as causal_attention_mask  # the mask the models here take
+from .sdpa_attention import with_core_attention
 
 _ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "squared_relu": (squared_relu, False)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -220,7 +222,7 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
     submodules = dataclasses.replace(layer.submodules,
                                      input_layernorm=sequence_parallel_torch_norm,
                                      pre_mlp_layernorm=sequence_parallel_torch_norm)
-    layer = dataclasses.replace(layer, submodules=submodules)
+    layer = with_core_attention(dataclasses.replace(layer, submodules=submodules), model_cfg.core_attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=sequence_parallel_torch_norm)
 
 
@@ -248,7 +250,8 @@ def hybrid_stack_spec(model_cfg: ModelConfig) -> ModuleSpec:
     It mirrors megatron.core's ``hybrid_layer_specs.hybrid_stack_spec`` with megatron.core's own
     modules in place of TE's, as ``get_gpt_layer_local_spec`` does for GPT layers: each
     TE layer-norm-fused linear becomes a separate norm (:func:`sequence_parallel_torch_norm`) and a
-    ``ColumnParallelLinear``; attention is ``SelfAttention`` with local ``DotProductAttention``.
+    ``ColumnParallelLinear``; attention is ``SelfAttention`` with local ``DotProductAttention`` (or
+    :class:`~megatron_qad.sdpa_attention.SdpaAttention`, ``model.core_attention``).
 
     * ``M``: ``MambaLayer`` (norm + ``MambaMixer`` with ``in_proj`` ColumnParallelLinear and
       ``out_proj`` RowParallelLinear);
@@ -273,7 +276,7 @@ def hybrid_stack_spec(model_cfg: ModelConfig) -> ModuleSpec:
             sharded_state_dict_keys_map={"norm.": "mixer.in_proj.layer_norm_"},
         ),
     )
-    attention_layer = ModuleSpec(
+    attention_layer = with_core_attention(ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=sequence_parallel_torch_norm,
@@ -281,7 +284,7 @@ def hybrid_stack_spec(model_cfg: ModelConfig) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
         ),
-    )
+    ), model_cfg.core_attention)
     mlp_layer = ModuleSpec(
         module=MLPLayer,
         submodules=TransformerLayerSubmodules(
@@ -440,15 +443,6 @@ def _on_device_in_params_dtype(model: torch.nn.Module, model_cfg: ModelConfig, d
         if parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)
     return model
-
-
-def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [1, 1, s, s] mask, True where attention is forbidden (key after query).
-
-    megatron.core builds this mask on "cuda" when given None, so CPU runs pass it explicitly.
-    """
-    mask = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).triu(diagonal=1)
-    return mask[None, None]
 
 
 # ---------------------------------------------------------------------------------------------

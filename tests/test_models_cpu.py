@@ -124,10 +124,13 @@ def _run_layout(overrides: list[str], state_dict_path: str | None) -> dict:
         parallel.destroy()
 
 
-def test_tp2_on_two_gloo_processes_matches_tp1(tp1_reference):
-    """Weights drawn on the CPU and scattered to TP shards: the TP=2 model is the TP=1 model."""
+@pytest.mark.parametrize("core_attention", ["local", "sdpa"])
+def test_tp2_on_two_gloo_processes_matches_tp1(tp1_reference, core_attention):
+    """Weights drawn on the CPU and scattered to TP shards: the TP=2 model is the TP=1 model (whose
+    attention is megatron.core's local one), with either core attention at TP=2."""
     _, reference_logits, reference_grads = tp1_reference
-    results = run_distributed(_run_layout, 2, ["parallel.tensor_model_parallel_size=2"], None)
+    results = run_distributed(_run_layout, 2, ["parallel.tensor_model_parallel_size=2",
+                                               f"model.core_attention={core_attention}"], None)
     for result in results:
         assert result["grads_finite"]
         torch.testing.assert_close(result["logits"], reference_logits, rtol=1e-5, atol=1e-5)

@@ -29,7 +29,8 @@ RECIPE_YAML = "recipe.yaml"
 BLOCKS_FILE = "heterogeneous_layers_config.json"
 """The copy of a DeciLM checkpoint's config.json (its ``block_configs``) that the imported
 ``model.heterogeneous_layers_config`` names."""
-RUNTIME_FIELDS = ("seq_length", "params_dtype", "seed", "init_method_std", "transformer_impl", "moe_grouped_gemm",
+RUNTIME_FIELDS = ("seq_length", "params_dtype", "seed", "init_method_std", "transformer_impl", "core_attention",
+                  "moe_grouped_gemm",
                   "moe_token_dispatcher_type", "moe_router_bias_update_rate")
 """``model`` fields that are choices of the run, not of the architecture: a base recipe's values are kept."""
 _NO_COUNTERPART = (r"\._extra_state$",)
