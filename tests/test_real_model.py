@@ -125,7 +125,7 @@ def test_left_padded_decoding_matches_one_prompt_at_a_time():
         prompts = [[5, 9, 2], [7], [3, 3, 3, 3, 8], [11, 4]]
         stop = 6
         padded = megatron_padded_logits(model, context.device)
-        replies = greedy_replies(padded, prompts, max_new_tokens=5, stop_id=stop, batch_size=3)
+        replies = greedy_replies(padded, prompts, max_new_tokens=5, stop_ids={stop}, batch_size=3)
         plain = logits_function(model, context.device)
         alone = greedy_generate(plain, prompts, 5, {stop}, batch_size=1)
         assert [reply[:-1] if reply and reply[-1] == stop else reply for reply in replies] == alone
@@ -170,6 +170,12 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     kept = sorted(path.name for path in qad_dir.glob("iter_*"))
     assert kept == [f"iter_{selection['iteration']:07d}"]
     assert (qad_dir / "latest_checkpointed_iteration.txt").read_text() == str(selection["iteration"])
+    # A finished run is reused only at its own token budget.
+    budget = common.index("--tokens") + 1
+    other = [*common[:budget], "4096", *common[budget + 1:]]
+    with pytest.raises(SystemExit, match=r"was trained on 2,048 tokens, this run asks for 4,096 \(--tokens 4096\); "
+                                         r"use another --out, or delete .*qad_teacher_responses"):
+        real_model.main([*other, "--variants", "QAD (teacher responses)", "--stage", "report"])
     # Finished runs are reused: the report stage runs nothing; it exports the selected student.
     real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--stage", "report",
                      "--export"])
@@ -184,3 +190,10 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert (out / "export" / "modelopt" / "hf_quant_config.json").is_file()
     assert (out / "export" / "modelopt" / "tokenizer.json").is_file()
+
+
+def test_the_selection_line_says_when_the_kept_student_is_no_better_than_ptq():
+    row = {"seed": 1, "selection": {"iteration": 4, "validation kl": [[2, 0.5], [4, 0.3]]}}
+    assert real_model.selection_summary(row, 0.4) == "seed 1: iteration 4 of [2, 4], validation KL 0.300 (PTQ 0.400)"
+    assert real_model.selection_summary(row, 0.3).endswith("validation KL 0.300: no better than PTQ (0.300)")
+    assert real_model.selection_summary(row, None).endswith("(no PTQ run of this seed to compare)")

@@ -8,7 +8,7 @@ other way.) The full prefix is re-run for every new token, without a KV cache; r
 turn leave the batch.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -55,14 +55,15 @@ def _left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch
     return tokens, padding
 
 
-def greedy_replies(logits_of: PaddedLogits, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id: int,
-                   batch_size: int = 64, pad_id: int = 0) -> list[list[int]]:
+def greedy_replies(logits_of: PaddedLogits, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   stop_ids: Collection[int], batch_size: int = 64, pad_id: int = 0,
+                   progress: Progress | None = None) -> list[list[int]]:
     """Per prompt (token ids), the tokens chosen greedily after it (argmax, ties to the lowest id),
-    ending with ``stop_id`` when the model ends its turn within ``max_new_tokens`` tokens. Rank 0
-    prints the progress through ``len(prompts) x max_new_tokens`` token slots (a reply that ends
-    fills its remaining ones), as :func:`megatron_qad.evaluate.generate.greedy_generate` does."""
+    ending with the stop token when the model picks one of ``stop_ids`` within ``max_new_tokens``
+    tokens. Rank 0 prints the progress through ``len(prompts) x max_new_tokens`` token slots (a
+    reply that ends fills its remaining ones) on ``progress``, or on its own "greedy replies" line."""
     replies: list[list[int]] = [[] for _ in prompts]
-    progress = Progress("greedy replies", len(prompts) * max_new_tokens, unit="token slots")
+    progress = progress or Progress("greedy replies", len(prompts) * max_new_tokens, unit="token slots")
     for first in range(0, len(prompts), batch_size):
         active = list(range(first, min(first + batch_size, len(prompts))))
         for step in range(max_new_tokens):
@@ -70,7 +71,7 @@ def greedy_replies(logits_of: PaddedLogits, prompts: Sequence[Sequence[int]], ma
             chosen = logits_of(tokens, padding)[:, -1].float().argmax(dim=-1).tolist()
             for row, token in zip(active, chosen):
                 replies[row].append(token)
-            going = [row for row in active if replies[row][-1] != stop_id]
+            going = [row for row in active if replies[row][-1] not in stop_ids]
             ended = len(active) - len(going)
             progress.advance(len(active) + ended * (max_new_tokens - step - 1), tokens=len(active))
             active = going
@@ -100,14 +101,19 @@ def reply_agreement(teacher_replies: Sequence[Sequence[int]], student_replies: S
             "common prefix": sum(common_prefix(t, s) for t, s in pairs) / len(pairs)}
 
 
+def ended_turns(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]],
+                stop_id: int) -> list[tuple[list[int], list[int]]]:
+    """``(prompt, reply without its stop token)`` of every reply that ends its turn (last token ``stop_id``)."""
+    return [(list(prompt), list(reply[:-1])) for prompt, reply in zip(prompts, replies) if reply and reply[-1] == stop_id]
+
+
 def end_of_turn_agreement(logits_of: PaddedLogits, prompts: Sequence[Sequence[int]],
                           teacher_replies: Sequence[Sequence[int]], stop_id: int, batch_size: int = 64,
                           pad_id: int = 0) -> float | None:
     """Over the prompts whose teacher reply ends its turn (last token ``stop_id``): the fraction where
     the model, given the prompt and the teacher's reply up to that token, also chooses ``stop_id``
     there (teacher forcing, so an earlier difference does not count). None when no reply ends."""
-    ended = [(list(prompt), list(reply[:-1])) for prompt, reply in zip(prompts, teacher_replies)
-             if reply and reply[-1] == stop_id]
+    ended = ended_turns(prompts, teacher_replies, stop_id)
     if not ended:
         return None
     agree = 0
