@@ -23,8 +23,10 @@ continues it):
    template, sampled at temperature 1 (transformers' batched generation with its KV cache;
    ``--samples`` per training prompt, one per held-out prompt; a turn ends at the token the chat
    template writes after a reply, ``<|im_end|>`` here; a response that does not end its turn within
-   ``--max-new-tokens`` is dropped and counted); general text: ``--general-text``, by default the
-   corpus shipped with the package (Python source), in the model's tokenizer.
+   ``--max-new-tokens`` is kept as far as it got, without an end of turn, and counted: dropping it
+   would leave the teacher's long answers out of both training and test); general text:
+   ``--general-text``, by default the corpus shipped with the package (Python source), in the
+   model's tokenizer.
 3. **Variants**, through Megatron-LM's loop (:func:`megatron_qad.train.run`), every trained one at
    the same token budget (``--tokens``): see :data:`VARIANTS`. The loss of the chat data counts the
    response tokens only (the ``chat`` source's ``loss_on: response``).
@@ -198,9 +200,10 @@ def prompt_sets(args) -> dict[str, list[dict]]:
 
 def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, max_new_tokens: int,
                      batch_size: int) -> tuple[list[dict], int]:
-    """``(records, dropped)``: ``samples`` responses per prompt sampled from the model at ``hf_dir``
-    (temperature 1, no top-k / top-p) through its chat template, as ``{"prompt", "response"}``;
-    ``dropped`` counts responses that did not end their turn within ``max_new_tokens``."""
+    """``(records, cut)``: ``samples`` responses per prompt sampled from the model at ``hf_dir``
+    (temperature 1, no top-k / top-p) through its chat template, as ``{"prompt", "response",
+    "ended"}``; a response that does not end its turn within ``max_new_tokens`` is kept as far as it
+    got, with ``"ended": false`` (the chat source then adds no end of turn), and ``cut`` counts them."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +212,7 @@ def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     eos, pad = end_of_turn_id(tokenizer, "--hf-dir"), tokenizer.tokenizer.pad_token_id or 0
     jobs = [prompt for prompt in prompts for _ in range(samples)]
-    records, dropped = [], 0
+    records, cut = [], 0
     progress = Progress("teacher responses", len(jobs), unit="responses")
     for first in range(0, len(jobs), batch_size):
         batch = jobs[first:first + batch_size]
@@ -223,33 +226,32 @@ def sample_responses(hf_dir: Path, prompts: list[str], samples: int, seed: int, 
                                  top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
         generated = 0
         for prompt, row in zip(batch, out[:, longest:].tolist()):
-            if eos not in row:
-                dropped += 1
-                generated += len(row)
-                continue
-            generated += row.index(eos) + 1
-            records.append({"prompt": prompt, "response": tokenizer.decode(row[:row.index(eos)])})
+            ended = eos in row
+            response = row[:row.index(eos)] if ended else row
+            cut += not ended
+            generated += len(response) + ended
+            records.append({"prompt": prompt, "response": tokenizer.decode(response), "ended": ended})
         progress.advance(len(batch), tokens=generated)
-    return records, dropped
+    return records, cut
 
 
 def prepare_data(args, hf_dir: Path) -> dict:
     """The data files (made if missing) and what they hold: ``{"train": path, "validation": path,
-    "test": path, "prompts": {name: records}, "dropped": {name: count}}``."""
+    "test": path, "prompts": {name: records}, "info": the summary of responses.json}``."""
     data = args.out / "data"
     sets = prompt_sets(args)
     info_path = data / "responses.json"
     files = {name: data / f"responses_{name}.jsonl" for name in sets}
     if not info_path.is_file():
-        dropped, counts = {}, {}
+        cut, counts = {}, {}
         for offset, (name, records) in enumerate(sets.items()):
             samples = args.samples if name == "train" else 1
-            responses, dropped[name] = sample_responses(hf_dir, [record["prompt"] for record in records], samples,
-                                                        args.generation_seed + offset, args.max_new_tokens,
-                                                        args.generation_batch)
+            responses, cut[name] = sample_responses(hf_dir, [record["prompt"] for record in records], samples,
+                                                    args.generation_seed + offset, args.max_new_tokens,
+                                                    args.generation_batch)
             write_text(files[name], "".join(json.dumps(response) + "\n" for response in responses))
             counts[name] = len(responses)
-        write_summary(info_path, {"dropped": dropped, "samples": args.samples, "max new tokens": args.max_new_tokens,
+        write_summary(info_path, {"cut": cut, "samples": args.samples, "max new tokens": args.max_new_tokens,
                                   "responses": counts})
     return {**{name: str(path) for name, path in files.items()}, "prompts": sets,
             "info": json.loads(info_path.read_text())}
@@ -473,8 +475,9 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
             f"`python {' '.join(sys.argv)}`.\n\n"
             f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {len(prompts['train'])} training, {len(prompts['validation'])} validation, "
             f"{len(prompts['test'])} test; teacher responses (temperature 1): {info['responses']} "
-            f"({info['samples']} per training prompt; dropped for not ending within {info['max new tokens']} tokens: "
-            f"{info['dropped']}). Every trained student saw {tokens:,} tokens. Metrics on the test prompts; "
+            f"({info['samples']} per training prompt; of them cut at {info['max new tokens']} tokens, before their "
+            f"turn ended, and kept as far as they got: {info['cut']}). Every trained student saw {tokens:,} "
+            f"tokens. Metrics on the test prompts; "
             f"{seed_phrase(results)}. Arithmetic accuracy "
             f"over the {counts.get('arithmetic prompts', '?')} arithmetic test prompts the teacher's greedy reply "
             f"gets right; end-of-turn agreement over the {counts.get('ended teacher replies', '?')} teacher replies "

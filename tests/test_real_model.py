@@ -21,7 +21,8 @@ from megatron_qad import parallel
 from megatron_qad.config import load_config
 from megatron_qad.config import ConfigError
 from megatron_qad.data import build_dataset, validate_sources
-from megatron_qad.data.chat import conversation_tokens, prompt_tokens
+from megatron_qad.data.chat import chat_stream, conversation_tokens, prompt_tokens
+from megatron_qad.data.sources import with_defaults
 from megatron_qad.data.tokenizers import end_of_turn_id, load_tokenizer
 from megatron_qad.evaluate.chat import (end_of_turn_agreement, greedy_replies, megatron_padded_logits,
                                         reply_agreement)
@@ -113,6 +114,25 @@ def test_chat_source_counts_the_response_tokens_only(tiny_chat_model, tmp_path):
     everything = build_dataset([{**spec, "loss_on": "all"}], "train", length, len(tokenizer.tokenizer), 0)[0]
     assert everything["loss_mask"].sum() > sample["loss_mask"].sum()
     assert torch.equal(everything["tokens"], sample["tokens"])
+
+
+def test_a_cut_response_is_trained_on_without_an_end_of_turn(tiny_chat_model, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_chat_model), "t")
+    ids, start = conversation_tokens(tokenizer, "Count.", "one two three", "t", ended=False)
+    assert ids[:start] == prompt_tokens(tokenizer, "Count.", "t")
+    assert tokenizer.decode(ids[start:]) == "one two three"
+    records = [{"prompt": f"Count to {i}.", "response": "one two", "ended": i % 2 == 0} for i in range(120)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    spec = {"type": "chat", "paths": str(data), "tokenizer": str(tiny_chat_model)}
+    labelled = [build_dataset([spec], "train", 8 * len(ids), len(tokenizer.tokenizer), 0)[index]
+                for index in range(4)]
+    text = tokenizer.decode([token for sample in labelled for token in sample["labels"][sample["loss_mask"] > 0].tolist()])
+    # Ended and cut conversations alternate: about as many responses end their turn as do not.
+    assert text.count("one two<|im_end|>") > 0 and text.count("one two") > 1.5 * text.count("one two<|im_end|>")
+    data.write_text(json.dumps({"prompt": "p", "response": "r", "ended": "no"}) + "\n")
+    with pytest.raises(ConfigError, match=r"'cut\.ended_field': .*chat.jsonl:1 has 'ended' = 'no'; it must be true or false"):
+        chat_stream(with_defaults(spec), "cut", "validation")  # a file's first record is held out
 
 
 def test_left_padded_decoding_matches_one_prompt_at_a_time():

@@ -17,6 +17,10 @@ arithmetic          ``num_problems`` (default 100000), ``digits`` (default 3), `
 text                ``paths`` (globs), ``tokenizer`` ("byte" or a Hugging Face tokenizer directory):
                     one document per file
 jsonl               ``paths``, ``field`` (default "text"), ``tokenizer``: one document per line
+chat                ``paths`` (JSON-lines globs), ``tokenizer`` (a Hugging Face directory with a chat
+                    template), ``prompt_field``, ``response_field``, ``ended_field``, ``loss_on``
+                    ("response" or "all"): prompt / response pairs through the chat template, one
+                    conversation each (:mod:`.chat`)
 indexed             ``path_prefix``: a Megatron indexed dataset ``PREFIX.bin`` / ``PREFIX.idx``
 teacher_generated   ``num_sequences``, ``cache`` (optional .pt path), ``prompts`` (optional JSON-lines
                     globs) with ``field``, ``tokenizer``, ``batch_size``: sequences sampled from the

@@ -4,8 +4,11 @@ A ``chat`` source reads JSON-lines files whose records hold a user prompt and th
 response (``{"prompt": "...", "response": "..."}``; the field names are settings). Each record
 becomes one conversation's tokens, ``template(user prompt, generation prompt) + template(assistant
 response)``, exactly as the tokenizer's chat template writes the two-turn conversation, so the
-response part ends with the template's end-of-turn token(s). Conversations are concatenated into one
-stream and cut into windows like any text source (a window may start inside a conversation).
+response part ends with the template's end-of-turn token(s). A record whose ``ended`` field (a
+setting too) is false holds a response cut before its turn ended (a sample that reached its length
+limit): its tokens are the prompt's followed by the response's, with no end of turn. Conversations
+are concatenated into one stream and cut into windows like any text source (a window may start
+inside a conversation).
 
 Which tokens carry the loss (``loss_on``): ``response`` (default) counts only the labels that are
 response tokens, end-of-turn included: a served model is given the prompt and generates the
@@ -21,9 +24,11 @@ from .splits import split_positions
 from .tokenizers import load_tokenizer, require_chat_template
 
 
-def conversation_tokens(tokenizer, prompt: str, response: str, where: str) -> tuple[list[int], int]:
+def conversation_tokens(tokenizer, prompt: str, response: str, where: str,
+                        ended: bool = True) -> tuple[list[int], int]:
     """``(tokens, response_start)``: the ids of the two-turn conversation (user ``prompt``, assistant
-    ``response``) as ``tokenizer``'s chat template writes it, and the index of its first response token.
+    ``response``) as ``tokenizer``'s chat template writes it, and the index of its first response token;
+    with ``ended`` false, the prompt's ids followed by the response's alone (no end of turn).
 
     ``tokenizer`` is a :class:`~megatron_qad.data.tokenizers.HFTokenizer` with a chat template. The
     prompt part (template up to the assistant's generation prompt) and the rest are tokenized
@@ -31,6 +36,9 @@ def conversation_tokens(tokenizer, prompt: str, response: str, where: str) -> tu
     naming ``where`` when the template's conversation does not start with its generation prompt.
     """
     prompt_text = _template(tokenizer, [{"role": "user", "content": prompt}], True, where)
+    if not ended:
+        prompt_ids = tokenizer.encode(prompt_text)
+        return prompt_ids + tokenizer.encode(response), len(prompt_ids)
     full_text = _template(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                           False, where)
     if not full_text.startswith(prompt_text):
@@ -64,8 +72,12 @@ def chat_stream(spec: dict, where: str, split: str) -> tuple[np.ndarray, np.ndar
     tokens, masks, documents = [], [], []
     for position in split_positions(len(records), split):
         name, record = records[position]
+        ended = record.get(spec["ended_field"], True)
+        if not isinstance(ended, bool):
+            raise ConfigError(f"'{where}.ended_field': {name} has {spec['ended_field']!r} = {ended!r}; it must be "
+                              f"true or false (false: the response was cut before its turn ended)")
         ids, start = conversation_tokens(tokenizer, record[spec["prompt_field"]], record[spec["response_field"]],
-                                         where)
+                                         where, ended)
         mask = np.ones(len(ids), dtype=bool)
         if spec["loss_on"] == "response":
             mask[:start] = False

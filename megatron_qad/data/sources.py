@@ -24,7 +24,7 @@ SOURCE_KEYS = {
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
     "chat": {"paths": REQUIRED, "tokenizer": REQUIRED, "prompt_field": "prompt", "response_field": "response",
-             "loss_on": "response"},
+             "ended_field": "ended", "loss_on": "response"},
     "indexed": {"path_prefix": REQUIRED},
     "teacher_generated": {"num_sequences": REQUIRED, "cache": None, "prompts": None, "field": "text",
                           "tokenizer": "byte", "batch_size": 8},
@@ -239,6 +239,7 @@ _CHECKS = {
     "field": _check_text,
     "prompt_field": _check_text,
     "response_field": _check_text,
+    "ended_field": _check_text,
     "loss_on": check_loss_on,
     "path_prefix": _check_path_prefix,
     "num_sequences": _positive_int(2, "every 50th sequence, starting with the first, is held out for "
