@@ -5,7 +5,8 @@
 
 Kinds: questions, how-tos, code, short writing, lists, explanations, comparisons, arithmetic and
 translation. Arithmetic prompts carry their ``answer`` (the integer result as text), so a model's
-greedy reply can be checked (:func:`reply_number`). The set is built by a seeded ``random.Random``
+greedy reply can be checked (:func:`answers_correctly`), as can :func:`capital_prompts`, a separate
+set (never trained on) of questions about capitals. The set is built by a seeded ``random.Random``
 from the lists below only, so it is the same on every machine and Python version; prompts are
 unique, and every 10th one (positions 0, 10, 20, ...) is held out, so no held-out prompt is a
 training prompt.
@@ -137,6 +138,47 @@ def split_prompts(records: list[dict]) -> tuple[list[dict], list[dict]]:
     held_out = records[::HELD_OUT_EVERY]
     train = [record for index, record in enumerate(records) if index % HELD_OUT_EVERY]
     return train, held_out
+
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "the United Kingdom": "London", "Ireland": "Dublin", "the Netherlands": "Amsterdam", "Belgium": "Brussels",
+    "Austria": "Vienna", "Switzerland": "Bern|Berne", "Poland": "Warsaw", "the Czech Republic": "Prague",
+    "Hungary": "Budapest", "Greece": "Athens", "Sweden": "Stockholm", "Norway": "Oslo", "Denmark": "Copenhagen",
+    "Finland": "Helsinki", "Russia": "Moscow", "Turkey": "Ankara", "Egypt": "Cairo", "Kenya": "Nairobi",
+    "Nigeria": "Abuja", "Morocco": "Rabat", "Japan": "Tokyo", "China": "Beijing|Peking", "South Korea": "Seoul",
+    "India": "New Delhi|Delhi", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta",
+    "the Philippines": "Manila", "Australia": "Canberra", "New Zealand": "Wellington", "Canada": "Ottawa",
+    "the United States": "Washington", "Mexico": "Mexico City", "Brazil": "Brasília|Brasilia",
+    "Argentina": "Buenos Aires", "Chile": "Santiago", "Peru": "Lima", "Colombia": "Bogotá|Bogota",
+    "Cuba": "Havana", "Iran": "Tehran", "Iraq": "Baghdad", "Saudi Arabia": "Riyadh", "Pakistan": "Islamabad",
+    "Afghanistan": "Kabul", "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Romania": "Bucharest",
+    "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb", "Iceland": "Reykjavik|Reykjavík",
+    "Nepal": "Kathmandu", "Malaysia": "Kuala Lumpur", "Venezuela": "Caracas", "Jamaica": "Kingston",
+    "Syria": "Damascus", "Lebanon": "Beirut", "Jordan": "Amman", "Qatar": "Doha", "Bangladesh": "Dhaka",
+    "Mongolia": "Ulaanbaatar|Ulan Bator", "Algeria": "Algiers", "Tunisia": "Tunis", "Senegal": "Dakar",
+    "Uganda": "Kampala", "Zimbabwe": "Harare", "Estonia": "Tallinn", "Latvia": "Riga", "Lithuania": "Vilnius",
+    "Slovakia": "Bratislava", "Slovenia": "Ljubljana",
+}
+"""Country -> its capital; ``|`` separates the spellings a reply may use (the first is the answer)."""
+CAPITAL_TEMPLATES = ["What is the capital of {c}?", "Which city is the capital of {c}?"]
+
+
+def capital_prompts() -> list[dict]:
+    """Prompts with a checkable answer that no training prompt resembles: the capital of each country
+    of :data:`CAPITALS`, in both templates, as ``{"prompt", "kind": "capital", "answer"}`` (the
+    answer's accepted spellings joined by ``|``)."""
+    return [{"prompt": template.format(c=country), "kind": "capital", "answer": capital}
+            for country, capital in CAPITALS.items() for template in CAPITAL_TEMPLATES]
+
+
+def answers_correctly(record: dict, reply: str) -> bool:
+    """Whether ``reply`` gives the answer of ``record`` (a prompt with an ``answer``): an arithmetic
+    reply's number (:func:`reply_number`) equals it; a capital reply names one of its spellings as a
+    word (case ignored)."""
+    if record["kind"] == "capital":
+        return any(re.search(rf"\b{re.escape(name)}\b", reply, re.IGNORECASE) for name in record["answer"].split("|"))
+    return reply_number(reply) == record["answer"]
 
 
 def reply_number(reply: str) -> str | None:

@@ -34,8 +34,10 @@ continues it):
    agreement per response token of the teacher's sampled responses; the greedy reply's exact match
    with the teacher's greedy reply and their mean common prefix (tokens); end-of-turn agreement
    (teacher-forced on the teacher's greedy reply: the student also ends the turn there); the
-   student's CE on held-out general text; accuracy on the arithmetic test prompts the teacher
-   answers right.
+   student's CE on held-out general text; checkable answers: of the prompts whose answer a reply
+   can be checked against (the arithmetic test prompts, and questions about capitals that no
+   training prompt resembles, ``chat_prompts.capital_prompts``), the student's greedy accuracy on
+   those the teacher's greedy reply gets right (up to ``--probe-new-tokens`` tokens).
 5. **Checkpoint selection**: the QAD-on-responses runs save ``--select-points`` times, evenly;
    each saved student's KL on the validation prompts' responses is measured, the lowest is kept
    (the others are deleted and the run's tracker names the kept one) and is the student the table
@@ -63,7 +65,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chat_prompts import chat_prompts, reply_number, split_prompts  # noqa: E402
+from chat_prompts import CAPITALS, answers_correctly, capital_prompts, chat_prompts, split_prompts  # noqa: E402
 from result_benchmarks import number_list, slug, sweep_table, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad import parallel  # noqa: E402
@@ -103,7 +105,7 @@ VARIANTS = {
 SELECTED = "QAD (teacher responses), selected"
 COLUMNS = (("kl", "KL, responses"), ("top1", "top-1 agreement"), ("exact match", "greedy exact match"),
            ("common prefix", "common prefix (tokens)"), ("end of turn", "end-of-turn agreement"),
-           ("arithmetic", "arithmetic accuracy"), ("general ce", "CE, general text"))
+           ("checkable", "checkable answers"), ("general ce", "CE, general text"))
 BEGIN, END = "<!-- real_model: begin -->", "<!-- real_model: end -->"
 VALIDATION_EVERY = 2
 """Of the held-out prompts, the even positions are validation (selection) prompts, the odd ones test prompts."""
@@ -301,18 +303,29 @@ class Evaluator:
         self.general_samples = [dataset[index] for index in range(min(args.eval_windows, len(dataset)))]
         self.test_prompts = files["prompts"]["test"]
         self.prompt_ids = [prompt_tokens(self.tokenizer, record["prompt"], "test prompts") for record in self.test_prompts]
-        self.teacher_replies = self._teacher_replies(config)
-        self.counts = {"arithmetic prompts": len(self._arithmetic_pairs(self.teacher_replies)),
+        self.teacher_replies = self._teacher_greedy(config, "teacher_greedy.json", self.prompt_ids,
+                                                    args.eval_new_tokens)
+        # Prompts with a checkable answer: the arithmetic test prompts and the capital questions;
+        # the students are scored on those the teacher answers right.
+        probes = [record for record in self.test_prompts if record["answer"] is not None] + capital_prompts()
+        probe_ids = [prompt_tokens(self.tokenizer, record["prompt"], "probe prompts") for record in probes]
+        teacher_answers = self._teacher_greedy(config, "teacher_probes.json", probe_ids, args.probe_new_tokens)
+        right = [index for index, reply in enumerate(teacher_answers)
+                 if answers_correctly(probes[index], self.tokenizer.decode(reply))]
+        self.checkable = [(probes[index], probe_ids[index]) for index in right]
+        self.counts = {"probe prompts": len(probes), "checkable prompts": len(self.checkable),
                        "ended teacher replies": len(ended_turns(self.prompt_ids, self.teacher_replies, self.stop_id))}
 
-    def _teacher_replies(self, config: QADConfig) -> list[list[int]]:
-        path = self.args.out / "data" / "teacher_greedy.json"
+    def _teacher_greedy(self, config: QADConfig, file_name: str, prompt_ids: list[list[int]],
+                        new_tokens: int) -> list[list[int]]:
+        """The teacher's greedy replies to ``prompt_ids`` (cached in ``OUT/data/file_name``)."""
+        path = self.args.out / "data" / file_name
         if not path.is_file():
             context = parallel.initialize(config.parallel, seed=config.model.seed)
             try:
                 teacher = load_model(config, self.teacher_dir, context.device, quantized=False)
-                replies = greedy_replies(megatron_padded_logits(teacher, context.device), self.prompt_ids,
-                                         self.args.eval_new_tokens, {self.stop_id}, self.args.eval_batch)
+                replies = greedy_replies(megatron_padded_logits(teacher, context.device), prompt_ids, new_tokens,
+                                         {self.stop_id}, self.args.eval_batch)
             finally:
                 parallel.destroy()
             write_summary(path, {"replies": replies})
@@ -340,26 +353,23 @@ class Evaluator:
             replies = greedy_replies(padded, self.prompt_ids, args.eval_new_tokens, {self.stop_id}, args.eval_batch)
             end_of_turn = end_of_turn_agreement(padded, self.prompt_ids, self.teacher_replies, self.stop_id,
                                                 args.eval_batch)
+            answers = greedy_replies(padded, [ids for _, ids in self.checkable], args.probe_new_tokens,
+                                     {self.stop_id}, args.eval_batch) if self.checkable else []
         finally:
             parallel.destroy()
         return {"device": device_name(context.device), **self.counts,
                 "kl": test["kl"], "top1": test["top1 agreement"], **reply_agreement(self.teacher_replies, replies),
-                "end of turn": end_of_turn, "arithmetic": self.arithmetic(replies),
+                "end of turn": end_of_turn, "checkable": self.checkable_accuracy(answers),
                 "general ce": general["student ce"], "validation kl": validation["kl"],
                 "replies": {record["prompt"]: self.tokenizer.decode(reply) for record, reply
                             in list(zip(self.test_prompts, replies))[:args.show_replies]}}
 
-    def _arithmetic_pairs(self, replies: list[list[int]]) -> list[tuple[dict, list[int]]]:
-        """``(prompt record, reply)`` of the arithmetic test prompts whose answer the teacher's greedy reply gets right."""
-        return [(record, reply) for record, teacher_reply, reply in zip(self.test_prompts, self.teacher_replies, replies)
-                if record["answer"] is not None and reply_number(self.tokenizer.decode(teacher_reply)) == record["answer"]]
-
-    def arithmetic(self, replies: list[list[int]]) -> float | None:
-        """Accuracy on the arithmetic test prompts whose answer the teacher's greedy reply gets right."""
-        right = self._arithmetic_pairs(replies)
-        if not right:
+    def checkable_accuracy(self, answers: list[list[int]]) -> float | None:
+        """The share of the checkable prompts (those the teacher answers right) that ``answers`` get right."""
+        if not self.checkable:
             return None
-        return sum(reply_number(self.tokenizer.decode(reply)) == record["answer"] for record, reply in right) / len(right)
+        return sum(answers_correctly(record, self.tokenizer.decode(answer))
+                   for (record, _), answer in zip(self.checkable, answers)) / len(self.checkable)
 
 
 def variant_config(args, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path, directory: Path) -> QADConfig:
@@ -403,6 +413,10 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
     tokens = config.training.train_iters * config.training.global_batch_size * config.model.seq_length
     if record.is_file():
         result = json.loads(record.read_text())
+        missing = [key for key, _ in COLUMNS if key not in result]
+        if missing:
+            sys.exit(f"real_model: {record} has no {missing[0]!r} (an older version of this benchmark wrote it); "
+                     f"use another --out, or delete {directory} to measure it again")
         if mode == "train" and result["tokens"] != tokens:
             sys.exit(f"real_model: {record} was trained on {result['tokens']:,} tokens, this run asks for "
                      f"{tokens:,} (--tokens {args.tokens}); use another --out, or delete {directory} to train it again")
@@ -478,9 +492,10 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
             f"({info['samples']} per training prompt; of them cut at {info['max new tokens']} tokens, before their "
             f"turn ended, and kept as far as they got: {info['cut']}). Every trained student saw {tokens:,} "
             f"tokens. Metrics on the test prompts; "
-            f"{seed_phrase(results)}. Arithmetic accuracy "
-            f"over the {counts.get('arithmetic prompts', '?')} arithmetic test prompts the teacher's greedy reply "
-            f"gets right; end-of-turn agreement over the {counts.get('ended teacher replies', '?')} teacher replies "
+            f"{seed_phrase(results)}. Checkable answers: the share right of the "
+            f"{counts.get('checkable prompts', '?')} of {counts.get('probe prompts', '?')} prompts with a checkable "
+            f"answer (the arithmetic test prompts and questions about {len(CAPITALS)} capitals, never trained on) "
+            f"that the teacher's greedy reply gets right; end-of-turn agreement over the {counts.get('ended teacher replies', '?')} teacher replies "
             f"that end within {args.eval_new_tokens} tokens. Selected students "
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
@@ -557,6 +572,8 @@ def arguments(argv=None):
     parser.add_argument("--generation-batch", default=512, type=int)
     parser.add_argument("--generation-seed", default=1, type=int)
     parser.add_argument("--eval-new-tokens", default=128, type=int, help="longest greedy reply compared")
+    parser.add_argument("--probe-new-tokens", default=48, type=int,
+                        help="longest greedy reply to a prompt with a checkable answer")
     parser.add_argument("--eval-batch", default=64, type=int)
     parser.add_argument("--eval-windows", default=16, type=int, help="held-out windows of general text")
     parser.add_argument("--show-replies", default=3, type=int, help="greedy replies kept in each metrics.json")

@@ -92,6 +92,19 @@ def test_prompts_are_many_unique_deterministic_and_held_out_apart():
     assert chat_prompts.reply_number("I don't know.") is None
 
 
+def test_capital_questions_are_checkable_and_apart_from_every_chat_prompt():
+    capitals = chat_prompts.capital_prompts()
+    assert len(capitals) == 2 * len(chat_prompts.CAPITALS) and len({record["prompt"] for record in capitals}) == len(capitals)
+    assert not {record["prompt"] for record in capitals} & {record["prompt"] for record in chat_prompts.chat_prompts()}
+    france = next(record for record in capitals if "France" in record["prompt"])
+    assert chat_prompts.answers_correctly(france, "The capital of France is paris.")
+    assert not chat_prompts.answers_correctly(france, "It is Lyon, near Parisian suburbs.")
+    india = next(record for record in capitals if "India" in record["prompt"])
+    assert chat_prompts.answers_correctly(india, "Delhi.") and chat_prompts.answers_correctly(india, "New Delhi")
+    sum_prompt = {"prompt": "What is 7 + 5?", "kind": "arithmetic", "answer": "12"}
+    assert chat_prompts.answers_correctly(sum_prompt, "7 + 5 = 12") and not chat_prompts.answers_correctly(sum_prompt, "13")
+
+
 def test_chat_source_counts_the_response_tokens_only(tiny_chat_model, tmp_path):
     tokenizer = load_tokenizer(str(tiny_chat_model), "t")
     records = [{"prompt": f"What is {i} + 1?", "response": f"It is {i + 1}."} for i in range(120)]
@@ -164,7 +177,7 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     out, results = tmp_path / "run", tmp_path / "RESULTS.md"
     results.write_text(f"# Results\n\nkept\n{real_model.BEGIN}\nold\n{real_model.END}\n")
     common = ["--hf-dir", str(tiny_chat_model), "--out", str(out), "--prompts", "8", "--samples", "1",
-              "--max-new-tokens", "16", "--generation-batch", "8", "--eval-new-tokens", "6", "--eval-batch", "8",
+              "--max-new-tokens", "16", "--generation-batch", "8", "--eval-new-tokens", "6", "--probe-new-tokens", "4", "--eval-batch", "8",
               "--eval-windows", "2", "--tokens", "2048", "--seeds", "1", "--qad-lrs", "", "--qat-lrs", "",
               "--select-points", "2", "model.seq_length=128", "model.params_dtype=float32",
               "training.global_batch_size=2", "training.micro_batch_size=2", "training.lr_warmup_iters=0",
@@ -181,6 +194,8 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     assert rows == ["model", "BF16 teacher", "PTQ", "QAD (teacher responses)", "QAD (teacher responses), selected"]
     teacher = json.loads((out / "runs" / "bf16_teacher" / "seed1" / "recipe_lr" / "metrics.json").read_text())
     assert teacher["kl"] < 1e-6 and teacher["exact match"] == 1.0 and teacher["common prefix"] > 0
+    # The teacher is right on its own checkable answers (or has none: this tiny model knows no capital).
+    assert teacher["checkable"] in (1.0, None) and teacher["probe prompts"] > 2 * len(chat_prompts.CAPITALS) - 1
     qad_dir = out / "runs" / "qad_teacher_responses" / "seed1" / "recipe_lr"
     qad = json.loads((qad_dir / "metrics.json").read_text())
     assert qad["tokens"] == 2048 and qad["kl"] > 0
