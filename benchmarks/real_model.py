@@ -569,7 +569,8 @@ def arguments(argv=None):
     parser.add_argument("--prompts", default=0, type=int, help="use at most this many prompts of each set (0: all)")
     parser.add_argument("--samples", default=2, type=int, help="teacher responses per training prompt")
     parser.add_argument("--max-new-tokens", default=320, type=int, help="longest sampled teacher response")
-    parser.add_argument("--generation-batch", default=512, type=int)
+    parser.add_argument("--generation-batch", default=2048, type=int,
+                        help="responses sampled at once (at 2048, about 17 GB of KV cache for this model)")
     parser.add_argument("--generation-seed", default=1, type=int)
     parser.add_argument("--eval-new-tokens", default=128, type=int, help="longest greedy reply compared")
     parser.add_argument("--probe-new-tokens", default=48, type=int,
