@@ -1,7 +1,7 @@
 """NVFP4 PTQ, QAT and QAD of a real post-trained model, SmolLM2-135M-Instruct, measured against its BF16 self.
 
     python benchmarks/real_model.py [--out runs/real_model] [--variants all | NAME,...] [--seeds 1,2,3]
-        [--qad-lrs 3e-5,1e-4] [--qat-lrs 3e-5,1e-4] [--tokens 10000000] [--results docs/RESULTS.md]
+        [--qad-lrs 3e-5,1e-4] [--qat-lrs 3e-5,1e-4] [--tokens 10000000] [--jobs 1] [--results docs/RESULTS.md]
         [--gguf FILE | --hf-dir DIR] [--general-text GLOB] [key.path=value ...]
 
 Steps, each skipped when its output exists (so the benchmark can run in parts, and a finished run
@@ -28,7 +28,8 @@ continues it):
    ``--general-text``, by default the corpus shipped with the package (Python source), in the
    model's tokenizer.
 3. **Variants**, through Megatron-LM's loop (:func:`megatron_qad.train.run`), every trained one at
-   the same token budget (``--tokens``): see :data:`VARIANTS`. The loss of the chat data counts the
+   the same token budget (``--tokens``): see :data:`VARIANTS`; ``--jobs N`` runs N at once, each in
+   its own process (the step of this small model waits on the host, so several share a GPU well). The loss of the chat data counts the
    response tokens only (the ``chat`` source's ``loss_on: response``).
 4. **Metrics on the test prompts, each against the teacher**: KL(teacher || student) and top-1
    agreement per response token of the teacher's sampled responses; the greedy reply's exact match
@@ -66,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import CAPITALS, answers_correctly, capital_prompts, chat_prompts, split_prompts  # noqa: E402
-from result_benchmarks import number_list, slug, sweep_table, variant_names, write_between_markers  # noqa: E402
+from result_benchmarks import executor, number_list, slug, sweep_table, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad import parallel  # noqa: E402
 from megatron_qad.atomic_files import write_text  # noqa: E402
@@ -560,6 +561,9 @@ def arguments(argv=None):
                              "88k tokens, so at most about 8.8M training tokens within data.max_repeats=100)")
     parser.add_argument("--variants", default="all", help="'all' or comma-separated names of the table's rows")
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the students (data order, calibration)")
+    parser.add_argument("--jobs", default=1, type=int,
+                        help="runs at once, each in its own process (a step of this small model waits on the "
+                             "host, so several share one GPU well; about 11 GB each at micro-batch 8)")
     parser.add_argument("--qad-lrs", default="3e-5,1e-4", help="learning rates besides the recipe's for QAD on "
                         "responses (first seed); '' for none")
     parser.add_argument("--qat-lrs", default="3e-5,1e-4", help="the same for QAT on responses")
@@ -592,7 +596,23 @@ def arguments(argv=None):
         parser.error("--seeds needs at least one seed")
     args.qad_lrs = number_list(parser, "--qad-lrs", args.qad_lrs)
     args.qat_lrs = number_list(parser, "--qat-lrs", args.qat_lrs)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     return args
+
+
+_EVALUATORS: dict[Path, Evaluator] = {}
+"""This process's Evaluator per ``--out`` (each process of ``--jobs`` makes its own once)."""
+
+
+def run_job(args, name: str, seed: int, lr: float | None, data: dict, hf_dir: Path) -> dict | None:
+    """:func:`run_one` in this process (a ``--jobs`` worker or the main process)."""
+    evaluator = None
+    if args.stage != "report":
+        if args.out not in _EVALUATORS:
+            _EVALUATORS[args.out] = Evaluator(args, hf_dir, args.out / "teacher", data)
+        evaluator = _EVALUATORS[args.out]
+    return run_one(args, evaluator, name, seed, lr, data, hf_dir)
 
 
 def main(argv=None) -> None:
@@ -600,18 +620,21 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     hf_dir, teacher = prepare_model(args)
     data = prepare_data(args, hf_dir)
-    evaluator = Evaluator(args, hf_dir, teacher, data) if args.stage != "report" else None
+    if args.stage != "report":
+        _EVALUATORS[args.out] = Evaluator(args, hf_dir, teacher, data)  # the teacher's greedy replies, cached
     if args.stage == "prepare":
         return
-    results = [run_one(args, evaluator, name, seed, None, data, hf_dir) for name in args.variants
-               for seed in (args.seeds[:1] if name == TEACHER else args.seeds)]
-    sweep = []
     recipe_lr = load_config(teacher / "recipe.yaml").training.lr
-    for name, lrs in ((QAT_RESPONSES, args.qat_lrs), (QAD_RESPONSES, args.qad_lrs)):
-        if lrs and name in args.variants:
-            sweep += [row for row in results if row and row["variant"] == name and row["seed"] == args.seeds[0]]
-            sweep += [run_one(args, evaluator, name, args.seeds[0], lr, data, hf_dir) for lr in lrs if lr != recipe_lr]
-    results, sweep = [row for row in results if row], [row for row in sweep if row]
+    runs = [(name, seed, None) for name in args.variants for seed in (args.seeds[:1] if name == TEACHER else args.seeds)]
+    swept = [(name, lrs) for name, lrs in ((QAT_RESPONSES, args.qat_lrs), (QAD_RESPONSES, args.qad_lrs))
+             if lrs and name in args.variants]
+    runs += [(name, args.seeds[0], lr) for name, lrs in swept for lr in lrs if lr != recipe_lr]
+    with executor(args.jobs) as pool:
+        futures = [pool.submit(run_job, args, name, seed, lr, data, hf_dir) for name, seed, lr in runs]
+        rows = {run: future.result() for run, future in zip(runs, futures)}
+    results = [row for (_, _, lr), row in rows.items() if row and lr is None]
+    sweep = [row for (name, seed, lr), row in rows.items() if row and seed == args.seeds[0]
+             and any(name == swept_name for swept_name, _ in swept)]
     text = report(args, data, results, sweep, time.perf_counter() - start)
     print(text)
     if args.results:

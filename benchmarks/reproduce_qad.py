@@ -46,19 +46,17 @@ import argparse
 import copy
 import datetime
 import json
-import multiprocessing
 import platform
 import statistics
 import sys
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import result_benchmarks  # noqa: E402
-from result_benchmarks import number_list, slug, variant_names, write_between_markers  # noqa: E402
+from result_benchmarks import executor, number_list, slug, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad.config import ConfigError, QADConfig, load_config  # noqa: E402
 from megatron_qad.evaluate.students import evaluate_model, evaluation_data  # noqa: E402
@@ -198,22 +196,6 @@ def run_student(args, data, name: str, seed: int, lr: float | None) -> dict:
                 "seconds": round(time.perf_counter() - start, 1)}
 
     return record_of(directory / "metrics.json", measure)
-
-
-class InProcess(Executor):
-    """An executor that runs each call at once, in this process (``--jobs 1``)."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
-
-
-def executor(jobs: int) -> Executor:
-    """``jobs`` processes (spawned: each starts its own CUDA context), or this process for 1."""
-    if jobs == 1:
-        return InProcess()
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 def check_teachers(rows: list[dict], minimum: float) -> None:

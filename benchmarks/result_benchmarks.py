@@ -1,9 +1,12 @@
 """What the result benchmarks (``reproduce_qad.py``, ``real_model.py``) share: their command line's
-lists (variants, seeds, learning rates), run directory names, the learning-rate sweep table and the
-marked section of a Markdown file they write their tables into."""
+lists (variants, seeds, learning rates), the processes their runs share a GPU in (``--jobs``), run
+directory names, the learning-rate sweep table and the marked section of a Markdown file they write
+their tables into."""
 
 import argparse
+import multiprocessing
 import re
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +18,22 @@ def variant_names(parser: argparse.ArgumentParser, text: str, variants: Sequence
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; the variants are {list(variants)}")
     return names
+
+
+class InProcess(Executor):
+    """An executor that runs each call at once, in this process (``--jobs 1``)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def executor(jobs: int) -> Executor:
+    """``jobs`` processes (spawned: each starts its own CUDA context), or this process for 1."""
+    if jobs == 1:
+        return InProcess()
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 def number_list(parser: argparse.ArgumentParser, flag: str, text: str, kind=float) -> list:

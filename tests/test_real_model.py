@@ -8,7 +8,6 @@ greedy replies, the QAD checkpoints are selected by validation KL, and the table
 chat data pieces (response-only loss, left-padded decoding) are checked on their own first.
 """
 
-import importlib.util
 import json
 import re
 import sys
@@ -33,10 +32,7 @@ from megatron_qad.models import build_model_chunks
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import chat_prompts  # noqa: E402
-
-SPEC = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
-real_model = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(real_model)
+import real_model  # noqa: E402  (by name: the processes of --jobs import it too)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +183,9 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     with pytest.raises(SystemExit, match=r"QAD \(teacher responses\) \(seed 1\) stopped at iteration 3 of 8; "
                                          r"run the same command again to continue it"):
         real_model.main([*common, "--variants", "QAD (teacher responses)", "training.exit_interval=3"])
-    real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--results", str(results)])
+    # Two processes share the three runs (the stopped one continues in whichever takes it).
+    real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--jobs", "2",
+                     "--results", str(results)])
     text = results.read_text()
     assert text.startswith("# Results\n\nkept\n") and "old" not in text
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
