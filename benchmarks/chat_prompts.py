@@ -181,9 +181,20 @@ def answers_correctly(record: dict, reply: str) -> bool:
     return reply_number(reply) == record["answer"]
 
 
+ANSWER_MARKERS = ("=", " equals ", " is ", " results in ", " gives ")
+"""What a reply puts before its result: the number after the first of these that the reply has."""
+_INTEGER = re.compile(r"-?\d[\d,]*")
+
+
 def reply_number(reply: str) -> str | None:
-    """The integer a reply gives as its answer: the first one after its first "=" if it has one,
-    else its first integer (None when it has none)."""
-    text = reply.split("=", 1)[1] if "=" in reply else reply
-    match = re.search(r"-?\d[\d,]*", text)
-    return match.group(0).replace(",", "") if match else None
+    """The integer a reply gives as its answer: the first one after the first of
+    :data:`ANSWER_MARKERS` (in that order) that the reply has and a number follows, else its last
+    integer (a reply restates the operands first); None when it has none."""
+    for marker in ANSWER_MARKERS:
+        if marker in reply:
+            match = _INTEGER.search(reply.split(marker, 1)[1])
+            if match:
+                return match.group(0).replace(",", "")
+    numbers = _INTEGER.findall(reply)
+    return numbers[-1].replace(",", "") if numbers else None
+

@@ -86,6 +86,8 @@ def test_prompts_are_many_unique_deterministic_and_held_out_apart():
     assert chat_prompts.reply_number("7 + 5 = 12, so the answer is 12.") == "12"
     assert chat_prompts.reply_number("The answer is 1,024.") == "1024"
     assert chat_prompts.reply_number("I don't know.") is None
+    assert chat_prompts.reply_number("20 * 9 is equal to 180.") == "180"  # not the restated operand
+    assert chat_prompts.reply_number("Multiply 20 by 9: 180") == "180"
 
 
 def test_capital_questions_are_checkable_and_apart_from_every_chat_prompt():
