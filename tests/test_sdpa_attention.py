@@ -10,7 +10,7 @@ from model_helpers import make_batches
 from megatron_qad import parallel, quantize
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.evaluate.chat import padded_inputs
-from megatron_qad.models import build_gpt_model, causal_attention_mask
+from megatron_qad.models import build_gpt_model, build_model, causal_attention_mask
 from megatron_qad.sdpa_attention import SdpaAttention
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -70,6 +70,20 @@ def test_fp8_kv_cache_quantization_wraps_sdpa_as_it_wraps_local(cpu_process):
     for model in (local, sdpa):
         quantize.apply([model], config.quantization.to_policy())
     assert isinstance(sdpa.decoder.layers[0].self_attention.core_attention, SdpaAttention)
+    batch = make_batches(config.model, count=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(*batch), local(*batch), **TOLERANCE)
+
+
+def test_hybrid_attention_layers_take_sdpa_too(cpu_process):
+    """The attention layers of a hybrid stack (no Mamba layer here: those need the GPU kernels)."""
+    config = load_config(TINY.with_name("tiny_hybrid_cpu.yaml"), ["model.params_dtype=float32",
+                                                                  "model.hybrid_layer_pattern=*E-*", "model.num_layers=4"])
+    local = build_model(config.model, config.parallel)
+    config.model.core_attention = "sdpa"
+    sdpa = build_model(config.model, config.parallel)
+    sdpa.load_state_dict(local.state_dict())
+    assert isinstance(sdpa.decoder.layers[3].self_attention.core_attention, SdpaAttention)
     batch = make_batches(config.model, count=1)[0]
     with torch.no_grad():
         torch.testing.assert_close(sdpa(*batch), local(*batch), **TOLERANCE)
