@@ -32,7 +32,10 @@ def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -
 
     megatron.core builds this mask on "cuda" when given None, so CPU runs pass it explicitly.
     """
-    return _causal_mask(seq_length, str(torch.device(device)))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one tensor for "cuda" and "cuda:<current>"
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _causal_mask(seq_length, str(device))
 
 
 class SdpaAttention(DotProductAttention):
