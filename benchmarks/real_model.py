@@ -631,10 +631,10 @@ def main(argv=None) -> None:
     runs += [(name, args.seeds[0], lr) for name, lrs in swept for lr in lrs if lr != recipe_lr]
     with executor(args.jobs) as pool:
         futures = [pool.submit(run_job, args, name, seed, lr, data, hf_dir) for name, seed, lr in runs]
-        rows = {run: future.result() for run, future in zip(runs, futures)}
+        rows = {job: future.result() for job, future in zip(runs, futures)}
     results = [row for (_, _, lr), row in rows.items() if row and lr is None]
-    sweep = [row for (name, seed, lr), row in rows.items() if row and seed == args.seeds[0]
-             and any(name == swept_name for swept_name, _ in swept)]
+    swept_names = {name for name, _ in swept}
+    sweep = [row for (name, seed, _), row in rows.items() if row and seed == args.seeds[0] and name in swept_names]
     text = report(args, data, results, sweep, time.perf_counter() - start)
     print(text)
     if args.results:
