@@ -486,12 +486,14 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
     info, prompts = data["info"], data["prompts"]
     ptq_validation = {row["seed"]: row["validation kl"] for row in results if row["variant"] == "PTQ"}
     selections = [selection_summary(row, ptq_validation.get(row["seed"])) for row in results if row.get("selection")]
-    text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; {seconds:.0f} s in this call; command: "
+    run_minutes = sum(row["seconds"] for row in {id(row): row for row in [*results, *sweep]}.values()) / 60
+    text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; the runs of the table took "
+            f"{run_minutes:.1f} minutes (each timed in its own process), this command {seconds:.0f} s: "
             f"`python {' '.join(sys.argv)}`.\n\n"
-            f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {len(prompts['train'])} training, {len(prompts['validation'])} validation, "
-            f"{len(prompts['test'])} test; teacher responses (temperature 1): {info['responses']} "
-            f"({info['samples']} per training prompt; of them cut at {info['max new tokens']} tokens, before their "
-            f"turn ended, and kept as far as they got: {info['cut']}). Every trained student saw {tokens:,} "
+            f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {split_counts({n: len(r) for n, r in prompts.items()})}; "
+            f"teacher responses (temperature 1, {info['samples']} per training prompt): "
+            f"{split_counts(info['responses'])}, of them cut at {info['max new tokens']} tokens, before their turn "
+            f"ended, and kept as far as they got: {split_counts(info['cut'])}. Every trained student saw {tokens:,} "
             f"tokens. Metrics on the test prompts; "
             f"{seed_phrase(results)}. Checkable answers: the share right of the "
             f"{counts.get('checkable prompts', '?')} of {counts.get('probe prompts', '?')} prompts with a checkable "
@@ -503,6 +505,12 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
     if sweep:
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
+
+
+def split_counts(counts: dict) -> str:
+    """``{"train": 3842, "validation": 107, "test": 107}`` as "3,842 training, 107 validation, 107 test"."""
+    names = {"train": "training"}
+    return ", ".join(f"{counts[split]:,} {names.get(split, split)}" for split in ("train", "validation", "test"))
 
 
 def selection_summary(row: dict, ptq_validation_kl: float | None) -> str:
@@ -563,7 +571,8 @@ def arguments(argv=None):
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the students (data order, calibration)")
     parser.add_argument("--jobs", default=1, type=int,
                         help="runs at once, each in its own process (a step of this small model waits on the "
-                             "host, so several share one GPU well; about 11 GB each at micro-batch 8)")
+                             "host, so several share one GPU well; about 19 GiB each at the recipe's "
+                             "micro-batch of 16: 3 fit an 80 GB GPU)")
     parser.add_argument("--qad-lrs", default="3e-5,1e-4", help="learning rates besides the recipe's for QAD on "
                         "responses (first seed); '' for none")
     parser.add_argument("--qat-lrs", default="3e-5,1e-4", help="the same for QAT on responses")
@@ -612,7 +621,18 @@ def run_job(args, name: str, seed: int, lr: float | None, data: dict, hf_dir: Pa
         if args.out not in _EVALUATORS:
             _EVALUATORS[args.out] = Evaluator(args, hf_dir, args.out / "teacher", data)
         evaluator = _EVALUATORS[args.out]
-    return run_one(args, evaluator, name, seed, lr, data, hf_dir)
+    try:
+        return run_one(args, evaluator, name, seed, lr, data, hf_dir)
+    finally:
+        release_gpu_cache()
+
+
+def release_gpu_cache() -> None:
+    """Give the GPU memory this process's allocator keeps cached back to the device: the processes
+    of ``--jobs`` share one GPU, and a run's cache (training activations, a generation's KV cache of
+    ``--generation-batch`` sequences) would otherwise stay out of the others' reach."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> None:
@@ -622,6 +642,7 @@ def main(argv=None) -> None:
     data = prepare_data(args, hf_dir)
     if args.stage != "report":
         _EVALUATORS[args.out] = Evaluator(args, hf_dir, teacher, data)  # the teacher's greedy replies, cached
+        release_gpu_cache()
     if args.stage == "prepare":
         return
     recipe_lr = load_config(teacher / "recipe.yaml").training.lr

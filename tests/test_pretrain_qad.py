@@ -138,26 +138,31 @@ def test_sigterm_to_one_rank_saves_and_exits_cleanly(tmp_path, megatron_teacher)
 def test_the_checkpoint_save_queue_outlives_an_exit_signal_sent_to_every_process(monkeypatch):
     """SLURM's warning signal reaches every process of a job step, the process of megatron.core's
     checkpoint-save results queue too. Started by the run (the exit signals blocked), it outlives
-    SIGUSR1 and SIGTERM and still serves; started as megatron.core starts it, it dies of SIGUSR1."""
+    SIGUSR1 and SIGTERM and still serves, also where an earlier save in the process (an import, a
+    benchmark's PTQ student) had megatron.core start one; started as megatron.core starts it, it
+    dies of SIGUSR1."""
     import psutil
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_qad.train.megatron import _start_save_results_queue
 
-    def start(exit_signals):
+    def start(exit_signals, megatron_first=False):
         """A new results queue and its server process (a spawned child of this process)."""
         monkeypatch.setattr(filesystem_async, "_results_queue", None)
+        if megatron_first:
+            filesystem_async.get_write_results_queue()
         before = set(psutil.Process().children())
         _start_save_results_queue(exit_signals)
         (server,) = [child for child in set(psutil.Process().children()) - before
                      if "spawn_main" in " ".join(child.cmdline())]
         return filesystem_async._results_queue, server
 
-    queue, server = start([signal.SIGTERM, signal.SIGUSR1])
-    server.send_signal(signal.SIGUSR1)
-    server.send_signal(signal.SIGTERM)
-    queue.put("write results")
-    assert queue.get(timeout=30) == "write results" and server.is_running()
+    for megatron_first in (False, True):
+        queue, server = start([signal.SIGTERM, signal.SIGUSR1], megatron_first)
+        server.send_signal(signal.SIGUSR1)
+        server.send_signal(signal.SIGTERM)
+        queue.put("write results")
+        assert queue.get(timeout=30) == "write results" and server.is_running()
     _, plain = start([])
     plain.send_signal(signal.SIGUSR1)
     assert plain.wait(timeout=30) == -signal.SIGUSR1

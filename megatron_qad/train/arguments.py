@@ -48,7 +48,8 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add the QAD flags to Megatron-LM's parser (``extra_args_provider`` of ``parse_args``), and
     make its errors one line (:func:`_one_line_error`).
 
-    Every flag defaults to None, meaning "the ``--qad-recipe`` value, else the recipe default"."""
+    The flags of the recipe's quantization, distill, teacher and data sections default to None,
+    meaning "the ``--qad-recipe`` value, else the recipe default"."""
     parser.error = functools.partial(_one_line_error, parser)
     group = parser.add_argument_group("QAD (megatron_qad)")
     group.add_argument("--qad-recipe", default=None,
@@ -69,6 +70,10 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-kv-cache", choices=("fp8", "bf16"), default=None)
     group.add_argument("--qad-input-amax", choices=("static", "dynamic"), default=None)
     group.add_argument("--qad-backend", choices=("auto", "emulated", "te"), default=None)
+    group.add_argument("--qad-core-attention", choices=("local", "sdpa"), default="local",
+                       help="the local spec's core attention: local (megatron.core's unfused product) or sdpa "
+                            "(PyTorch's fused scaled_dot_product_attention, FlashAttention on a GPU; same "
+                            "checkpoints); recipe key model.core_attention")
     group.add_argument("--qad-data-sources", default=None,
                        help="the package's token sources as YAML, e.g. '[{type: random}]' (Megatron's "
                             "--data-path / --mock-data take precedence)")
@@ -213,6 +218,8 @@ def _model_argv(m: ModelConfig, p: ParallelConfig) -> list[str]:
         argv += ["--heterogeneous-layers-config-path", m.heterogeneous_layers_config,
                  "--use-rotary-position-embeddings"]
     argv += {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}[m.activation]
+    if m.core_attention != "local":
+        argv += ["--qad-core-attention", m.core_attention]
     if not m.add_bias_linear:
         argv.append("--disable-bias-linear")
     if not m.share_embeddings_and_output_weights:
@@ -397,7 +404,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         seed=args.seed, transformer_impl=args.transformer_impl, norm_epsilon=args.layernorm_epsilon,
         rope_scaling=bool(args.use_rope_scaling), rope_scaling_factor=args.rope_scaling_factor,
         hybrid_layer_pattern=getattr(args, "hybrid_layer_pattern", None) or "",
-        heterogeneous_layers_config=args.heterogeneous_layers_config_path,
+        heterogeneous_layers_config=args.heterogeneous_layers_config_path, core_attention=args.qad_core_attention,
     )
     if values["num_moe_experts"]:
         values.update(

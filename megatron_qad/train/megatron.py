@@ -276,6 +276,10 @@ def _stop_on_extra_signals(names: str) -> list:
     return signals
 
 
+_signal_proof_queue = None
+"""The save-results queue :func:`_start_save_results_queue` started last in this process."""
+
+
 def _start_save_results_queue(exit_signals: list) -> None:
     """Start megatron.core's checkpoint-save results queue now, with ``exit_signals`` blocked, so
     that an exit signal sent to every process of the job cannot end it before the save it asks for,
@@ -292,7 +296,9 @@ def _start_save_results_queue(exit_signals: list) -> None:
     takes, and a signal arriving then is handled after it, not lost. The queue's process is started
     here as megatron.core starts it (a spawn-context manager), with :func:`_die_with_parent` as its
     initializer: a rank that is killed (no exit handlers run) takes it along instead of leaving an
-    orphan that ignores SIGTERM."""
+    orphan that ignores SIGTERM. A queue megatron.core started before in this process (a save
+    outside a run: an import, a PTQ student written by an earlier run of a benchmark) is replaced;
+    its process ends with its last reference."""
     import multiprocessing
     import os
     import signal
@@ -301,7 +307,8 @@ def _start_save_results_queue(exit_signals: list) -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is not None:
+    global _signal_proof_queue
+    if filesystem_async._results_queue is not None and filesystem_async._results_queue is _signal_proof_queue:
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
     try:
@@ -311,7 +318,7 @@ def _start_save_results_queue(exit_signals: list) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         manager.start(_die_with_parent, (os.getpid(),))
-        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+        _signal_proof_queue = filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
