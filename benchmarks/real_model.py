@@ -502,7 +502,7 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
             f"that end within {args.eval_new_tokens} tokens. Selected students "
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
-    if sweep:
+    if len({row["lr"] for row in sweep}) > 1:  # an LR besides the recipe's has run
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
 

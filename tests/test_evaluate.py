@@ -118,6 +118,22 @@ def test_token_sums_match_torch_kl_and_cross_entropy():
     assert token_sums(teacher, teacher, labels, mask)["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_token_sums_are_the_same_a_sequence_at_a_time(monkeypatch):
+    """The float32 copies are made a few sequences at a time (agreement.CHUNK_ELEMENTS); here one
+    sequence (55 logits) a chunk against the whole batch (float32 sums of at most 5 tokens: rel 1e-6)."""
+    from megatron_qad.evaluate import agreement
+
+    generator = torch.Generator().manual_seed(1)
+    teacher, student = (torch.randn(3, 5, 11, generator=generator) * 3 for _ in range(2))
+    labels = torch.randint(0, 11, (3, 5), generator=generator)
+    mask = (torch.rand(3, 5, generator=generator) > 0.3).float()
+    whole = token_sums(teacher, student, labels, mask)
+    monkeypatch.setattr(agreement, "CHUNK_ELEMENTS", 55)
+    by_sequence = token_sums(teacher, student, labels, mask)
+    assert by_sequence.keys() == whole.keys()
+    assert all(by_sequence[name] == pytest.approx(whole[name], rel=1e-6) for name in whole)
+
+
 def test_greedy_decoding_of_a_megatron_model_follows_its_own_argmax():
     """A real (untrained) GPT: each generated token is the argmax of the model's logits over the
     whole generated sequence at the position before it, and decoding prompts together or one by

@@ -10,16 +10,33 @@ import torch
 METRICS = ("kl", "student ce", "teacher ce", "top1 agreement")
 
 
+CHUNK_ELEMENTS = 2**27
+"""The most logits (per model) :func:`token_sums` turns into float32 at once: 512 MiB a copy, so a
+batch of any size costs a few GiB beyond its logits (a 49k vocabulary at 64 x 1024 tokens would
+take tens of GiB in whole-batch float32 copies)."""
+
+
 def token_sums(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
                loss_mask: torch.Tensor) -> dict[str, float]:
     """Sums over the unmasked tokens of one batch, and their count (``tokens``).
 
-    ``teacher_logits`` / ``student_logits``: float ``[b, s, V]`` (computed in float32);
-    ``labels``: int64 ``[b, s]``; ``loss_mask``: ``[b, s]``, 1 for tokens that count, 0 otherwise.
+    ``teacher_logits`` / ``student_logits``: float ``[b, s, V]`` (computed in float32, a few
+    sequences at a time: :data:`CHUNK_ELEMENTS`); ``labels``: int64 ``[b, s]``; ``loss_mask``:
+    ``[b, s]``, 1 for tokens that count, 0 otherwise.
     """
     if teacher_logits.shape != student_logits.shape or teacher_logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(teacher_logits.shape)} / {tuple(student_logits.shape)} and labels "
                          f"{tuple(labels.shape)} must be [b, s, V] and [b, s]")
+    rows = max(1, CHUNK_ELEMENTS // teacher_logits[0].numel())
+    chunks = [_chunk_sums(teacher_logits[first:first + rows], student_logits[first:first + rows],
+                          labels[first:first + rows], loss_mask[first:first + rows])
+              for first in range(0, teacher_logits.shape[0], rows)]
+    return {name: sum(chunk[name] for chunk in chunks) for name in chunks[0]}
+
+
+def _chunk_sums(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
+                loss_mask: torch.Tensor) -> dict[str, float]:
+    """:func:`token_sums` of a few sequences at once."""
     teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
     student = torch.log_softmax(student_logits.float(), dim=-1)
     mask = loss_mask.to(teacher.device, torch.float32)
