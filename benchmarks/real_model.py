@@ -478,7 +478,7 @@ def main_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: float) -> str:
+def report(args, data: dict, results: list[dict], sweep: list[dict], recipe_lr: float, seconds: float) -> str:
     devices = sorted({row.get("device", "not recorded") for row in results})
     counts = results[0] if results else {}
     trained = [row for row in results if row["tokens"]]
@@ -487,8 +487,9 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
     ptq_validation = {row["seed"]: row["validation kl"] for row in results if row["variant"] == "PTQ"}
     selections = [selection_summary(row, ptq_validation.get(row["seed"])) for row in results if row.get("selection")]
     run_minutes = sum(row["seconds"] for row in {id(row): row for row in [*results, *sweep]}.values()) / 60
-    text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; the runs of the table took "
-            f"{run_minutes:.1f} minutes (each timed in its own process), this command {seconds:.0f} s: "
+    text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; the runs of the tables: "
+            f"{run_minutes:.1f} minutes of training and evaluation summed over runs (they overlap under "
+            f"--jobs); this command {seconds:.0f} s: "
             f"`python {' '.join(sys.argv)}`.\n\n"
             f"Teacher: {teacher_name(args)}, run in BF16. Prompts: {split_counts({n: len(r) for n, r in prompts.items()})}; "
             f"teacher responses (temperature 1, {info['samples']} per training prompt): "
@@ -502,7 +503,7 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], seconds: fl
             f"that end within {args.eval_new_tokens} tokens. Selected students "
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
-    if len({row["lr"] for row in sweep}) > 1:  # an LR besides the recipe's has run
+    if any(row["lr"] != recipe_lr for row in sweep):
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
 
@@ -571,8 +572,8 @@ def arguments(argv=None):
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the students (data order, calibration)")
     parser.add_argument("--jobs", default=1, type=int,
                         help="runs at once, each in its own process (a step of this small model waits on the "
-                             "host, so several share one GPU well; about 19 GiB each at the recipe's "
-                             "micro-batch of 16: 3 fit an 80 GB GPU)")
+                             "host, so several share one GPU well; a QAD step takes 19 GiB at the recipe's "
+                             "micro-batch of 16)")
     parser.add_argument("--qad-lrs", default="3e-5,1e-4", help="learning rates besides the recipe's for QAD on "
                         "responses (first seed); '' for none")
     parser.add_argument("--qat-lrs", default="3e-5,1e-4", help="the same for QAT on responses")
@@ -656,7 +657,7 @@ def main(argv=None) -> None:
     results = [row for (_, _, lr), row in rows.items() if row and lr is None]
     swept_names = {name for name, _ in swept}
     sweep = [row for (name, seed, _), row in rows.items() if row and seed == args.seeds[0] and name in swept_names]
-    text = report(args, data, results, sweep, time.perf_counter() - start)
+    text = report(args, data, results, sweep, recipe_lr, time.perf_counter() - start)
     print(text)
     if args.results:
         write_between_markers(args.results, text, BEGIN, END)

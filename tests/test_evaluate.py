@@ -118,20 +118,28 @@ def test_token_sums_match_torch_kl_and_cross_entropy():
     assert token_sums(teacher, teacher, labels, mask)["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_token_sums_are_the_same_a_sequence_at_a_time(monkeypatch):
-    """The float32 copies are made a few sequences at a time (agreement.CHUNK_ELEMENTS); here one
-    sequence (55 logits) a chunk against the whole batch (float32 sums of at most 5 tokens: rel 1e-6)."""
+def test_token_sums_are_the_same_a_few_tokens_at_a_time(monkeypatch):
+    """The float32 copies are made a few tokens of one sequence at a time (agreement.CHUNK_ELEMENTS);
+    here two tokens (22 logits) a chunk, of logits with a batch stride (as a model's transposed
+    output has), against the whole batch at once (float32 sums of at most 15 tokens: rel 1e-6); an
+    empty batch sums to zero tokens."""
     from megatron_qad.evaluate import agreement
 
     generator = torch.Generator().manual_seed(1)
-    teacher, student = (torch.randn(3, 5, 11, generator=generator) * 3 for _ in range(2))
+    teacher, student = (torch.randn(5, 3, 11, generator=generator).transpose(0, 1) * 3 for _ in range(2))
     labels = torch.randint(0, 11, (3, 5), generator=generator)
     mask = (torch.rand(3, 5, generator=generator) > 0.3).float()
-    whole = token_sums(teacher, student, labels, mask)
-    monkeypatch.setattr(agreement, "CHUNK_ELEMENTS", 55)
-    by_sequence = token_sums(teacher, student, labels, mask)
-    assert by_sequence.keys() == whole.keys()
-    assert all(by_sequence[name] == pytest.approx(whole[name], rel=1e-6) for name in whole)
+    log_t, log_s = teacher.log_softmax(-1), student.log_softmax(-1)
+    whole = {"kl": float(((log_t.exp() * (log_t - log_s)).sum(-1) * mask).sum()),
+             "student ce": float((-log_s.gather(-1, labels[..., None])[..., 0] * mask).sum()),
+             "teacher ce": float((-log_t.gather(-1, labels[..., None])[..., 0] * mask).sum()),
+             "top1 agreement": float(((log_t.argmax(-1) == log_s.argmax(-1)).float() * mask).sum()),
+             "tokens": float(mask.sum())}
+    monkeypatch.setattr(agreement, "CHUNK_ELEMENTS", 22)
+    by_chunk = token_sums(teacher, student, labels, mask)
+    assert by_chunk.keys() == whole.keys()
+    assert all(by_chunk[name] == pytest.approx(whole[name], rel=1e-6) for name in whole)
+    assert token_sums(teacher[:0], student[:0], labels[:0], mask[:0])["tokens"] == 0
 
 
 def test_greedy_decoding_of_a_megatron_model_follows_its_own_argmax():

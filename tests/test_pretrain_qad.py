@@ -144,17 +144,24 @@ def test_the_checkpoint_save_queue_outlives_an_exit_signal_sent_to_every_process
     import psutil
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_qad.train.megatron import _start_save_results_queue
+    from megatron_qad.train import megatron
+
+    def servers() -> set:
+        return {child for child in psutil.Process().children() if "spawn_main" in " ".join(child.cmdline())}
 
     def start(exit_signals, megatron_first=False):
-        """A new results queue and its server process (a spawned child of this process)."""
+        """A new results queue and its server process (a spawned child of this process); where
+        megatron.core started one first, its server process ends."""
         monkeypatch.setattr(filesystem_async, "_results_queue", None)
+        monkeypatch.setattr(megatron, "_signal_proof_queue", None)
+        before = servers()
         if megatron_first:
             filesystem_async.get_write_results_queue()
-        before = set(psutil.Process().children())
-        _start_save_results_queue(exit_signals)
-        (server,) = [child for child in set(psutil.Process().children()) - before
-                     if "spawn_main" in " ".join(child.cmdline())]
+            (replaced,) = servers() - before
+        megatron._start_save_results_queue(exit_signals)
+        (server,) = servers() - before - ({replaced} if megatron_first else set())
+        if megatron_first:
+            replaced.wait(timeout=30)  # psutil.TimeoutExpired if it outlives its queue
         return filesystem_async._results_queue, server
 
     for megatron_first in (False, True):

@@ -88,6 +88,18 @@ def test_a_recipe_compiles_to_megatron_flags_that_mean_the_same_model(tmp_path, 
     assert not args.check_for_nan_in_loss_and_grad and args.grad_norm_skip_threshold == torch.finfo(torch.float32).max
 
 
+def test_sdpa_attention_on_a_megatron_command_line_needs_the_local_spec(tmp_path, monkeypatch):
+    """Megatron-LM's default spec is Transformer Engine's, whose attention is its own: there
+    --qad-core-attention sdpa would be ignored, so it is one line naming the flags instead."""
+    config = small_config(tmp_path, "model.core_attention=sdpa")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = recipe_to_argv(config, tmp_path / "recipe.yaml", use_gpu=False, world_size=1)
+    args = parse_megatron_args(argv + ["--transformer-impl", "transformer_engine"])
+    with pytest.raises(ConfigError, match="--qad-core-attention sdpa replaces the local spec's attention; .* "
+                                          "pass --transformer-impl local"):
+        model_config_from_args(args)
+
+
 @pytest.mark.parametrize("created_by", ["initialize", "process_group"])
 def test_the_distributed_timeout_reaches_every_process_group(tmp_path, created_by):
     """parallel.distributed_timeout_minutes becomes Megatron's --distributed-timeout-minutes and the

@@ -21,22 +21,28 @@ def token_sums(teacher_logits: torch.Tensor, student_logits: torch.Tensor, label
     """Sums over the unmasked tokens of one batch, and their count (``tokens``).
 
     ``teacher_logits`` / ``student_logits``: float ``[b, s, V]`` (computed in float32, a few
-    sequences at a time: :data:`CHUNK_ELEMENTS`); ``labels``: int64 ``[b, s]``; ``loss_mask``:
+    tokens of one sequence at a time: :data:`CHUNK_ELEMENTS`); ``labels``: int64 ``[b, s]``; ``loss_mask``:
     ``[b, s]``, 1 for tokens that count, 0 otherwise.
     """
-    if teacher_logits.shape != student_logits.shape or teacher_logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(teacher_logits.shape)} / {tuple(student_logits.shape)} and labels "
-                         f"{tuple(labels.shape)} must be [b, s, V] and [b, s]")
-    rows = max(1, CHUNK_ELEMENTS // teacher_logits[0].numel())
-    chunks = [_chunk_sums(teacher_logits[first:first + rows], student_logits[first:first + rows],
-                          labels[first:first + rows], loss_mask[first:first + rows])
-              for first in range(0, teacher_logits.shape[0], rows)]
-    return {name: sum(chunk[name] for chunk in chunks) for name in chunks[0]}
+    if (teacher_logits.shape != student_logits.shape or teacher_logits.shape[:2] != labels.shape
+            or loss_mask.shape != labels.shape):
+        raise ValueError(f"logits {tuple(teacher_logits.shape)} / {tuple(student_logits.shape)}, labels "
+                         f"{tuple(labels.shape)} and loss mask {tuple(loss_mask.shape)} must be [b, s, V], "
+                         f"[b, s] and [b, s]")
+    sums = dict.fromkeys([*METRICS, "tokens"], 0.0)
+    positions = max(1, CHUNK_ELEMENTS // max(1, teacher_logits.shape[-1]))  # per chunk, within one sequence
+    for row in range(labels.shape[0]):  # views of the logits, whatever their strides (no copy of the batch)
+        for first in range(0, labels.shape[1], positions):
+            chunk = (row, slice(first, first + positions))
+            for name, value in _chunk_sums(teacher_logits[chunk], student_logits[chunk], labels[chunk],
+                                           loss_mask[chunk]).items():
+                sums[name] += value
+    return sums
 
 
 def _chunk_sums(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
                 loss_mask: torch.Tensor) -> dict[str, float]:
-    """:func:`token_sums` of a few sequences at once."""
+    """:func:`token_sums` of ``[n, V]`` logits, ``[n]`` labels and mask."""
     teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
     student = torch.log_softmax(student_logits.float(), dim=-1)
     mask = loss_mask.to(teacher.device, torch.float32)

@@ -71,9 +71,9 @@ def add_qad_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--qad-input-amax", choices=("static", "dynamic"), default=None)
     group.add_argument("--qad-backend", choices=("auto", "emulated", "te"), default=None)
     group.add_argument("--qad-core-attention", choices=("local", "sdpa"), default="local",
-                       help="the local spec's core attention: local (megatron.core's unfused product) or sdpa "
-                            "(PyTorch's fused scaled_dot_product_attention, FlashAttention on a GPU; same "
-                            "checkpoints); recipe key model.core_attention")
+                       help="the local spec's core attention (--transformer-impl local): local (megatron.core's "
+                            "unfused product) or sdpa (PyTorch's fused scaled_dot_product_attention, "
+                            "FlashAttention on a GPU; same checkpoints); recipe key model.core_attention")
     group.add_argument("--qad-data-sources", default=None,
                        help="the package's token sources as YAML, e.g. '[{type: random}]' (Megatron's "
                             "--data-path / --mock-data take precedence)")
@@ -421,6 +421,10 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if values["hybrid_layer_pattern"]:
         values.update(mamba_state_dim=args.mamba_state_dim, mamba_head_dim=args.mamba_head_dim,
                       mamba_num_groups=args.mamba_num_groups, mamba_num_heads=args.mamba_num_heads)
+    if args.qad_core_attention != "local" and (args.transformer_impl != "local" or args.heterogeneous_layers_config_path):
+        raise ConfigError(f"--qad-core-attention {args.qad_core_attention} replaces the local spec's attention; "
+                          f"Transformer Engine and heterogeneous layers bring their own: pass --transformer-impl local "
+                          f"without --heterogeneous-layers-config-path, or drop --qad-core-attention")
     return ModelConfig(**values)
 
 
