@@ -146,6 +146,19 @@ def test_resume_continues_the_same_loss_curve(tmp_path, teacher_dir):
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_a_run_gives_the_exit_signals_their_handlers_back(tmp_path, teacher_dir):
+    """Megatron flags SIGTERM (and the package SIGINT and SIGUSR1) during a run; afterwards the
+    process's own handlers are back, so a benchmark's next step or an interactive session can be
+    stopped and interrupted again."""
+    import signal
+
+    exit_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    before = {sig: signal.getsignal(sig) for sig in exit_signals}
+    summary = run(small_config(tmp_path, "training.train_iters=2", teacher=teacher_dir))
+    assert "final" in summary
+    assert {sig: signal.getsignal(sig) for sig in exit_signals} == before
+
+
 def _learning_rates(stdout: str) -> dict[int, float]:
     """Megatron's logged learning rate per iteration (the LR after that iteration's step)."""
     return {int(match[1]): float(match[2])

@@ -29,6 +29,7 @@ final figures. ``skipped`` lists the iterations the policy skipped, when there w
 
 from __future__ import annotations
 
+import signal
 import time
 
 import torch.distributed as dist
@@ -70,6 +71,7 @@ def run_pretrain(argv: list[str], recipe_keys: bool = False) -> dict:
     created = not dist.is_initialized()
     context = parallel.initialize(parallel_cfg, backend=args.distributed_backend, seed=args.seed)
     save_key = ("teacher.checkpoint" if args.qad_mode == "teacher" else "checkpoint.save") if recipe_keys else "--save"
+    handlers = _exit_signal_handlers(args)
     try:
         with writer_lock.hold(args.save, save_key):  # one run per --save, refused before it writes
             if args.save and context.rank == 0 and args.qad_mode == "teacher":
@@ -79,6 +81,8 @@ def run_pretrain(argv: list[str], recipe_keys: bool = False) -> dict:
     finally:
         _reset_megatron_globals()
         parallel.destroy(keep_process_group=not created)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _pretrain(args, model_cfg, parallel_cfg, sections, context, start_time: float, provider) -> dict:
@@ -255,12 +259,26 @@ def _student_checkpoint(args) -> dict | None:
     return {"dir": args.save, "iteration": iteration} if iteration is not None else None
 
 
+def _exit_signal_handlers(args) -> dict:
+    """The handlers the exit signals (``--exit-signal`` and ``--qad-extra-exit-signals``) have before
+    the run, for :func:`run_pretrain` to give back after it. Megatron installs its flagging handler
+    for the run and never removes it, nor does its global teardown: after a run, SIGTERM and SIGINT
+    would only set a flag that no loop reads any more, so a process that goes on (a benchmark's
+    next run, an evaluation, an interactive session) could be neither stopped nor interrupted. A
+    signal that arrives after the loop's last check of a run that then finishes (and saves) is not
+    acted on."""
+    watched = {args.exit_signal}
+    for name in filter(None, (part.strip() for part in args.qad_extra_exit_signals.split(","))):
+        if name in signal.Signals.__members__:  # a bad name is _stop_on_extra_signals' one-line error
+            watched.add(signal.Signals[name])
+    return {sig: signal.getsignal(sig) for sig in watched}
+
+
 def _stop_on_extra_signals(names: str) -> list:
     """Make each signal of ``names`` (comma-separated) stop the run as ``--exit-signal`` does:
     Megatron's handler only flags the signal, and its loop then saves and exits after the current
     step on every rank (the flags are all-gathered, so one rank's signal is enough). Returns all
     the exit signals: ``--exit-signal`` and these."""
-    import signal
 
     from megatron.training import get_signal_handler
 
@@ -301,7 +319,6 @@ def _start_save_results_queue(exit_signals: list) -> None:
     its process ends with its last reference."""
     import multiprocessing
     import os
-    import signal
     from multiprocessing import resource_tracker
     from multiprocessing.managers import SyncManager
 
@@ -328,7 +345,6 @@ def _die_with_parent(parent_pid: int) -> None:
     that started it) dies, or exit now if that already happened (elsewhere: nothing)."""
     import ctypes
     import os
-    import signal
     import sys
 
     if not sys.platform.startswith("linux"):
