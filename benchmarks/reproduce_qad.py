@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import result_benchmarks  # noqa: E402
-from result_benchmarks import executor, number_list, slug, variant_names, write_between_markers  # noqa: E402
+from result_benchmarks import collect, executor, number_list, slug, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad.config import ConfigError, QADConfig, load_config  # noqa: E402
 from megatron_qad.evaluate.students import evaluate_model, evaluation_data  # noqa: E402
@@ -356,11 +356,11 @@ def main(argv=None) -> None:
     data = evaluation_data(config, task_source(config), args.problems, args.eval_windows)
     with executor(args.jobs) as pool:
         futures = [pool.submit(train_teacher, args, data, seed) for seed in args.teacher_seeds]
-        teachers = [row for future in futures for row in future.result()]
+        teachers = [row for rows in collect(futures, "reproduce_qad") for row in rows]
         check_teachers(teachers, args.min_teacher_accuracy)
         futures = [pool.submit(run_student, args, data, *job) for job in student_runs(args, config)]
-        results = [future.result() for future in futures]
-    text = report(args, config, teachers, results, time.perf_counter() - start)
+        students = collect(futures, "reproduce_qad")
+    text = report(args, config, teachers, students, time.perf_counter() - start)
     print(text)
     if args.results:
         write_between_markers(args.results, text, BEGIN, END)

@@ -4,9 +4,12 @@ directory names, the learning-rate sweep table and the marked section of a Markd
 their tables into."""
 
 import argparse
+import contextlib
 import multiprocessing
+import os
 import re
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+import signal
+from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,11 +32,89 @@ class InProcess(Executor):
         return future
 
 
+class WorkerProcesses(ProcessPoolExecutor):
+    """``max_workers`` spawned worker processes (each starts its own CUDA context) that a stop
+    signal stops without losing work.
+
+    Inside ``with``, a stop signal this process gets (:data:`STOP_SIGNALS`: a scheduler's,
+    ``timeout``'s, Ctrl-C) is passed on to the workers, and no call starts after it (the pool hands
+    a worker its next call ahead of time, so the workers check a shared flag first); this process
+    goes on waiting for the running calls. A worker ignores the signals outside a training run,
+    whose own handler (Megatron's) saves and stops it; a call that is evaluating finishes.
+    Otherwise a SIGTERM to this process alone would not stop the runs, one to the whole process
+    group would end this process at once while its workers were saving, and an idle worker's death
+    would break the pool. :func:`collect` gathers the calls' results."""
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, max_workers: int):
+        context = multiprocessing.get_context("spawn")
+        self._stopped = context.Event()
+        super().__init__(max_workers=max_workers, mp_context=context, initializer=_start_worker,
+                         initargs=(self._stopped,))
+        self._futures: list[Future] = []
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = super().submit(_unless_stopped, fn, *args, **kwargs)
+        self._futures.append(future)
+        return future
+
+    def __enter__(self):
+        self._handlers = {sig: signal.signal(sig, self._stop) for sig in self.STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for sig, handler in self._handlers.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, signum, frame) -> None:
+        self._stopped.set()
+        for future in self._futures:
+            future.cancel()  # the calls not handed to a worker yet
+        # ProcessPoolExecutor keeps its live workers by PID in _processes (None once shut down).
+        for pid in list(self._processes or {}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+_STOPPED = None
+"""In a worker of :class:`WorkerProcesses`: the pool's flag that a stop signal has come."""
+
+
+def _start_worker(stopped) -> None:
+    """A worker's initializer: ignore the stop signals (see :class:`WorkerProcesses`), keep the flag."""
+    global _STOPPED
+    _STOPPED = stopped
+    for sig in WorkerProcesses.STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _unless_stopped(fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a worker, unless a stop signal came before it started."""
+    if _STOPPED.is_set():
+        raise CancelledError()
+    return fn(*args, **kwargs)
+
+
 def executor(jobs: int) -> Executor:
-    """``jobs`` processes (spawned: each starts its own CUDA context), or this process for 1."""
+    """``jobs`` :class:`WorkerProcesses`, or this process for 1."""
     if jobs == 1:
         return InProcess()
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    return WorkerProcesses(jobs)
+
+
+def collect(futures: Sequence[Future], program: str) -> list:
+    """The calls' results in order. A call's exception is raised (a stopped training run's
+    SystemExit names where it stopped); one that a stop signal cancelled before it started ends
+    ``program`` with one line (the finished runs have kept their records)."""
+    try:
+        return [future.result() for future in futures]
+    except CancelledError:
+        raise SystemExit(f"{program}: stopped by a signal before every run had started; run the same command "
+                         f"again to continue") from None
 
 
 def number_list(parser: argparse.ArgumentParser, flag: str, text: str, kind=float) -> list:
