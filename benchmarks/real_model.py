@@ -487,7 +487,7 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], recipe_lr: 
     info, prompts = data["info"], data["prompts"]
     ptq_validation = {row["seed"]: row["validation kl"] for row in results if row["variant"] == "PTQ"}
     selections = [selection_summary(row, ptq_validation.get(row["seed"])) for row in results if row.get("selection")]
-    run_minutes = sum(row["seconds"] for row in {id(row): row for row in [*results, *sweep]}.values()) / 60
+    run_minutes = sum(row["seconds"] for row in [*results, *(row for row in sweep if row not in results)]) / 60
     text = (f"Device: {', '.join(devices)}; date: {datetime.date.today()}; the runs of the tables: "
             f"{run_minutes:.1f} minutes of training and evaluation summed over runs (they overlap under "
             f"--jobs); this command {seconds:.0f} s: "

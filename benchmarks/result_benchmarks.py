@@ -37,8 +37,8 @@ class WorkerProcesses(ProcessPoolExecutor):
     signal stops without losing work.
 
     Inside ``with``, a stop signal this process gets (:data:`STOP_SIGNALS`: a scheduler's,
-    ``timeout``'s, Ctrl-C) is passed on to the workers, and no call starts after it (the pool hands
-    a worker its next call ahead of time, so the workers check a shared flag first); this process
+    ``timeout``'s, Ctrl-C) is passed on to the workers, and no call starts after it (a worker checks
+    a shared flag before each call: the pool hands out calls ahead of time); this process
     goes on waiting for the running calls. A worker ignores the signals outside a training run,
     whose own handler (Megatron's) saves and stops it; a call that is evaluating finishes.
     Otherwise a SIGTERM to this process alone would not stop the runs, one to the whole process
@@ -52,12 +52,9 @@ class WorkerProcesses(ProcessPoolExecutor):
         self._stopped = context.Event()
         super().__init__(max_workers=max_workers, mp_context=context, initializer=_start_worker,
                          initargs=(self._stopped,))
-        self._futures: list[Future] = []
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        future = super().submit(_unless_stopped, fn, *args, **kwargs)
-        self._futures.append(future)
-        return future
+        return super().submit(_unless_stopped, fn, *args, **kwargs)
 
     def __enter__(self):
         self._handlers = {sig: signal.signal(sig, self._stop) for sig in self.STOP_SIGNALS}
@@ -72,8 +69,6 @@ class WorkerProcesses(ProcessPoolExecutor):
 
     def _stop(self, signum, frame) -> None:
         self._stopped.set()
-        for future in self._futures:
-            future.cancel()  # the calls not handed to a worker yet
         # ProcessPoolExecutor keeps its live workers by PID in _processes (None once shut down).
         for pid in list(self._processes or {}):
             with contextlib.suppress(ProcessLookupError):
@@ -108,8 +103,8 @@ def executor(jobs: int) -> Executor:
 
 def collect(futures: Sequence[Future], program: str) -> list:
     """The calls' results in order. A call's exception is raised (a stopped training run's
-    SystemExit names where it stopped); one that a stop signal cancelled before it started ends
-    ``program`` with one line (the finished runs have kept their records)."""
+    SystemExit names where it stopped); a call a stop signal kept from starting ends ``program``
+    with one line (the finished runs have kept their records)."""
     try:
         return [future.result() for future in futures]
     except CancelledError:

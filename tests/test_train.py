@@ -100,6 +100,23 @@ def test_sdpa_attention_on_a_megatron_command_line_needs_the_local_spec(tmp_path
         model_config_from_args(args)
 
 
+def test_a_bad_extra_exit_signal_name_is_one_line_before_the_run_starts(tmp_path, monkeypatch, teacher_dir):
+    """On a Megatron-LM command line (a recipe's training.exit_signals are checked with the recipe)."""
+    import yaml
+
+    from megatron_qad.config import to_dict
+    from megatron_qad.train.megatron import run_pretrain
+
+    config = small_config(tmp_path, teacher=teacher_dir)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = recipe_to_argv(config, recipe, use_gpu=False, world_size=1)
+    with pytest.raises(ConfigError, match="--qad-extra-exit-signals: 'SIGNOPE' is not a signal name; use e.g. "
+                                          "SIGINT,SIGUSR1"):
+        run_pretrain(argv + ["--exit-signal-handler", "--qad-extra-exit-signals", "SIGINT,SIGNOPE"])
+
+
 @pytest.mark.parametrize("created_by", ["initialize", "process_group"])
 def test_the_distributed_timeout_reaches_every_process_group(tmp_path, created_by):
     """parallel.distributed_timeout_minutes becomes Megatron's --distributed-timeout-minutes and the

@@ -68,10 +68,10 @@ def run_pretrain(argv: list[str], recipe_keys: bool = False) -> dict:
         teacher = sections.teacher.checkpoint
         teacher_state.check_finished(teacher, writer_lock.setting_name(
             "teacher.checkpoint" if recipe_keys else "--qad-teacher-load", teacher))
+    handlers = _exit_signal_handlers(args)
     created = not dist.is_initialized()
     context = parallel.initialize(parallel_cfg, backend=args.distributed_backend, seed=args.seed)
     save_key = ("teacher.checkpoint" if args.qad_mode == "teacher" else "checkpoint.save") if recipe_keys else "--save"
-    handlers = _exit_signal_handlers(args)
     try:
         with writer_lock.hold(args.save, save_key):  # one run per --save, refused before it writes
             if args.save and context.rank == 0 and args.qad_mode == "teacher":
@@ -260,18 +260,27 @@ def _student_checkpoint(args) -> dict | None:
 
 
 def _exit_signal_handlers(args) -> dict:
-    """The handlers the exit signals (``--exit-signal`` and ``--qad-extra-exit-signals``) have before
-    the run, for :func:`run_pretrain` to give back after it. Megatron installs its flagging handler
-    for the run and never removes it, nor does its global teardown: after a run, SIGTERM and SIGINT
-    would only set a flag that no loop reads any more, so a process that goes on (a benchmark's
-    next run, an evaluation, an interactive session) could be neither stopped nor interrupted. A
-    signal that arrives after the loop's last check of a run that then finishes (and saves) is not
-    acted on."""
-    watched = {args.exit_signal}
-    for name in filter(None, (part.strip() for part in args.qad_extra_exit_signals.split(","))):
-        if name in signal.Signals.__members__:  # a bad name is _stop_on_extra_signals' one-line error
-            watched.add(signal.Signals[name])
-    return {sig: signal.getsignal(sig) for sig in watched}
+    """The handlers the exit signals (``--exit-signal`` and ``--qad-extra-exit-signals``, with
+    ``--exit-signal-handler``) have before the run, for :func:`run_pretrain` to give back after it.
+    Megatron installs its flagging handler for the run and never removes it, nor does its global
+    teardown: after a run, SIGTERM and SIGINT would only set a flag that no loop reads any more, so
+    a process that goes on (a benchmark's next run, an evaluation, an interactive session) could be
+    neither stopped nor interrupted. A signal that arrives after the loop's last check of a run that
+    then finishes (and saves) is not acted on."""
+    if not args.exit_signal_handler:
+        return {}
+    return {sig: signal.getsignal(sig) for sig in [args.exit_signal, *_extra_exit_signals(args.qad_extra_exit_signals)]}
+
+
+def _extra_exit_signals(names: str) -> list[signal.Signals]:
+    """The signals ``names`` (``--qad-extra-exit-signals``, comma-separated) names; a bad name is one line."""
+    signals = []
+    for name in filter(None, (part.strip() for part in names.split(","))):
+        try:
+            signals.append(signal.Signals[name])
+        except KeyError:
+            raise ConfigError(f"--qad-extra-exit-signals: {name!r} is not a signal name; use e.g. SIGINT,SIGUSR1") from None
+    return signals
 
 
 def _stop_on_extra_signals(names: str) -> list:
@@ -279,19 +288,14 @@ def _stop_on_extra_signals(names: str) -> list:
     Megatron's handler only flags the signal, and its loop then saves and exits after the current
     step on every rank (the flags are all-gathered, so one rank's signal is enough). Returns all
     the exit signals: ``--exit-signal`` and these."""
-
     from megatron.training import get_signal_handler
 
     first = get_signal_handler().sig
     flag = signal.getsignal(first)  # Megatron's handler: records the signal
-    signals = [first]
-    for name in filter(None, (part.strip() for part in names.split(","))):
-        try:
-            signals.append(signal.Signals[name])
-        except KeyError:
-            raise ConfigError(f"--qad-extra-exit-signals: {name!r} is not a signal name; use e.g. SIGINT,SIGUSR1") from None
-        signal.signal(signals[-1], flag)
-    return signals
+    extra = _extra_exit_signals(names)
+    for sig in extra:
+        signal.signal(sig, flag)
+    return [first, *extra]
 
 
 _signal_proof_queue = None
@@ -325,7 +329,7 @@ def _start_save_results_queue(exit_signals: list) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     global _signal_proof_queue
-    if filesystem_async._results_queue is not None and filesystem_async._results_queue is _signal_proof_queue:
+    if _signal_proof_queue is not None and filesystem_async._results_queue is _signal_proof_queue:
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, exit_signals)
     try:
