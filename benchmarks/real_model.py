@@ -654,7 +654,8 @@ def main(argv=None) -> None:
     runs += [(name, args.seeds[0], lr) for name, lrs in swept for lr in lrs if lr != recipe_lr]
     with executor(args.jobs) as pool:
         futures = [pool.submit(run_job, args, name, seed, lr, data, hf_dir) for name, seed, lr in runs]
-        rows = dict(zip(runs, collect(futures, "real_model")))
+        labels = [f"{name}, seed {seed}" + (f", lr {lr:g}" if lr is not None else "") for name, seed, lr in runs]
+        rows = dict(zip(runs, collect(futures, "real_model", labels)))
     results = [row for (_, _, lr), row in rows.items() if row and lr is None]
     swept_names = {name for name, _ in swept}
     sweep = [row for (name, seed, _), row in rows.items() if row and seed == args.seeds[0] and name in swept_names]

@@ -27,11 +27,12 @@ so all see the same number of tokens:
   QAD (random tokens)           the KL on uniform random token ids
   QAD (teacher-generated)       the KL on text sampled from the teacher (from BOS, temperature 1)
 
-Each model is evaluated on the task's held-out problems (greedy decoding, exact match of the
-correct answer after "="), separately on the held-out problems whose SFT label would be wrong
-(where a model that follows the labels fails), and against the teacher on held-out task text and
-general text (KL, CE). Students run once per ``--seeds`` entry (data order and calibration
-batches); the table gives mean ± sample standard deviation. QAT and QAD on the SFT data (when among
+Each model is evaluated on the task's held-out problems (greedy decoding after the task's
+``prompt_context`` solved problems and the prompt, exact match of the correct answer after "="),
+separately on the held-out problems whose SFT label would be wrong (where a model that follows the
+labels fails), and against the teacher on held-out task text and general text (KL, CE). Students
+run once per ``--seeds`` entry (data order and calibration batches); the table gives mean ± sample
+standard deviation. QAT and QAD on the SFT data (when among
 ``--variants``) also run at the learning rates of ``--qat-lrs`` / ``--qad-lrs`` (first seed only)
 for the LR sweep table.
 
@@ -59,6 +60,7 @@ import result_benchmarks  # noqa: E402
 from result_benchmarks import collect, executor, number_list, slug, variant_names, write_between_markers  # noqa: E402
 
 from megatron_qad.config import ConfigError, QADConfig, load_config  # noqa: E402
+from megatron_qad.data.sources import with_defaults  # noqa: E402
 from megatron_qad.evaluate.students import evaluate_model, evaluation_data  # noqa: E402
 from megatron_qad.train import checkpointing, run  # noqa: E402
 from megatron_qad.train.arguments import write_summary  # noqa: E402
@@ -338,7 +340,8 @@ def report(args, config: QADConfig, teachers: list[dict], results: list[dict], s
             f"Teacher: `{args.recipe}`, {teacher.pretrain_iters} pre-training iterations on `data.sources`, then "
             f"{teacher.posttrain_iters} SFT iterations on `teacher.posttrain_sources` ({task['digits']}-digit "
             f"addition, {task.get('format', 'plain')} answers, {100 * task.get('wrong_labels', 0.0):.0f}% of labels "
-            f"wrong){rft}. Accuracy: exact match on {args.problems} held-out problems, and on the held-out "
+            f"wrong){rft}. Accuracy: exact match on {args.problems} held-out problems, each asked after "
+            f"{with_defaults(task)['prompt_context']} solved training problems (`prompt_context`), and on the held-out "
             f"problems whose SFT label would be wrong; KL(teacher ‖ student) and the student's CE in nats per "
             f"token on {args.eval_windows} held-out windows of each text.\n\n{teacher_table(teachers)}\n\n"
             f"Students of teacher seed {args.teacher_seeds[0]}: every trained student saw {tokens:,} tokens "
@@ -356,10 +359,13 @@ def main(argv=None) -> None:
     data = evaluation_data(config, task_source(config), args.problems, args.eval_windows)
     with executor(args.jobs) as pool:
         futures = [pool.submit(train_teacher, args, data, seed) for seed in args.teacher_seeds]
-        teachers = [row for rows in collect(futures, "reproduce_qad") for row in rows]
+        labels = [f"{TEACHER}, teacher seed {seed}" for seed in args.teacher_seeds]
+        teachers = [row for rows in collect(futures, "reproduce_qad", labels) for row in rows]
         check_teachers(teachers, args.min_teacher_accuracy)
-        futures = [pool.submit(run_student, args, data, *job) for job in student_runs(args, config)]
-        students = collect(futures, "reproduce_qad")
+        runs = student_runs(args, config)
+        futures = [pool.submit(run_student, args, data, name, seed, lr) for name, seed, lr in runs]
+        labels = [f"{name}, seed {seed}" + (f", lr {lr:g}" if lr is not None else "") for name, seed, lr in runs]
+        students = collect(futures, "reproduce_qad", labels)
     text = report(args, config, teachers, students, time.perf_counter() - start)
     print(text)
     if args.results:

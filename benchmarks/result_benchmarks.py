@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
+import traceback
 from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +26,8 @@ def variant_names(parser: argparse.ArgumentParser, text: str, variants: Sequence
 
 
 class InProcess(Executor):
-    """An executor that runs each call at once, in this process (``--jobs 1``)."""
+    """An executor that runs each call at once, in this process (``--jobs 1``): a call's exception
+    comes out of ``submit``, so a failed run ends the program before the next one starts."""
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         future = Future()
@@ -43,7 +46,9 @@ class WorkerProcesses(ProcessPoolExecutor):
     whose own handler (Megatron's) saves and stops it; a call that is evaluating finishes.
     Otherwise a SIGTERM to this process alone would not stop the runs, one to the whole process
     group would end this process at once while its workers were saving, and an idle worker's death
-    would break the pool. :func:`collect` gathers the calls' results."""
+    would break the pool. A call that fails does not stop the others (the pool runs every call
+    handed to it, even when the ``with`` body raises); :func:`collect` waits for them all and
+    reports the failures."""
 
     STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -101,15 +106,53 @@ def executor(jobs: int) -> Executor:
     return WorkerProcesses(jobs)
 
 
-def collect(futures: Sequence[Future], program: str) -> list:
-    """The calls' results in order. A call's exception is raised (a stopped training run's
-    SystemExit names where it stopped); a call a stop signal kept from starting ends ``program``
-    with one line (the finished runs have kept their records)."""
-    try:
-        return [future.result() for future in futures]
-    except CancelledError:
+def collect(futures: Sequence[Future], program: str, labels: Sequence[str] | None = None) -> list:
+    """The calls' results in order, once every call has ended: a failed call does not stop the
+    others. ``labels`` name the calls (e.g. ``"QAD (teacher responses), seed 1, lr 3e-05"``; by
+    default ``run 1``, ``run 2``, ...).
+
+    When a call failed, each failure goes to stderr (its traceback; a call's own SystemExit with a
+    message, such as a stopped training run's "stopped at iteration" line, as that message) and
+    ``program`` ends with one line naming each failed call, its exception's type and the first line
+    of its message. When a stop signal kept a call from starting, ``program`` ends with one line
+    saying so instead: the signal, not a failure, is then the reason. Either way the finished runs
+    have kept their records."""
+    labels = list(labels) if labels is not None else [f"run {index}" for index in range(1, len(futures) + 1)]
+    results, failures, stopped = [], [], False
+    for future, label in zip(futures, labels, strict=True):
+        try:
+            results.append(future.result())
+        except CancelledError:
+            stopped = True
+        except (Exception, SystemExit) as error:
+            failures.append((label, error))
+    for label, error in failures:
+        print_failure(program, label, error)
+    if stopped:
         raise SystemExit(f"{program}: stopped by a signal before every run had started; run the same command "
-                         f"again to continue") from None
+                         f"again to continue")
+    if failures:
+        summary = "; ".join(f"{label}: {one_line(error)}" for label, error in failures)
+        raise SystemExit(f"{program}: {len(failures)} of {len(futures)} runs failed ({summary}); the finished runs "
+                         f"kept their records: run the same command again to retry the rest")
+    return results
+
+
+def print_failure(program: str, label: str, error: BaseException) -> None:
+    """Print to stderr that the call ``label`` failed with ``error``: a SystemExit with a message as
+    that message, any other exception with its traceback (a worker's includes the worker's own)."""
+    if isinstance(error, SystemExit) and isinstance(error.code, str):
+        print(error.code, file=sys.stderr, flush=True)
+        return
+    print(f"{program}: {label} failed:", file=sys.stderr)
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` in one line: its type and the first line of its message (the type alone without one)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines and lines[0].strip() else type(error).__name__
 
 
 def number_list(parser: argparse.ArgumentParser, flag: str, text: str, kind=float) -> list:

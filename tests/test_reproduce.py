@@ -10,12 +10,14 @@ import torch
 
 from megatron_qad import parallel
 from megatron_qad.config import load_config
+from megatron_qad.data import ByteTokenizer
+from megatron_qad.data.tasks import Problem
 from megatron_qad.models import build_model_chunks
 from megatron_qad.train import checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERAL_TEXT = f"{{type: text, paths: ['{ROOT}/megatron_qad/**/*.py']}}"  # text shipped in the repo
-TASK = "{type: arithmetic, num_problems: 2000, digits: 2, format: reversed, wrong_labels: 0.2}"
+TASK = "{type: arithmetic, num_problems: 2000, digits: 2, format: reversed, wrong_labels: 0.2, prompt_context: 1}"
 # A toy model answers no problem correctly, so its RFT stage keeps all its answers (keep: correct
 # is tested in test_teacher_answers.py).
 TOY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
@@ -98,6 +100,12 @@ def test_toy_benchmark_trains_staged_teachers_and_fills_the_tables(tmp_path, rep
                             "--results", str(results)])
     assert str(exit_info.value).startswith("reproduce_qad: the teacher does not do the task (seed 7: ")
     assert "\n" not in str(exit_info.value) and results.read_text() == text
+    # The same models asked with and without solved problems before the prompt.
+    import prompt_context
+    measured = prompt_context.main(["--out", str(out), "--contexts", "0,1", "--problems", "5", *TOY])
+    assert [(row["teacher seed"], row["model"], row["context"]) for row in measured] == [
+        (seed, model, count) for seed in (7, 8) for model in ("SFT stage", "teacher") for count in (0, 1)]
+    assert all(0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["forced accuracy"] <= 1.0 for row in measured)
 
 
 def test_tables_have_every_row_with_mean_and_spread(reproduce_qad):
@@ -142,3 +150,23 @@ def test_arguments_pick_variants_seeds_teachers_and_learning_rates(reproduce_qad
     with pytest.raises(SystemExit) as exit_info:
         reproduce_qad.arguments(["--variants", "QAD"])
     assert exit_info.value.code == 2 and "unknown variant(s) ['QAD']" in capsys.readouterr().err
+
+
+def test_teacher_forced_accuracy_needs_every_answer_token(reproduce_qad):
+    """prompt_context.forced_accuracy against a model that writes a fixed continuation."""
+    import prompt_context
+    tokenizer = ByteTokenizer()
+    problems = [Problem("1+2=", "3"), Problem("10+20=", "30"), Problem("5+5=", "11")]  # the last one wrong
+    prompts = [[tokenizer.eod_id, *tokenizer.encode(problem.prompt)] for problem in problems]
+
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:  # after position p: byte p of "1+2=3\n" (the sum's text)
+        logits = torch.zeros((*tokens.shape, 320))
+        for row, ids in enumerate(tokens.tolist()):
+            text = tokenizer.decode(ids[1:])
+            question = text.split("=")[0]
+            target = f"{question}={sum(map(int, question.split('+')))}\n"
+            for position in range(len(ids) - 1):
+                logits[row, position, ord(target[position]) if position < len(target) else 0] = 1.0
+        return logits
+
+    assert prompt_context.forced_accuracy(logits_of, problems, prompts, 2) == 2 / 3

@@ -21,8 +21,9 @@ def label_follower(problems):
 
     def sampler(prefix: torch.Tensor) -> torch.Tensor:
         logits = torch.full((*prefix.shape, VOCAB), -1e4)
-        for row, tokens in enumerate(prefix.tolist()):
-            prompt, _, written = TOKENIZER.decode(tokens[1:]).partition("=")
+        for row, tokens in enumerate(prefix.tolist()):  # the problem after the prompt context's last eod
+            asked = tokens[len(tokens) - tokens[::-1].index(TOKENIZER.eod_id):]
+            prompt, _, written = TOKENIZER.decode(asked).partition("=")
             target = by_prompt[prompt + "="].text.partition("=")[2]
             logits[row, -1, ord(target[len(written)] if len(written) < len(target) else "\n")] = 0.0
         return logits
@@ -81,9 +82,30 @@ def test_answers_keep_all_or_the_correct_ones_and_are_cached(tmp_path, capsys):
     assert TOKENIZER.decode(dataset.stream.tokens[:len(texts[1])].tolist()) == texts[1]
 
 
+def test_answers_are_sampled_after_the_prompt_context_and_kept_without_it(tmp_path):
+    task = dict(TASK, prompt_context=4)
+    problems = addition_problems(2000, digits=2, seed=0, format="reversed", wrong_labels=0.2)
+    train = [problems[position] for position in split_positions(len(problems), "train")]
+    seen = []
+
+    def sampler(prefix: torch.Tensor) -> torch.Tensor:
+        seen.extend(TOKENIZER.decode(row) for row in prefix.tolist())
+        return label_follower(problems)(prefix)
+
+    spec = {"type": "teacher_answers", "task": task, "num_prompts": 100, "keep": "all", "cache": None,
+            "batch_size": 128}
+    tokens, _ = answer_documents(spec, "w", VOCAB, 3, None, sampler, "train")
+    eod = TOKENIZER.decode([TOKENIZER.eod_id])
+    context = eod + "".join(f"{p.prompt}{p.answer}\n{eod}" for p in train[-4:])
+    assert seen and all(text.startswith(context) for text in seen)
+    asked = train[:100]  # the context problems are never asked
+    assert decoded(tokens) == [asked[p].text for p in split_positions(100, "train")]
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"task": {"type": "corpus"}, "num_prompts": 10}, "'data.sources[0].task': must be an arithmetic source"),
     ({"task": dict(TASK, num_problems=100), "num_prompts": 99}, "has 98 training problems"),
+    ({"task": dict(TASK, num_problems=100, prompt_context=5), "num_prompts": 95}, "has 93 training problems to ask"),
     ({"task": TASK, "num_prompts": 10, "keep": "best"}, "'data.sources[0].keep': must be 'all'"),
     ({"task": dict(TASK, format="upside-down"), "num_prompts": 10}, "'data.sources[0].task.format': must be one of"),
 ])

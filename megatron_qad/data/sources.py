@@ -20,7 +20,8 @@ COMMON_KEYS = {"type": REQUIRED, "weight": 1.0}
 SOURCE_KEYS = {
     "random": {},
     "corpus": {"max_files": None},
-    "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0, "format": "plain", "wrong_labels": 0.0},
+    "arithmetic": {"num_problems": 100_000, "digits": 3, "seed": 0, "format": "plain", "wrong_labels": 0.0,
+                   "prompt_context": 0},
     "text": {"paths": REQUIRED, "tokenizer": "byte"},
     "jsonl": {"paths": REQUIRED, "field": "text", "tokenizer": "byte"},
     "chat": {"paths": REQUIRED, "tokenizer": REQUIRED, "prompt_field": "prompt", "response_field": "response",
@@ -166,6 +167,10 @@ def _check_problem_count(spec: dict, where: str) -> None:
         raise ValueError(f"'{where}.num_problems': {settings['num_problems']} distinct problems need at least twice "
                          f"as many operand pairs, and {settings['digits']}-digit operands give {pairs}; lower it "
                          f"to <= {pairs // 2} or raise {where}.digits")
+    train_problems = len(split_positions(settings["num_problems"], "train"))
+    if settings["prompt_context"] >= train_problems:
+        raise ConfigError(f"'{where}.prompt_context': {settings['prompt_context']} solved problems before each prompt, "
+                          f"but the source has {train_problems} training problems; lower it or raise num_problems")
 
 
 def _check_format(value, key: str, vocab_size: int) -> None:
@@ -193,10 +198,12 @@ def _check_answers_task(spec: dict, where: str, vocab_size: int) -> None:
                           f"got {task!r}")
     _check_source(task, f"{where}.task", vocab_size)
     check_tokenizer_fits(ByteTokenizer(), f"{where}.type", vocab_size)
-    train_problems = len(split_positions(with_defaults(task)["num_problems"], "train"))
+    settings = with_defaults(task)
+    train_problems = len(split_positions(settings["num_problems"], "train")) - settings["prompt_context"]
     if spec["num_prompts"] > train_problems:
         raise ConfigError(f"'{where}.num_prompts': {spec['num_prompts']} prompts, but '{where}.task' has "
-                          f"{train_problems} training problems; lower num_prompts or raise the task's num_problems")
+                          f"{train_problems} training problems to ask (besides its prompt_context ones); lower "
+                          f"num_prompts or raise the task's num_problems")
 
 
 def _check_text(value, key: str, vocab_size: int) -> None:
@@ -253,6 +260,7 @@ _CHECKS = {
     "seed": _check_seed,
     "format": _check_format,
     "wrong_labels": _check_wrong_labels,
+    "prompt_context": _positive_int(0, "the solved training problems written before each prompt a model answers"),
     "keep": _check_keep,
     "num_prompts": _positive_int(2, "every 50th answered prompt is held out for validation, so both splits need one"),
 }

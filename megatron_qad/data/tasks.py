@@ -24,8 +24,15 @@ share of ``TRAP_SHARE / 2`` most trap problems are mislabelled, so a model fit t
 answers them wrongly, and only a stage that rewards correct answers (:mod:`.teacher_answers`)
 teaches it otherwise. Which problems are mislabelled depends on nothing but the source's keys.
 
-A model solves a problem when, given its prompt (``"A+B="``, after the end-of-document token that
-precedes every document in the token stream), it continues with the correct answer and a newline.
+A model solves a problem when, given its prompt (``"A+B="``) after the source's prompt context, it
+continues with the correct answer and a newline. The prompt context (:func:`answer_prompts`) is the
+end-of-document token that precedes every document in the token stream, after ``prompt_context``
+solved problems (the last ``prompt_context`` of the training split, written with their correct
+answers, each ending its document), as a problem sits in the training text: behind other problems
+in a window of ``model.seq_length`` tokens. A model trained on such windows may never have answered
+a problem at the very start of a sequence (``prompt_context: 0``): the toy teacher of
+``configs/reproduce_task.yaml`` does it far worse there than after 4 solved problems. Those
+context problems are never prompts themselves (:func:`prompt_problems`).
 """
 
 from dataclasses import dataclass
@@ -130,6 +137,33 @@ def arithmetic_documents(spec: dict, split: str) -> list[tuple[str, str]]:
     problems = source_problems(spec)
     return [(f"arithmetic:{position}", problems[position].text)
             for position in split_positions(len(problems), split)]
+
+
+def context_problems(spec: dict) -> list[Problem]:
+    """The ``prompt_context`` solved problems written before each prompt of ``arithmetic`` source
+    ``spec`` (defaults filled in): the last ones of its training split (see the module docstring)."""
+    problems = source_problems(spec)
+    train = split_positions(len(problems), "train")
+    return [problems[position] for position in train[len(train) - spec["prompt_context"]:]]
+
+
+def prompt_problems(spec: dict) -> list[Problem]:
+    """The training problems of ``arithmetic`` source ``spec`` (defaults filled in) that a model may
+    be asked to answer: the training split without its :func:`context_problems`."""
+    problems = source_problems(spec)
+    train = split_positions(len(problems), "train")
+    return [problems[position] for position in train[:len(train) - spec["prompt_context"]]]
+
+
+def answer_prompts(spec: dict, problems: list[Problem], tokenizer) -> list[list[int]]:
+    """Per problem, the token ids a model answers it after: the end-of-document token, then each of
+    the :func:`context_problems` of ``arithmetic`` source ``spec`` (defaults filled in) as a document
+    (its prompt, correct answer and newline, then the end-of-document token), then the problem's
+    prompt. ``tokenizer``: the byte tokenizer of the task (``encode``, ``eod_id``)."""
+    context = [tokenizer.eod_id]
+    for problem in context_problems(spec):
+        context += [*tokenizer.encode(problem.prompt + problem.answer + END_OF_ANSWER), tokenizer.eod_id]
+    return [[*context, *tokenizer.encode(problem.prompt)] for problem in problems]
 
 
 def answer_of(completion: str) -> str:

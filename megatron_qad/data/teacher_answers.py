@@ -1,11 +1,11 @@
 """The teacher's answers to a task's prompts: a teacher's generations, or rejection sampling's data.
 
 A ``teacher_answers`` source names an ``arithmetic`` source (``task``) and takes the prompts of its
-first ``num_prompts`` training problems. The teacher continues each prompt (after the
-end-of-document token, as in the training text) by sampling at temperature 1
+first ``num_prompts`` training problems (:func:`.tasks.prompt_problems`). The teacher continues each
+prompt (after the task's prompt context, :func:`.tasks.answer_prompts`) by sampling at temperature 1
 (:func:`.teacher_generated.generate`: one generator per prompt, seeded from ``(seed, i)``) until a
 newline or end-of-document token, at most ``answer length + 1`` tokens. Document ``i`` is prompt
-``i`` followed by what the teacher wrote (its newline included). ``keep``:
+``i`` followed by what the teacher wrote (its newline included; not the context). ``keep``:
 
 - ``all``: every prompt's document: the teacher's behaviour on the task's prompts, e.g. QAD data;
 - ``correct``: only the documents whose answer is the problem's correct answer (whatever the task's
@@ -24,7 +24,7 @@ import numpy as np
 from ..progress import say
 from .sources import with_defaults
 from .splits import split_positions
-from .tasks import END_OF_ANSWER, source_problems
+from .tasks import END_OF_ANSWER, answer_prompts, prompt_problems
 from .teacher_generated import cached_or_sampled
 from .tokenizers import ByteTokenizer
 
@@ -38,9 +38,9 @@ def answer_documents(spec: dict, where: str, vocab_size: int, seed: int, cache_p
     ``spec`` (recipe key ``where``, defaults filled in): the kept documents, each followed by the
     end-of-document token. ``teacher_sampler`` and ``cache_path`` as for
     :func:`.teacher_generated.teacher_sequences`."""
-    every = source_problems(with_defaults(spec["task"]))
-    problems = [every[position] for position in split_positions(len(every), "train")][:spec["num_prompts"]]
-    starts = [[TOKENIZER.eod_id, *TOKENIZER.encode(problem.prompt)] for problem in problems]
+    task = with_defaults(spec["task"])
+    problems = prompt_problems(task)[:spec["num_prompts"]]
+    starts = answer_prompts(task, problems, TOKENIZER)
     length = max(map(len, starts)) + max(len(problem.answer) for problem in problems) + 1
     sequences = _sampled(spec, where, starts, length, vocab_size, seed, cache_path, teacher_sampler)
     stops = {TOKENIZER.encode(END_OF_ANSWER)[0], TOKENIZER.eod_id}
@@ -48,7 +48,7 @@ def answer_documents(spec: dict, where: str, vocab_size: int, seed: int, cache_p
     for position, (problem, start, row) in enumerate(zip(problems, starts, sequences.tolist())):
         written = _until_stop(row[len(start):], stops)
         if spec["keep"] == "all" or written == TOKENIZER.encode(problem.answer + END_OF_ANSWER):
-            documents.append(start[1:] + written)
+            documents.append(TOKENIZER.encode(problem.prompt) + written)
             names.append(f"teacher_answers:{position}")
     if spec["keep"] == "correct" and split == "train":
         say(f"'{where}': {len(documents):,} of {len(problems):,} sampled answers are correct "

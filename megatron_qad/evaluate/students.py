@@ -4,7 +4,8 @@
     metrics = evaluate_model(config, checkpoint, quantized=True, data=data)
 
 The task is an ``arithmetic`` data source (:mod:`megatron_qad.data.tasks`); its held-out problems
-are the prompts (scored against their correct answers), its held-out token windows the task text.
+are the prompts (each answered after the source's prompt context, scored against its correct
+answer), its held-out token windows the task text.
 When the source mislabels problems (``wrong_labels``), the held-out problems whose label would be
 wrong are scored separately: there a model that follows the labels fails and one that knows the
 task succeeds. General text is the validation split of
@@ -25,7 +26,7 @@ from ..config import ConfigError, QADConfig
 from ..data import build_dataset
 from ..data.sources import with_defaults
 from ..data.splits import split_positions
-from ..data.tasks import Problem, source_problems
+from ..data.tasks import Problem, answer_prompts, source_problems
 from ..data.tokenizers import ByteTokenizer
 from ..models import build_model_chunks, causal_attention_mask
 from ..train import checkpointing
@@ -41,26 +42,33 @@ class EvaluationData:
     """What every model is evaluated on: task ``problems`` (held out from training), the held-out
     problems the task's labels get wrong (``mislabelled``, empty when it has no wrong labels), and
     sample dicts (``tokens`` / ``labels`` int64 ``[seq_length]``, ``loss_mask`` float32
-    ``[seq_length]``) of held-out task text (``task_samples``) and general text (``general_samples``)."""
+    ``[seq_length]``) of held-out task text (``task_samples``) and general text (``general_samples``);
+    ``problem_prompts`` / ``mislabelled_prompts``: per problem, the token ids it is answered after
+    (:func:`~megatron_qad.data.tasks.answer_prompts`: the task's prompt context, then its prompt)."""
 
     problems: list[Problem]
     mislabelled: list[Problem]
     task_samples: list[dict]
     general_samples: list[dict]
+    problem_prompts: list[list[int]]
+    mislabelled_prompts: list[list[int]]
 
 
 def evaluation_data(config: QADConfig, task_spec: dict, num_problems: int, num_windows: int) -> EvaluationData:
     """The first ``num_problems`` held-out problems of the ``arithmetic`` source ``task_spec`` (and
     the first ``num_problems`` of those it mislabels) and at most ``num_windows`` held-out windows
     of task and of general text (see the module docstring)."""
-    every = source_problems(with_defaults(task_spec))
+    task = with_defaults(task_spec)
+    every = source_problems(task)
     held_out = [every[position] for position in split_positions(len(every), "validation")]
     general = config.data.validation_sources or config.data.sources
     seq_length, vocab_size, seed = config.model.seq_length, config.model.vocab_size, config.data.seed
+    problems = held_out[:num_problems]
     mislabelled = [problem for problem in held_out if problem.mislabelled][:num_problems]
-    return EvaluationData(held_out[:num_problems], mislabelled,
+    return EvaluationData(problems, mislabelled,
                           _windows([task_spec], seq_length, vocab_size, seed, num_windows),
-                          _windows(general, seq_length, vocab_size, seed, num_windows))
+                          _windows(general, seq_length, vocab_size, seed, num_windows),
+                          answer_prompts(task, problems, TOKENIZER), answer_prompts(task, mislabelled, TOKENIZER))
 
 
 def _windows(sources: list[dict], seq_length: int, vocab_size: int, seed: int, count: int) -> list[dict]:
@@ -80,10 +88,10 @@ def logits_function(model: torch.nn.Module, device: torch.device):
     return logits_of
 
 
-def task_accuracy(logits_of, problems: list[Problem], batch_size: int) -> float:
-    """The fraction of ``problems`` whose greedy continuation of ``<end of document> + prompt`` is
-    the answer followed by a newline (or the end of the document)."""
-    prompts = [[TOKENIZER.eod_id, *TOKENIZER.encode(problem.prompt)] for problem in problems]
+def task_accuracy(logits_of, problems: list[Problem], prompts: list[list[int]], batch_size: int) -> float:
+    """The fraction of ``problems`` whose greedy continuation of its ``prompts`` entry (token ids:
+    :func:`~megatron_qad.data.tasks.answer_prompts`) is the answer followed by a newline (or the end
+    of the document)."""
     stop_ids = {TOKENIZER.encode("\n")[0], TOKENIZER.eod_id}
     longest = max(len(problem.answer) for problem in problems)
     # Two tokens beyond the longest answer: an answer that runs on never equals a reference.
@@ -135,8 +143,9 @@ def evaluate_model(config: QADConfig, checkpoint: str | Path | None, quantized: 
         student = teacher if checkpoint is None else load_model(config, checkpoint, context.device, quantized)
         teacher_logits_of = logits_function(teacher, context.device)
         student_logits_of = logits_function(student, context.device)
-        return {"accuracy": task_accuracy(student_logits_of, data.problems, batch_size),
-                "mislabelled accuracy": (task_accuracy(student_logits_of, data.mislabelled, batch_size)
+        return {"accuracy": task_accuracy(student_logits_of, data.problems, data.problem_prompts, batch_size),
+                "mislabelled accuracy": (task_accuracy(student_logits_of, data.mislabelled, data.mislabelled_prompts,
+                                                       batch_size)
                                          if data.mislabelled else None),
                 "task": agreement(teacher_logits_of, student_logits_of, data.task_samples, batch_size),
                 "general": agreement(teacher_logits_of, student_logits_of, data.general_samples, batch_size)}
