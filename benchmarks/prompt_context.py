@@ -5,7 +5,7 @@
 For every teacher seed that ``benchmarks/reproduce_qad.py --out OUT`` trained (``OUT/teacher<SEED>``),
 its SFT stage and its teacher (after RFT), where saved, answer the recipe task's first
 ``--problems`` held-out problems greedily after each ``--contexts`` entry's number of solved training
-problems (:func:`megatron_qad.data.tasks.answer_prompts` with that ``prompt_context``). Prints one
+problems (:func:`megatron_qad.data.tasks.answer_prompts` after that many ``context`` problems). Prints one
 line per model and context: exact match, and teacher-forced exact match (every answer digit the
 argmax given the correct earlier ones, so no error compounds). ``OVERRIDES`` are the recipe overrides
 the benchmark ran with (the model's shape must match). One process, TP = PP = 1.
@@ -23,7 +23,8 @@ from megatron_qad import parallel  # noqa: E402
 from megatron_qad.config import load_config  # noqa: E402
 from megatron_qad.data.sources import with_defaults  # noqa: E402
 from megatron_qad.data.splits import split_positions  # noqa: E402
-from megatron_qad.data.tasks import END_OF_ANSWER, Problem, answer_prompts, source_problems  # noqa: E402
+from megatron_qad.data.tasks import (END_OF_ANSWER, Problem, answer_prompts, asked_and_context,  # noqa: E402
+                                   source_problems)
 from megatron_qad.evaluate.students import TOKENIZER, load_model, logits_function, task_accuracy  # noqa: E402
 from megatron_qad.train.teacher_stages import rft_dirs  # noqa: E402
 
@@ -88,7 +89,7 @@ def main(argv=None) -> list[dict]:
                 logits_of = logits_function(load_model(config, checkpoint, context.device, quantized=False),
                                             context.device)
                 for count in args.contexts:
-                    prompts = answer_prompts(dict(task, prompt_context=count), problems, TOKENIZER)
+                    prompts = answer_prompts(asked_and_context(every, count)[1], problems, TOKENIZER)
                     row = {"teacher seed": seed, "model": name, "context": count,
                            "accuracy": task_accuracy(logits_of, problems, prompts, args.batch),
                            "forced accuracy": forced_accuracy(logits_of, problems, prompts, args.batch)}

@@ -67,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import CAPITALS, answers_correctly, capital_prompts, chat_prompts, split_prompts  # noqa: E402
-from result_benchmarks import (collect, executor, number_list, slug, sweep_table, variant_names,  # noqa: E402
+from result_benchmarks import (collect, executor, number_list, run_label, slug, sweep_table, variant_names,  # noqa: E402
                                write_between_markers)
 
 from megatron_qad import parallel  # noqa: E402
@@ -654,7 +654,7 @@ def main(argv=None) -> None:
     runs += [(name, args.seeds[0], lr) for name, lrs in swept for lr in lrs if lr != recipe_lr]
     with executor(args.jobs) as pool:
         futures = [pool.submit(run_job, args, name, seed, lr, data, hf_dir) for name, seed, lr in runs]
-        labels = [f"{name}, seed {seed}" + (f", lr {lr:g}" if lr is not None else "") for name, seed, lr in runs]
+        labels = [run_label(name, seed, lr) for name, seed, lr in runs]
         rows = dict(zip(runs, collect(futures, "real_model", labels)))
     results = [row for (_, _, lr), row in rows.items() if row and lr is None]
     swept_names = {name for name, _ in swept}

@@ -57,7 +57,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import result_benchmarks  # noqa: E402
-from result_benchmarks import collect, executor, number_list, slug, variant_names, write_between_markers  # noqa: E402
+from result_benchmarks import (collect, executor, number_list, run_label, slug, variant_names,  # noqa: E402
+                               write_between_markers)
 
 from megatron_qad.config import ConfigError, QADConfig, load_config  # noqa: E402
 from megatron_qad.data.sources import with_defaults  # noqa: E402
@@ -364,7 +365,7 @@ def main(argv=None) -> None:
         check_teachers(teachers, args.min_teacher_accuracy)
         runs = student_runs(args, config)
         futures = [pool.submit(run_student, args, data, name, seed, lr) for name, seed, lr in runs]
-        labels = [f"{name}, seed {seed}" + (f", lr {lr:g}" if lr is not None else "") for name, seed, lr in runs]
+        labels = [run_label(name, seed, lr) for name, seed, lr in runs]
         students = collect(futures, "reproduce_qad", labels)
     text = report(args, config, teachers, students, time.perf_counter() - start)
     print(text)

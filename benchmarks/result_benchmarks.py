@@ -138,6 +138,12 @@ def collect(futures: Sequence[Future], program: str, labels: Sequence[str] | Non
     return results
 
 
+def run_label(name: str, seed: int, lr: float | None) -> str:
+    """A run as :func:`collect` names it: ``"NAME, seed SEED"``, then ``", lr LR"`` when the run
+    sets its own learning rate (None: the recipe's)."""
+    return f"{name}, seed {seed}" + (f", lr {lr:g}" if lr is not None else "")
+
+
 def print_failure(program: str, label: str, error: BaseException) -> None:
     """Print to stderr that the call ``label`` failed with ``error``: a SystemExit with a message as
     that message, any other exception with its traceback (a worker's includes the worker's own)."""

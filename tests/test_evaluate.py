@@ -8,8 +8,7 @@ import torch
 from megatron_qad import parallel
 from megatron_qad.config import load_config
 from megatron_qad.data import ByteTokenizer
-from megatron_qad.data.sources import with_defaults
-from megatron_qad.data.tasks import Problem, addition_problems, answer_prompts
+from megatron_qad.data.tasks import Problem, addition_problems, answer_prompts, asked_and_context
 from megatron_qad.evaluate.agreement import averages, token_sums
 from megatron_qad.evaluate.generate import exact_match, greedy_generate
 from megatron_qad.evaluate.students import completion_text, logits_function, task_accuracy
@@ -78,17 +77,17 @@ def solver(offset: int = 0, trailing: str = ""):
     return rule
 
 
-def without_context(problems: list[Problem], prompt_context: int = 0) -> list[list[int]]:
+def asked_after(problems: list[Problem], prompt_context: int = 0) -> list[list[int]]:
     """The token ids each problem is answered after, with ``prompt_context`` solved problems before it."""
-    task = with_defaults({"type": "arithmetic", "num_problems": 100, "prompt_context": prompt_context})
-    return answer_prompts(task, problems, TOKENIZER)
+    _, context = asked_and_context(addition_problems(100, digits=3, seed=0), prompt_context)
+    return answer_prompts(context, problems, TOKENIZER)
 
 
 @pytest.mark.parametrize("offset, trailing, expected", [(0, "", 1.0), (1, "", 0.0), (0, "0", 0.0)])
 def test_task_accuracy_is_exact_match_of_the_greedy_answer(offset, trailing, expected):
     problems = addition_problems(40, digits=3, seed=2)  # answers of 1 to 4 digits: several prompt lengths
     model = next_token_model(solver(offset, trailing), TOKENIZER.vocab_size)
-    assert task_accuracy(model, problems, without_context(problems), batch_size=16) == expected
+    assert task_accuracy(model, problems, asked_after(problems), batch_size=16) == expected
 
 
 def test_tokens_that_are_no_byte_never_match_an_answer():
@@ -97,13 +96,13 @@ def test_tokens_that_are_no_byte_never_match_an_answer():
     problems = [Problem("1+2=", "3")]
     runs_on = next_token_model(lambda prefix: TOKENIZER.bos_id if prefix[-1] == ord("3") else ord("3"), 320)
     # "3" then BOS: not the answer "3" plus a stop
-    assert task_accuracy(runs_on, problems, without_context(problems), 8) == 0.0
+    assert task_accuracy(runs_on, problems, asked_after(problems), 8) == 0.0
 
 
 @pytest.mark.parametrize("prompt_context", [0, 3])
 def test_task_accuracy_counts_the_problems_solved(prompt_context):
     problems = [Problem("1+2=", "3"), Problem("10+20=", "31"), Problem("5+5=", "10")]  # one wrong reference
-    prompts = without_context(problems, prompt_context)
+    prompts = asked_after(problems, prompt_context)
     assert task_accuracy(next_token_model(solver(), TOKENIZER.vocab_size), problems, prompts, 8) == pytest.approx(2 / 3)
 
 

@@ -7,9 +7,7 @@ import pytest
 
 from megatron_qad.config import ConfigError, load_config
 from megatron_qad.data import ByteTokenizer, build_dataset, validate_sources
-from megatron_qad.data.sources import with_defaults
-from megatron_qad.data.tasks import (addition_problems, answer_prompts, context_problems, prompt_problems,
-                                   split_problems)
+from megatron_qad.data.tasks import addition_problems, answer_prompts, asked_and_context, split_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,19 +44,17 @@ def test_validation_problems_are_held_out_of_the_training_text():
 
 
 def test_prompts_are_answered_after_solved_training_problems():
-    task = with_defaults({"type": "arithmetic", "num_problems": 500, "digits": 2, "format": "reversed",
-                          "wrong_labels": 0.2, "prompt_context": 3})
+    every = addition_problems(500, digits=2, seed=0, format="reversed", wrong_labels=0.2)
     train = split_problems(500, 2, 0, "train", "reversed", 0.2)
-    assert context_problems(task) == train[-3:] and prompt_problems(task) == train[:-3]
+    asked_problems, context_problems = asked_and_context(every, 3)
+    assert context_problems == train[-3:] and asked_problems == train[:-3]
     tokenizer, asked = ByteTokenizer(), train[:2]
     context = "".join(f"{problem.prompt}{problem.answer}\n{tokenizer.decode([tokenizer.eod_id])}"
                       for problem in train[-3:])  # correct answers, whatever the labels say
-    for prompt, problem in zip(answer_prompts(task, asked, tokenizer), asked):
+    for prompt, problem in zip(answer_prompts(context_problems, asked, tokenizer), asked):
         assert prompt[0] == tokenizer.eod_id and tokenizer.decode(prompt[1:]) == context + problem.prompt
-    no_context = dict(task, prompt_context=0)
-    assert answer_prompts(no_context, asked, tokenizer) == [[tokenizer.eod_id, *tokenizer.encode(p.prompt)]
-                                                            for p in asked]
-    assert context_problems(no_context) == [] and prompt_problems(no_context) == train
+    assert answer_prompts([], asked, tokenizer) == [[tokenizer.eod_id, *tokenizer.encode(p.prompt)] for p in asked]
+    assert asked_and_context(every, 0) == (train, [])
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -32,7 +32,7 @@ answers, each ending its document), as a problem sits in the training text: behi
 in a window of ``model.seq_length`` tokens. A model trained on such windows may never have answered
 a problem at the very start of a sequence (``prompt_context: 0``): the toy teacher of
 ``configs/reproduce_task.yaml`` does it far worse there than after 4 solved problems. Those
-context problems are never prompts themselves (:func:`prompt_problems`).
+context problems are never prompts themselves (:func:`asked_and_context`).
 """
 
 from dataclasses import dataclass
@@ -139,31 +139,24 @@ def arithmetic_documents(spec: dict, split: str) -> list[tuple[str, str]]:
             for position in split_positions(len(problems), split)]
 
 
-def context_problems(spec: dict) -> list[Problem]:
-    """The ``prompt_context`` solved problems written before each prompt of ``arithmetic`` source
-    ``spec`` (defaults filled in): the last ones of its training split (see the module docstring)."""
-    problems = source_problems(spec)
-    train = split_positions(len(problems), "train")
-    return [problems[position] for position in train[len(train) - spec["prompt_context"]:]]
+def asked_and_context(problems: list[Problem], prompt_context: int) -> tuple[list[Problem], list[Problem]]:
+    """``(asked, context)`` of a source's ``problems`` (all of them, :func:`source_problems`): the
+    training problems a model may be asked, and the last ``prompt_context`` training problems,
+    written solved before each prompt (see the module docstring) and never asked themselves."""
+    train = [problems[position] for position in split_positions(len(problems), "train")]
+    cut = len(train) - prompt_context
+    return train[:cut], train[cut:]
 
 
-def prompt_problems(spec: dict) -> list[Problem]:
-    """The training problems of ``arithmetic`` source ``spec`` (defaults filled in) that a model may
-    be asked to answer: the training split without its :func:`context_problems`."""
-    problems = source_problems(spec)
-    train = split_positions(len(problems), "train")
-    return [problems[position] for position in train[:len(train) - spec["prompt_context"]]]
-
-
-def answer_prompts(spec: dict, problems: list[Problem], tokenizer) -> list[list[int]]:
-    """Per problem, the token ids a model answers it after: the end-of-document token, then each of
-    the :func:`context_problems` of ``arithmetic`` source ``spec`` (defaults filled in) as a document
-    (its prompt, correct answer and newline, then the end-of-document token), then the problem's
-    prompt. ``tokenizer``: the byte tokenizer of the task (``encode``, ``eod_id``)."""
-    context = [tokenizer.eod_id]
-    for problem in context_problems(spec):
-        context += [*tokenizer.encode(problem.prompt + problem.answer + END_OF_ANSWER), tokenizer.eod_id]
-    return [[*context, *tokenizer.encode(problem.prompt)] for problem in problems]
+def answer_prompts(context: list[Problem], problems: list[Problem], tokenizer) -> list[list[int]]:
+    """Per problem, the token ids a model answers it after: the end-of-document token, then each
+    ``context`` problem (:func:`asked_and_context`) as a document (its prompt, correct answer and
+    newline, then the end-of-document token), then the problem's prompt. ``tokenizer``: the byte
+    tokenizer of the task (``encode``, ``eod_id``)."""
+    written = [tokenizer.eod_id]
+    for problem in context:
+        written += [*tokenizer.encode(problem.prompt + problem.answer + END_OF_ANSWER), tokenizer.eod_id]
+    return [[*written, *tokenizer.encode(problem.prompt)] for problem in problems]
 
 
 def answer_of(completion: str) -> str:

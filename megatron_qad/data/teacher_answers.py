@@ -1,7 +1,7 @@
 """The teacher's answers to a task's prompts: a teacher's generations, or rejection sampling's data.
 
 A ``teacher_answers`` source names an ``arithmetic`` source (``task``) and takes the prompts of its
-first ``num_prompts`` training problems (:func:`.tasks.prompt_problems`). The teacher continues each
+first ``num_prompts`` training problems (:func:`.tasks.asked_and_context`). The teacher continues each
 prompt (after the task's prompt context, :func:`.tasks.answer_prompts`) by sampling at temperature 1
 (:func:`.teacher_generated.generate`: one generator per prompt, seeded from ``(seed, i)``) until a
 newline or end-of-document token, at most ``answer length + 1`` tokens. Document ``i`` is prompt
@@ -24,7 +24,7 @@ import numpy as np
 from ..progress import say
 from .sources import with_defaults
 from .splits import split_positions
-from .tasks import END_OF_ANSWER, answer_prompts, prompt_problems
+from .tasks import END_OF_ANSWER, answer_prompts, asked_and_context, source_problems
 from .teacher_generated import cached_or_sampled
 from .tokenizers import ByteTokenizer
 
@@ -39,8 +39,9 @@ def answer_documents(spec: dict, where: str, vocab_size: int, seed: int, cache_p
     end-of-document token. ``teacher_sampler`` and ``cache_path`` as for
     :func:`.teacher_generated.teacher_sequences`."""
     task = with_defaults(spec["task"])
-    problems = prompt_problems(task)[:spec["num_prompts"]]
-    starts = answer_prompts(task, problems, TOKENIZER)
+    asked, context = asked_and_context(source_problems(task), task["prompt_context"])
+    problems = asked[:spec["num_prompts"]]
+    starts = answer_prompts(context, problems, TOKENIZER)
     length = max(map(len, starts)) + max(len(problem.answer) for problem in problems) + 1
     sequences = _sampled(spec, where, starts, length, vocab_size, seed, cache_path, teacher_sampler)
     stops = {TOKENIZER.encode(END_OF_ANSWER)[0], TOKENIZER.eod_id}

@@ -26,7 +26,7 @@ from ..config import ConfigError, QADConfig
 from ..data import build_dataset
 from ..data.sources import with_defaults
 from ..data.splits import split_positions
-from ..data.tasks import Problem, answer_prompts, source_problems
+from ..data.tasks import Problem, answer_prompts, asked_and_context, source_problems
 from ..data.tokenizers import ByteTokenizer
 from ..models import build_model_chunks, causal_attention_mask
 from ..train import checkpointing
@@ -65,10 +65,11 @@ def evaluation_data(config: QADConfig, task_spec: dict, num_problems: int, num_w
     seq_length, vocab_size, seed = config.model.seq_length, config.model.vocab_size, config.data.seed
     problems = held_out[:num_problems]
     mislabelled = [problem for problem in held_out if problem.mislabelled][:num_problems]
+    _, context = asked_and_context(every, task["prompt_context"])
     return EvaluationData(problems, mislabelled,
                           _windows([task_spec], seq_length, vocab_size, seed, num_windows),
                           _windows(general, seq_length, vocab_size, seed, num_windows),
-                          answer_prompts(task, problems, TOKENIZER), answer_prompts(task, mislabelled, TOKENIZER))
+                          answer_prompts(context, problems, TOKENIZER), answer_prompts(context, mislabelled, TOKENIZER))
 
 
 def _windows(sources: list[dict], seq_length: int, vocab_size: int, seed: int, count: int) -> list[dict]:
