@@ -66,6 +66,8 @@ def arguments(argv=None):
         args.contexts = [int(item) for item in args.contexts.split(",")]
     except ValueError:
         parser.error(f"--contexts: {args.contexts!r} is not a comma-separated list of integers")
+    if any(count < 0 for count in args.contexts):
+        parser.error(f"--contexts: {args.contexts} has a negative number of solved problems; use counts >= 0")
     return args
 
 
@@ -83,6 +85,10 @@ def main(argv=None) -> list[dict]:
         task = with_defaults(next(spec for spec in config.teacher.posttrain_sources if spec.get("type") == "arithmetic"))
         every = source_problems(task)
         problems = [every[position] for position in split_positions(len(every), "validation")][:args.problems]
+        train_problems = len(split_positions(len(every), "train"))
+        if max(args.contexts) >= train_problems:
+            sys.exit(f"prompt_context: --contexts {max(args.contexts)} needs more solved problems than the task's "
+                     f"{train_problems} training problems; use fewer")
         for name, checkpoint in models_of(config, directory):
             context = parallel.initialize(config.parallel, seed=seed)
             try:
