@@ -408,6 +408,13 @@ def select_best(evaluator: Evaluator, config: QADConfig, directory: Path, final:
     return {"iteration": best, "validation kl": sorted(scores.items()), "metrics": metrics}
 
 
+def part_seconds(directory: Path) -> float:
+    """Training seconds of a stopped run's earlier parts (``earlier_parts.json``, written when a part
+    stops; 0 when the run has none)."""
+    record = directory / "earlier_parts.json"
+    return json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
+
+
 def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, files: dict, hf_dir: Path) -> dict:
     directory = args.out / "runs" / slug(name) / f"seed{seed}" / (f"lr{lr:g}" if lr is not None else "recipe_lr")
     record = directory / "metrics.json"
@@ -431,13 +438,16 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
     config.checkpoint.resume = mode == "train" and checkpointing.has_tracker(directory)
     if not config.checkpoint.resume:
         shutil.rmtree(directory, ignore_errors=True)
-    start, seconds, selection = time.perf_counter(), 0.0, None
+    # A continued run's training time: its earlier parts' (each part's summary.json counts its own).
+    start, selection = time.perf_counter(), None
+    seconds = part_seconds(directory) if config.checkpoint.resume else 0.0
     if mode is not None:
         summary = run(config, mode)
         if summary.get("stopped_at", config.training.train_iters) < config.training.train_iters:
+            write_text(directory / "earlier_parts.json", json.dumps({"seconds": seconds + summary["seconds"]}))
             sys.exit(f"real_model: {name} (seed {seed}) stopped at iteration {summary['stopped_at']} of "
                      f"{config.training.train_iters}; run the same command again to continue it")
-        seconds = summary["seconds"]
+        seconds += summary["seconds"]
     checkpoint = checkpointing.student_checkpoint(directory) if mode is not None else None
     metrics = evaluator.evaluate(config, checkpoint, quantized=mode is not None)
     if name == QAD_RESPONSES and lr is None:
@@ -480,6 +490,53 @@ def main_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def goals(results: list[dict]) -> str:
+    """The benchmark's goals, computed from the rows (means over each row's seeds; QAD on the
+    responses is each seed's last checkpoint, as its table row): QAD on the responses against PTQ (KL share; recovery of PTQ's exact-match and end-of-turn losses), against QAT on the
+    same data (ahead by more than two seed spreads: the difference of means exceeds twice the larger
+    sample standard deviation, decidable only with two seeds or more in both rows), and whether QAT
+    on general text ends further from the teacher than PTQ. Empty without the rows they compare."""
+    rows = {name: [row for row in results if row["variant"] == name] for name in VARIANTS}
+    if not (rows[TEACHER] and rows["PTQ"] and rows[QAD_RESPONSES]):
+        return ""
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(row[key] for row in rows[name])
+
+    def recovery(key: str) -> str:
+        loss = mean(TEACHER, key) - mean("PTQ", key)
+        if loss <= 0:
+            return f"{key}: nothing to recover (PTQ {100 * mean('PTQ', key):.1f}%)"
+        share = (mean(QAD_RESPONSES, key) - mean("PTQ", key)) / loss
+        return (f"{key} {100 * share:.0f}% ({100 * mean('PTQ', key):.1f}% -> {100 * mean(QAD_RESPONSES, key):.1f}%, "
+                f"teacher {100 * mean(TEACHER, key):.1f}%)")
+
+    kl_share = mean(QAD_RESPONSES, "kl") / mean("PTQ", "kl")
+    lines = [f"- KL of QAD on the responses: {100 * kl_share:.0f}% of PTQ's ({mean(QAD_RESPONSES, 'kl'):.3f} against "
+             f"{mean('PTQ', 'kl'):.3f}; goal at most 20%): {'met' if kl_share <= 0.2 else 'missed'}.",
+             f"- Share of PTQ's loss it recovers (goal at least 80% each): {recovery('exact match')}; "
+             f"{recovery('end of turn')}."]
+    if rows[QAT_RESPONSES]:
+        verdicts = []
+        for key in ("exact match", "end of turn", "kl"):
+            sign = -1 if key == "kl" else 1
+            lead = sign * (mean(QAD_RESPONSES, key) - mean(QAT_RESPONSES, key))
+            scale, unit = (1, "") if key == "kl" else (100, " points")
+            if min(len(rows[QAD_RESPONSES]), len(rows[QAT_RESPONSES])) < 2:
+                verdict = "one seed, no spread to compare"
+            else:
+                spread = max(statistics.stdev(row[key] for row in rows[name]) for name in (QAD_RESPONSES, QAT_RESPONSES))
+                verdict = (f"{'more' if lead > 2 * spread else 'not more'} than two seed spreads "
+                           f"(2 x {scale * spread:.2g}{unit})")
+            verdicts.append(f"{key} {'ahead' if lead > 0 else 'behind'} by {abs(scale * lead):.3g}{unit}, {verdict}")
+        lines.append("- Against QAT on the same data: " + "; ".join(verdicts) + ".")
+    if rows["QAT (general text)"]:
+        further = mean("QAT (general text)", "kl") > mean("PTQ", "kl")
+        lines.append(f"- QAT on general text {'ends' if further else 'does not end'} further from the teacher than "
+                     f"PTQ (KL {mean('QAT (general text)', 'kl'):.3f} against {mean('PTQ', 'kl'):.3f}).")
+    return "Goals, computed from the table (means over each row's seeds):\n\n" + "\n".join(lines) + "\n"
+
+
 def report(args, data: dict, results: list[dict], sweep: list[dict], recipe_lr: float, seconds: float) -> str:
     devices = sorted({row.get("device", "not recorded") for row in results})
     counts = results[0] if results else {}
@@ -505,6 +562,8 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], recipe_lr: 
             f"that end within {args.eval_new_tokens} tokens. Selected students "
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
+    if goals(results):
+        text += "\n" + goals(results)
     if any(row["lr"] != recipe_lr for row in sweep):
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text

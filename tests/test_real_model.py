@@ -185,6 +185,8 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     with pytest.raises(SystemExit, match=r"QAD \(teacher responses\) \(seed 1\) stopped at iteration 3 of 8; "
                                          r"run the same command again to continue it"):
         real_model.main([*common, "--variants", "QAD (teacher responses)", "training.exit_interval=3"])
+    qad_dir = out / "runs" / "qad_teacher_responses" / "seed1" / "recipe_lr"
+    first_part = json.loads((qad_dir / "earlier_parts.json").read_text())["seconds"]
     # Two processes share the three runs (the stopped one continues in whichever takes it).
     real_model.main([*common, "--variants", "BF16 teacher,PTQ,QAD (teacher responses)", "--jobs", "2",
                      "--results", str(results)])
@@ -196,9 +198,10 @@ def test_benchmark_runs_start_to_finish_on_the_cpu(tiny_chat_model, tmp_path):
     assert teacher["kl"] < 1e-6 and teacher["exact match"] == 1.0 and teacher["common prefix"] > 0
     # The teacher is right on its own checkable answers (or has none: this tiny model knows no capital).
     assert teacher["checkable"] in (1.0, None) and teacher["probe prompts"] > 2 * len(chat_prompts.CAPITALS) - 1
-    qad_dir = out / "runs" / "qad_teacher_responses" / "seed1" / "recipe_lr"
     qad = json.loads((qad_dir / "metrics.json").read_text())
     assert qad["tokens"] == 2048 and qad["kl"] > 0
+    # The continued run's training time counts both parts.
+    assert 0 < first_part < qad["run seconds"]
     selection = qad["selection"]
     # 8 iterations, saved every 4 and where the first command stopped
     assert [iteration for iteration, _ in selection["validation kl"]] == [3, 4, 8]
@@ -238,3 +241,26 @@ def test_the_selection_line_says_when_the_kept_student_is_no_better_than_ptq():
     assert real_model.selection_summary(row, 0.4) == "seed 1: iteration 4 of [2, 4], validation KL 0.300 (PTQ 0.400)"
     assert real_model.selection_summary(row, 0.3).endswith("validation KL 0.300: no better than PTQ (0.300)")
     assert real_model.selection_summary(row, None).endswith("(no PTQ run of this seed to compare)")
+
+
+def test_the_goals_are_computed_from_the_rows():
+    def row(variant, seed, kl, exact, turn):
+        return {"variant": variant, "seed": seed, "kl": kl, "exact match": exact, "end of turn": turn}
+
+    rows = [row("BF16 teacher", 1, 0.0, 1.0, 1.0),
+            row("PTQ", 1, 0.5, 0.0, 0.5), row("PTQ", 2, 0.5, 0.0, 0.5),
+            row("QAD (teacher responses)", 1, 0.09, 0.9, 0.95), row("QAD (teacher responses)", 2, 0.11, 0.8, 0.85),
+            row("QAT (teacher responses)", 1, 0.3, 0.5, 0.95), row("QAT (teacher responses)", 2, 0.3, 0.5, 0.95),
+            row("QAT (general text)", 1, 0.6, 0.0, 0.4)]
+    text = real_model.goals(rows)
+    # KL 0.10 of 0.50; exact match 0 -> 0.85 of a loss of 1; end of turn 0.5 -> 0.9 of a loss of 0.5
+    assert "20% of PTQ's (0.100 against 0.500; goal at most 20%): met." in text
+    assert "exact match 85% (0.0% -> 85.0%, teacher 100.0%); end of turn 80% (50.0% -> 90.0%" in text
+    # QAD's spreads: exact match 0.0707 (lead 0.35), end of turn 0.0707 (lead -0.05), KL 0.0141 (lead 0.2)
+    assert "exact match ahead by 35 points, more than two seed spreads (2 x 7.1 points)" in text
+    assert "end of turn behind by 5 points, not more than two seed spreads (2 x 7.1 points)" in text
+    assert "kl ahead by 0.2, more than two seed spreads (2 x 0.014)" in text
+    assert "QAT on general text ends further from the teacher than PTQ (KL 0.600 against 0.500)" in text
+    one_seed = [r for r in rows if r["seed"] == 1]
+    assert "one seed, no spread to compare" in real_model.goals(one_seed)
+    assert real_model.goals([r for r in rows if r["variant"] != "PTQ"]) == ""
