@@ -8,7 +8,8 @@
 Every variant builds its models from the recipe (same seed, same layout), wraps the trained one in
 megatron.core's DistributedDataParallel with its Adam (mixed precision for bf16), and times
 ``--steps`` optimizer steps of ``training.global_batch_size`` sequences after ``--warmup`` ones
-(wall time with the GPU synchronised; their median is one measurement). The whole set of variants
+(each between two CUDA events, the host not waiting between steps; their median is one
+measurement). The whole set of variants
 runs ``--repeats`` times in rotation (A B C A B C ...: each round builds, times and frees every
 variant), so drift between runs hits all of them alike; the table gives the median and the min-max
 range over the rounds, and a ratio to the BF16 step only where the two ranges separate. Data:
@@ -32,7 +33,9 @@ and, from the medians, where the QAD step's time goes: quantization (QAT - BF16)
 model's bookkeeping (QAD - QAT - teacher forward), and each ModelOpt student's QAD step over ours
 (a ratio only where the ranges separate). Under data parallelism the gradient all-reduce
 is part of every trained variant. ``--profile DIR`` also runs one more step of each variant under
-torch.profiler and writes its GPU kernels, heaviest first, to ``DIR/<variant>.txt`` (rank 0).
+torch.profiler in the first round: the table gets where its GPU time goes by phase (teacher
+forward, student forward, loss, optimizer step, backward and the rest, fake-quant kernels, GPU
+idle; ``step_profile.py``), and ``DIR/<variant>.txt`` its GPU kernels, heaviest first (rank 0).
 """
 
 import argparse
@@ -51,6 +54,7 @@ from megatron_qad.distill import DistillationLoss, TeacherStudentStage, chunk_it
 from megatron_qad.models import DTYPES, build_model_chunks, causal_attention_mask
 from megatron_step import build_optimizer, resolve_distributed_optimizer, wrap_ddp
 from repeats import MIN_REPEATS, Spread, ratio_claim
+from step_profile import OPTIMIZER_STEP, phase_table, phase_times
 
 
 class Bench:
@@ -107,7 +111,8 @@ class Bench:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
             self.run_step(ddp_chunks, loss, reuse=reuse)
-            optimizer.step()
+            with torch.profiler.record_function(OPTIMIZER_STEP):
+                optimizer.step()
 
         try:
             return self.time(name, step)
@@ -116,17 +121,26 @@ class Bench:
             release_optimizer(optimizer)
 
     def time(self, name: str, step) -> dict:
-        """Median seconds and peak memory of ``step()``; profiled once more when asked."""
+        """Median seconds and peak memory of ``step()``; profiled once more when asked (then
+        ``"profile"``: the phase table of :mod:`step_profile`).
+
+        Each timed step lies between two CUDA events on the current stream, and the host does not
+        wait for the GPU between steps: a step's time is from the end of the previous one on the
+        GPU to its own end (what a training loop's step costs; a host that falls behind shows as
+        GPU idle time inside the step)."""
         torch.cuda.reset_peak_memory_stats()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
-        seconds = []
-        for index in range(self.warmup + self.steps):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
+        for _ in range(self.warmup):
             step()
-            torch.cuda.synchronize()
-            if index >= self.warmup:
-                seconds.append(time.perf_counter() - start)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.steps)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        seconds = [start.elapsed_time(end) / 1e3 for start, end in events]
         # Every rank takes the slowest rank's time of each step (one step ends when all ranks are done).
         times = torch.tensor(seconds, device=self.device)
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
@@ -136,21 +150,28 @@ class Bench:
                   # retrying: each synchronises the device, so a step near the memory limit slows down.
                   "alloc retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries}
         if self.profile_dir:
-            self.profile(name, step)
+            timing["profile"] = self.profile(name, step)
         return timing
 
-    def profile(self, name: str, step) -> None:
-        """Write the operators of one ``step()``, by GPU time and by host time, to ``profile_dir/<name>.txt``."""
+    def profile(self, name: str, step) -> str:
+        """Profile one more ``step()``: its phase table (:func:`step_profile.phase_table`, returned)
+        and its operators by GPU time and by host time, written to ``profile_dir/<name>.txt`` (rank 0)."""
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as profiler:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
             step()
             torch.cuda.synchronize()
+            wall_us = (time.perf_counter() - start) * 1e6
+        table = phase_table(phase_times(profiler.events()), wall_us)
         if torch.distributed.get_rank() == 0:
             os.makedirs(self.profile_dir, exist_ok=True)
             averages = profiler.key_averages()
             with open(os.path.join(self.profile_dir, name.replace(" ", "_").replace(",", "") + ".txt"), "w") as out:
+                out.write(f"{table}\n\n")
                 for key in ("self_cuda_time_total", "self_cpu_time_total"):
                     out.write(f"by {key}\n{averages.table(sort_by=key, row_limit=40, max_name_column_width=90)}\n")
+        return table
 
 
 def release(ddp_chunks) -> None:
@@ -300,7 +321,8 @@ def combine(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     names = dict.fromkeys(name for round_rows in rounds for name in round_rows)
     return {name: {"seconds": Spread.of([r[name]["seconds"] for r in rounds if name in r]),
                    "peak GiB": max(r[name]["peak GiB"] for r in rounds if name in r),
-                   "alloc retries": sum(r[name]["alloc retries"] for r in rounds if name in r)}
+                   "alloc retries": sum(r[name]["alloc retries"] for r in rounds if name in r),
+                   "profile": next((r[name]["profile"] for r in rounds if "profile" in r.get(name, {})), None)}
             for name in names}
 
 
@@ -326,6 +348,10 @@ def report(rows: dict[str, dict], tokens_per_step: int) -> str:
     for peer in (VARIANTS["modelopt"], VARIANTS["modelopt_mamba_moe"]):
         if peer in rows and "QAD" in rows:
             lines.append(f"\n{peer} / QAD = {ratio_claim(rows[peer]['seconds'], rows['QAD']['seconds'])}.")
+    for name, row in rows.items():
+        if row.get("profile"):
+            lines += ["", f"Profile of one {name} step (torch.profiler, first round; its overhead is in the wall "
+                          f"time):", "", row["profile"]]
     every = rows.get(VARIANTS["qad_every"])
     if every is not None and "QAD" in rows:
         lines.append(f"\nEach weight fake-quantized once per step instead of at every micro-batch: "

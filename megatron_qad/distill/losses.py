@@ -22,7 +22,9 @@ token average over the whole global batch.
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
+from ..profiling import LOSS
 from .vocab_parallel import (DEFAULT_CHUNK_TOKENS, check_chunk_tokens, check_temperature,
                              check_token_shape, resolve_tp_group, vocab_parallel_argmax,
                              vocab_parallel_cross_entropy, vocab_parallel_kl)
@@ -70,6 +72,10 @@ class DistillationLoss:
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None):
+        with record_function(LOSS):
+            return self._loss(student_logits, teacher_logits, labels, loss_mask)
+
+    def _loss(self, student_logits, teacher_logits, labels, loss_mask):
         needs_kl, needs_ce = self.kind != "ce", self.kind != "kl"
         if needs_kl and teacher_logits is None:
             raise ValueError(f"loss kind {self.kind!r} needs teacher_logits")

@@ -22,6 +22,9 @@ never holds teacher parameters. Checkpoints hold the student under its own names
 """
 
 import torch
+from torch.profiler import record_function
+
+from ..profiling import STUDENT_FORWARD, TEACHER_FORWARD
 
 
 class LayoutMismatchError(ValueError):
@@ -156,9 +159,10 @@ class TeacherStudentStage(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Teacher (no grad) then student on this stage; see the class docstring for the outputs."""
-        with torch.no_grad():
+        with torch.no_grad(), record_function(TEACHER_FORWARD):
             teacher_out = self._teacher(input_ids, position_ids, attention_mask)
-        student_out = self.student(input_ids, position_ids, attention_mask)
+        with record_function(STUDENT_FORWARD):
+            student_out = self.student(input_ids, position_ids, attention_mask)
         if self.post_process:
             return student_out, teacher_out.detach()
         return torch.cat([student_out, teacher_out.detach()], dim=1)
