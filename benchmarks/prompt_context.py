@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_qad import parallel  # noqa: E402
 from megatron_qad.config import load_config  # noqa: E402
 from megatron_qad.data.sources import with_defaults  # noqa: E402
-from megatron_qad.data.splits import split_positions  # noqa: E402
 from megatron_qad.data.tasks import (END_OF_ANSWER, Problem, answer_prompts, asked_and_context,  # noqa: E402
-                                   source_problems)
+                                   problems_in_split, source_problems)
 from megatron_qad.evaluate.students import TOKENIZER, load_model, logits_function, task_accuracy  # noqa: E402
 from megatron_qad.train.teacher_stages import rft_dirs  # noqa: E402
 
@@ -84,8 +83,8 @@ def main(argv=None) -> list[dict]:
                                            f"model.seed={seed}", f"data.seed={seed}"])
         task = with_defaults(next(spec for spec in config.teacher.posttrain_sources if spec.get("type") == "arithmetic"))
         every = source_problems(task)
-        problems = [every[position] for position in split_positions(len(every), "validation")][:args.problems]
-        train_problems = len(split_positions(len(every), "train"))
+        problems = problems_in_split(every, "validation")[:args.problems]
+        train_problems = len(problems_in_split(every, "train"))
         if max(args.contexts) >= train_problems:
             sys.exit(f"prompt_context: --contexts {max(args.contexts)} needs more solved problems than the task's "
                      f"{train_problems} training problems; use fewer")

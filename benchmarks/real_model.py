@@ -438,9 +438,10 @@ def run_one(args, evaluator: Evaluator, name: str, seed: int, lr: float | None, 
     config.checkpoint.resume = mode == "train" and checkpointing.has_tracker(directory)
     if not config.checkpoint.resume:
         shutil.rmtree(directory, ignore_errors=True)
-    # A continued run's training time: its earlier parts' (each part's summary.json counts its own).
+    # A continued run's training time: its earlier parts' (each part's summary.json counts its own;
+    # a run that starts over has no earlier_parts.json left).
     start, selection = time.perf_counter(), None
-    seconds = part_seconds(directory) if config.checkpoint.resume else 0.0
+    seconds = part_seconds(directory)
     if mode is not None:
         summary = run(config, mode)
         if summary.get("stopped_at", config.training.train_iters) < config.training.train_iters:
@@ -492,10 +493,11 @@ def main_table(results: list[dict]) -> str:
 
 def goals(results: list[dict]) -> str:
     """The benchmark's goals, computed from the rows (means over each row's seeds; QAD on the
-    responses is each seed's last checkpoint, as its table row): QAD on the responses against PTQ (KL share; recovery of PTQ's exact-match and end-of-turn losses), against QAT on the
-    same data (ahead by more than two seed spreads: the difference of means exceeds twice the larger
-    sample standard deviation, decidable only with two seeds or more in both rows), and whether QAT
-    on general text ends further from the teacher than PTQ. Empty without the rows they compare."""
+    responses is each seed's last checkpoint, as its table row): QAD on the responses against PTQ
+    (KL share; recovery of PTQ's exact-match and end-of-turn losses), against QAT on the same data
+    (ahead by more than two seed spreads: the difference of means exceeds twice the larger sample
+    standard deviation, decidable only with two seeds or more in both rows), and whether QAT on
+    general text ends further from the teacher than PTQ. Empty without the rows they compare."""
     rows = {name: [row for row in results if row["variant"] == name] for name in VARIANTS}
     if not (rows[TEACHER] and rows["PTQ"] and rows[QAD_RESPONSES]):
         return ""
@@ -562,8 +564,9 @@ def report(args, data: dict, results: list[dict], sweep: list[dict], recipe_lr: 
             f"that end within {args.eval_new_tokens} tokens. Selected students "
             f"(lowest validation KL of the saved ones): {'; '.join(selections) or 'none'}.\n\n"
             f"{main_table(results)}\n")
-    if goals(results):
-        text += "\n" + goals(results)
+    goal_lines = goals(results)
+    if goal_lines:
+        text += "\n" + goal_lines
     if any(row["lr"] != recipe_lr for row in sweep):
         text += f"\nLearning-rate sweep (seed {args.seeds[0]}):\n\n{sweep_table(sweep, COLUMNS, format_value)}\n"
     return text
@@ -575,11 +578,16 @@ def split_counts(counts: dict) -> str:
     return ", ".join(f"{counts[split]:,} {names.get(split, split)}" for split in ("train", "validation", "test"))
 
 
+def kept_validation_kl(selection: dict) -> float:
+    """The validation KL of the checkpoint a run's ``selection`` (:func:`select_best`) kept."""
+    return dict(selection["validation kl"])[selection["iteration"]]
+
+
 def selection_summary(row: dict, ptq_validation_kl: float | None) -> str:
     """Which saved student the selection kept for ``row`` (a QAD-on-responses record) and its
     validation KL next to PTQ's of the same seed; says so when the kept one is no better than PTQ."""
     selection = row["selection"]
-    kept = dict(selection["validation kl"])[selection["iteration"]]
+    kept = kept_validation_kl(selection)
     text = (f"seed {row['seed']}: iteration {selection['iteration']} of "
             f"{[iteration for iteration, _ in selection['validation kl']]}, validation KL {kept:.3f}")
     if ptq_validation_kl is None:
@@ -613,8 +621,7 @@ def export_selected(args, files: dict, hf_dir: Path) -> tuple[int, list[Path]]:
         directory = args.out / "runs" / slug(QAD_RESPONSES) / f"seed{seed}" / "recipe_lr"
         record = directory / "metrics.json"
         if record.is_file() and checkpointing.has_tracker(directory):
-            selection = json.loads(record.read_text())["selection"]
-            candidates[seed] = (dict(map(tuple, selection["validation kl"]))[selection["iteration"]], directory)
+            candidates[seed] = (kept_validation_kl(json.loads(record.read_text())["selection"]), directory)
     if not candidates:
         sys.exit(f"real_model: --export found no finished {QAD_RESPONSES} run with its checkpoint under "
                  f"{args.out / 'runs' / slug(QAD_RESPONSES)} (seeds {args.seeds}); run the benchmark without "

@@ -127,7 +127,12 @@ def source_problems(spec: dict) -> list[Problem]:
 def split_problems(num_problems: int, digits: int, seed: int, split: str, format: str = "plain",
                    wrong_labels: float = 0.0) -> list[Problem]:
     """The problems of an ``arithmetic`` source that belong to ``split`` ("train" or "validation")."""
-    problems = addition_problems(num_problems, digits, seed, format, wrong_labels)
+    return problems_in_split(addition_problems(num_problems, digits, seed, format, wrong_labels), split)
+
+
+def problems_in_split(problems: list[Problem], split: str) -> list[Problem]:
+    """Those of a source's ``problems`` (all of them, in order) that belong to ``split`` ("train" or
+    "validation"), in order."""
     return [problems[position] for position in split_positions(len(problems), split)]
 
 
@@ -143,7 +148,7 @@ def asked_and_context(problems: list[Problem], prompt_context: int) -> tuple[lis
     """``(asked, context)`` of a source's ``problems`` (all of them, :func:`source_problems`): the
     training problems a model may be asked, and the last ``prompt_context`` training problems,
     written solved before each prompt (see the module docstring) and never asked themselves."""
-    train = [problems[position] for position in split_positions(len(problems), "train")]
+    train = problems_in_split(problems, "train")
     cut = len(train) - prompt_context
     return train[:cut], train[cut:]
 

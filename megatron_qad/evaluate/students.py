@@ -25,8 +25,7 @@ from .. import parallel, quantize
 from ..config import ConfigError, QADConfig
 from ..data import build_dataset
 from ..data.sources import with_defaults
-from ..data.splits import split_positions
-from ..data.tasks import Problem, answer_prompts, asked_and_context, source_problems
+from ..data.tasks import Problem, answer_prompts, asked_and_context, problems_in_split, source_problems
 from ..data.tokenizers import ByteTokenizer
 from ..models import build_model_chunks, causal_attention_mask
 from ..train import checkpointing
@@ -60,7 +59,7 @@ def evaluation_data(config: QADConfig, task_spec: dict, num_problems: int, num_w
     of task and of general text (see the module docstring)."""
     task = with_defaults(task_spec)
     every = source_problems(task)
-    held_out = [every[position] for position in split_positions(len(every), "validation")]
+    held_out = problems_in_split(every, "validation")
     general = config.data.validation_sources or config.data.sources
     seq_length, vocab_size, seed = config.model.seq_length, config.model.vocab_size, config.data.seed
     problems = held_out[:num_problems]
