@@ -150,12 +150,13 @@ class Bench:
                   # retrying: each synchronises the device, so a step near the memory limit slows down.
                   "alloc retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries}
         if self.profile_dir:
-            timing["profile"] = self.profile(name, step)
+            timing["profile"] = self.profile(name, step, timing["seconds"])
         return timing
 
-    def profile(self, name: str, step) -> str:
-        """Profile one more ``step()``: its phase table (:func:`step_profile.phase_table`, returned)
-        and its operators by GPU time and by host time, written to ``profile_dir/<name>.txt`` (rank 0)."""
+    def profile(self, name: str, step, timed_seconds: float) -> str:
+        """Profile one more ``step()``: its phase table (:func:`step_profile.phase_table`, returned;
+        ``timed_seconds``: the unprofiled steps' median) and its operators by GPU time and by host
+        time, written to ``profile_dir/<name>.txt`` (rank 0)."""
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as profiler:
             torch.cuda.synchronize()
@@ -163,7 +164,7 @@ class Bench:
             step()
             torch.cuda.synchronize()
             wall_us = (time.perf_counter() - start) * 1e6
-        table = phase_table(phase_times(profiler.events()), wall_us)
+        table = phase_table(phase_times(profiler.events()), wall_us, timed_seconds * 1e6)
         if torch.distributed.get_rank() == 0:
             os.makedirs(self.profile_dir, exist_ok=True)
             averages = profiler.key_averages()

@@ -60,6 +60,10 @@ def test_phases_sum_the_kernels_launched_inside_their_ranges(step_profile):
     table = step_profile.phase_table(times, wall_us=2000.0)
     assert "| teacher forward | 0.4 | 20.0% |" in table
     assert "| no kernel running (wall - all kernels) | 0.9 | 45.0% |" in table
+    timed = step_profile.phase_table(times, wall_us=2000.0, timed_us=1600.0)
+    assert timed.startswith(table)
+    assert timed.endswith("| no kernel running in the timed step (its median 1.6 ms - all kernels) | 0.5 | "
+                          "31.2% of the timed step |")
 
 
 def test_the_fake_quant_kernel_names_are_the_numerics_kernels(step_profile):
