@@ -127,7 +127,7 @@ def nano_token_counts(routed_tokens: int, generator: torch.Generator) -> list[in
 
 def grouped_rows(m_splits: list[int], n_in: int, n_out: int):
     """Rows of one Nano expert layer (n_in -> n_out per expert), forward + backward."""
-    from megatron_qad.quantize.te_layers import grouped_expert_gemm  # megatron.core, only for this table
+    from megatron_qad.grouped_experts import grouped_expert_gemm  # megatron.core, only for this table
 
     generator = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(sum(m_splits), n_in, device="cuda", generator=generator).bfloat16().requires_grad_()

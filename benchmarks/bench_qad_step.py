@@ -127,19 +127,26 @@ class Bench:
         Each timed step lies between two CUDA events on the current stream, and the host does not
         wait for the GPU between steps: a step's time is from the end of the previous one on the
         GPU to its own end (what a training loop's step costs; a host that falls behind shows as
-        GPU idle time inside the step)."""
+        GPU idle time inside the step). Python's garbage collector is off from the warmup to the
+        last timed step, collected once before (as Megatron-LM's ``--manual-gc`` runs training): a
+        collection of the models' objects inside a step would stall its host by tens of ms."""
         torch.cuda.reset_peak_memory_stats()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
-        for _ in range(self.warmup):
-            step()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.steps)]
-        torch.cuda.synchronize()
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(self.warmup):
+                step()
+            torch.cuda.synchronize()
+            for start, end in events:
+                start.record()
+                step()
+                end.record()
+            torch.cuda.synchronize()
+        finally:
+            gc.enable()
         seconds = [start.elapsed_time(end) / 1e3 for start, end in events]
         # Every rank takes the slowest rank's time of each step (one step ends when all ranks are done).
         times = torch.tensor(seconds, device=self.device)

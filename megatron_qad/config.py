@@ -67,9 +67,11 @@ class ModelConfig:
     sums of their top-(topk / group_topk) scores (DeepSeek-V3's ``n_group`` / ``topk_group``), and
     ``moe_router_bias_update_rate`` is the step of megatron.core's aux-loss-free bias update after
     every optimizer step (0, the default here: the student keeps the teacher's bias and routing).
-    ``moe_grouped_gemm`` asks for Transformer Engine's grouped-GEMM experts (TEGroupedMLP; TE spec
-    only, the local spec cannot build them: ConfigError); false gives a SequentialMLP of per-expert
-    linear layers. Both quantize to the same NVFP4 experts and write the same checkpoint tensors.
+    ``moe_grouped_gemm`` runs each MoE layer's experts as grouped GEMMs: Transformer Engine's
+    TEGroupedMLP in the TE spec; in the local spec a SequentialMLP whose experts' GEMMs run as one
+    ``torch.nn.functional.grouped_mm`` per linear layer (:mod:`megatron_qad.grouped_experts`; outputs
+    within fp32 summation error of the per-expert GEMMs). False gives a SequentialMLP of per-expert
+    linear layers. All quantize to the same NVFP4 experts and write the same checkpoint tensors.
     The ``alltoall`` dispatcher needs a GPU.
     ``transformer_impl``: the layer spec of a GPT model, megatron.core's "local" one (any device)
     or "transformer_engine" (Megatron-LM's default: TE linear, fused-norm linear, norm and

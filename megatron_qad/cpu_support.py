@@ -348,6 +348,30 @@ def apply() -> None:
     _router_gemm_in_torch()
 
 
+class _GroupedGemmCapableCuda(types.ModuleType):
+    """``torch.cuda`` as ``megatron.training.arguments`` sees it on the CPU: torch's own, except
+    that ``get_device_capability`` answers (8, 0), the capability ``validate_args`` asks of the
+    device under ``--moe-grouped-gemm`` (its GroupedGEMM kernels). On the CPU the experts' grouped
+    GEMM is torch's ``grouped_mm``, which runs one matmul per expert (``grouped_experts``)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def get_device_capability(device=None) -> tuple[int, int]:
+        return (8, 0)
+
+
+class _ArgumentsTorch(types.ModuleType):
+    """``torch`` as ``megatron.training.arguments`` sees it on the CPU: torch's own, with
+    :class:`_GroupedGemmCapableCuda` as ``cuda`` (its one use of ``torch.cuda``)."""
+
+    cuda = _GroupedGemmCapableCuda("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
 def _no_device_arch() -> int:
     """Stand-in for ``get_device_arch_version`` on the CPU: 0, older than any GPU architecture."""
     return 0
@@ -398,6 +422,10 @@ def apply_training() -> None:
     # validate_args() reads the GPU's architecture at TP or CP > 1 (CUDA_DEVICE_MAX_CONNECTIONS
     # matters before Blackwell); the CPU counts as "before Blackwell".
     training_arguments.get_device_arch_version = _no_device_arch
+    # validate_args() asserts a GPU of compute capability 8+ under --moe-grouped-gemm; the CPU
+    # runs the local spec's grouped GEMMs with torch's grouped_mm (see _GroupedGemmCapableCuda).
+    if not isinstance(training_arguments.torch, _ArgumentsTorch):
+        training_arguments.torch = _ArgumentsTorch("torch")
     # The JIT fusion set-up warms up fused CUDA kernels (bias-GeLU, bias-dropout-add) on random
     # CUDA tensors; the CPU runs none of them.
     training.set_jit_fusion_options = _no_jit_fusion

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import squared_relu
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                       get_gpt_layer_local_submodules,
@@ -65,6 +64,7 @@ from megatron.core.transformer.transformer_layer import (MoETransformerLayer, Tr
                                                          TransformerLayerSubmodules)
 
 from .config import HYBRID_PIPE, ConfigError, ModelConfig, ParallelConfig
+from .grouped_experts import LocalSpecWithGroupedGemm
 from .heterogeneous import heterogeneous_block_spec
 from .sdpa_attention import causal_attention_mask as causal_attention_mask  # the mask the models here take
 from .sdpa_attention import with_core_attention
@@ -174,12 +174,6 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
 
 def _check_buildable(model_cfg: ModelConfig, device: torch.device) -> None:
     """Raise ConfigError for settings the spec (or the device) cannot build."""
-    if model_cfg.is_moe and model_cfg.moe_grouped_gemm and model_cfg.transformer_impl != "transformer_engine":
-        raise ConfigError(
-            "'model.moe_grouped_gemm: true' asks for Transformer Engine's grouped-GEMM experts "
-            "(TEGroupedMLP), which megatron-core 0.19's local spec cannot build. Set "
-            "model.moe_grouped_gemm=false (per-expert SequentialMLP, in either spec), or "
-            "model.transformer_impl=transformer_engine (on a GPU with Transformer Engine)")
     if model_cfg.transformer_impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import HAVE_TE
 
@@ -214,14 +208,14 @@ def gpt_block_spec(config: TransformerConfig, model_cfg: ModelConfig,
         layer = get_gpt_layer_with_transformer_engine_spec(num_experts=model_cfg.num_moe_experts or None,
                                                            moe_grouped_gemm=model_cfg.moe_grouped_gemm)
         return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=TENorm)
-    layer = get_gpt_layer_local_spec(
-        num_experts=model_cfg.num_moe_experts or None,
-        moe_grouped_gemm=model_cfg.moe_grouped_gemm,
-        normalization=model_cfg.normalization,
-    )
+    layer = get_gpt_layer_local_spec(num_experts=model_cfg.num_moe_experts or None,
+                                     normalization=model_cfg.normalization)
     submodules = dataclasses.replace(layer.submodules,
                                      input_layernorm=sequence_parallel_torch_norm,
                                      pre_mlp_layernorm=sequence_parallel_torch_norm)
+    if model_cfg.is_moe:
+        submodules.mlp = get_mlp_module_spec_for_backend(LocalSpecWithGroupedGemm(), num_experts=model_cfg.num_moe_experts,
+                                                         moe_grouped_gemm=model_cfg.moe_grouped_gemm)
     layer = with_core_attention(dataclasses.replace(layer, submodules=submodules), model_cfg.core_attention)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=sequence_parallel_torch_norm)
 
@@ -263,7 +257,7 @@ def hybrid_stack_spec(model_cfg: ModelConfig) -> ModuleSpec:
     checkpoints (``norm.weight`` of a Mamba layer is ``mixer.in_proj.layer_norm_weight``), as the
     local GPT spec does, so the checkpoint keys are those of the TE spec.
     """
-    backend = LocalSpecProvider()
+    backend = LocalSpecWithGroupedGemm()
     gpt_layer = get_gpt_layer_local_submodules(normalization=model_cfg.normalization)
     mamba_layer = ModuleSpec(
         module=MambaLayer,

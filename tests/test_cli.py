@@ -67,8 +67,8 @@ def test_bad_recipe_file_and_unbuildable_setting_exit_2(tmp_path, capsys):
     assert "'model.hidden_size' (100)" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
-    assert main(["inspect", TINY, "model.moe_grouped_gemm=true"]) == 2
-    assert "Set model.moe_grouped_gemm=false" in capsys.readouterr().err
+    assert main(["inspect", TINY, "model.transformer_impl=transformer_engine"]) == 2
+    assert "set model.transformer_impl=local" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_exits_2(capsys):

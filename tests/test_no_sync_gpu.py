@@ -16,7 +16,7 @@ from megatron_qad.distill import DistillationLoss
 from megatron_qad.numerics import fp8, nvfp4
 from megatron_qad.quantize import grouped
 from megatron_qad.quantize.quantizer import TensorQuantizer
-from megatron_qad.quantize.te_layers import grouped_expert_gemm
+from megatron_qad.grouped_experts import grouped_expert_gemm
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,6 +8,7 @@ interval, its signal handler); a step with a non-finite loss or gradient through
 policy, which stops the run or has Megatron's optimizer skip the step.
 """
 
+import math
 import os
 import re
 import signal
@@ -86,6 +87,17 @@ def test_megatron_command_line_trains_stops_and_resumes_exactly(tmp_path, megatr
     assert resumed["ptq"] is None
     assert _losses(first) + _losses(resumed) == _losses(whole)
     assert resumed["final"] == whole["final"]
+
+
+def test_moe_grouped_gemm_trains_on_the_cpu():
+    """Megatron-LM's --moe-grouped-gemm on a local-spec MoE model: its validate_args asks the device
+    for GroupedGEMM support, which the CPU gives through torch's grouped_mm (cpu_support); the
+    experts run as grouped GEMMs (megatron_qad.grouped_experts) and train."""
+    summary = run_pretrain_qad(1, [*MEGATRON_FLAGS, "--num-experts", "4", "--moe-grouped-gemm",
+                                   "--moe-token-dispatcher-type", "allgather", "--qad-mode", "teacher",
+                                   "--train-iters", "2"], _env())
+    (first, last) = re.search(r"teacher trained: 2 iterations, .* cross entropy (\S+) -> (\S+)", summary["stdout"]).groups()
+    assert math.isfinite(float(first)) and math.isfinite(float(last))
 
 
 def test_a_resume_with_another_lr_schedule_names_the_megatron_flags(megatron_teacher, capsys):

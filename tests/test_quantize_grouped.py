@@ -1,7 +1,7 @@
 """A grouped-GEMM layer's expert quantizers run together (``quantize.grouped``): the same values as
 each expert's own quantizer, bit for bit; dynamic amaxes MAX-reduced over a real 2-process gloo
 tensor-parallel group as each quantizer reduces its own; holding reuses the group's result. The
-grouped expert GEMM (``te_layers.grouped_expert_gemm``, on the CPU torch's grouped_mm fallback)
+grouped expert GEMM (``grouped_experts.grouped_expert_gemm``, on the CPU torch's grouped_mm fallback)
 gives each expert's GEMM and gradients. Runtime on 2 CPU cores: about 5 s plus the 2-process
 spawn (~20 s on a loaded machine).
 """
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from distributed_helpers import run_distributed
 from megatron_qad.quantize import grouped
 from megatron_qad.quantize.quantizer import TensorQuantizer
-from megatron_qad.quantize.te_layers import grouped_expert_gemm
+from megatron_qad.grouped_experts import grouped_expert_gemm
 
 SPLITS = [5, 0, 24, 11]  # the second expert is routed no tokens
 FORMATS = pytest.mark.parametrize("fmt", ["nvfp4", "nvfp4_4over6"])
@@ -105,7 +105,7 @@ def _tensor_parallel_rank(fmt):
         x[-1] *= 50  # the largest value of the last expert lives on rank 1 only
     per_expert = per_expert_tokens(quantizers(fmt, "dynamic", group), x)
     together = grouped.fake_quantize_tokens(quantizers(fmt, "dynamic", group), x, SPLITS)
-    amax = grouped.group_amax(quantizers(fmt, "dynamic", group), torch.split(x, SPLITS))
+    amax = grouped.group_amax(quantizers(fmt, "dynamic", group), lambda: torch.split(x, SPLITS))
     dist.destroy_process_group()
     return same_bits(together, per_expert), amax
 

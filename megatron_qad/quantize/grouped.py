@@ -10,7 +10,7 @@ of one per expert), then every expert's tensor quantized by one launch of the mu
 (``reuse_quantized_weights``) keeps the group's quantized weights in the first expert's quantizer.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,21 +30,22 @@ def can_group(quantizers: Sequence[TensorQuantizer]) -> bool:
         for q in quantizers)
 
 
-def group_amax(quantizers: Sequence[TensorQuantizer], segments: Sequence[torch.Tensor]) -> torch.Tensor:
+def group_amax(quantizers: Sequence[TensorQuantizer], segments: Callable[[], Sequence[torch.Tensor]]) -> torch.Tensor:
     """The amax each quantizer scales its segment with, as fp32 [E]: the calibrated ones stacked, or
-    each segment's max |x| MAX-reduced over the TP group in one collective."""
+    each segment's max |x| (``segments()``: one tensor per quantizer, asked for only here) MAX-reduced
+    over the TP group in one collective."""
     first = quantizers[0]
     if first.amax_mode == "static":
-        return torch.stack([q.current_amax(segment) for q, segment in zip(quantizers, segments)])
+        return torch.stack([q.static_amax() for q in quantizers])
     with torch.no_grad():
-        local = nvfp4_grouped.segments_amax([segment.detach() for segment in segments])
+        local = nvfp4_grouped.segments_amax([segment.detach() for segment in segments()])
     return TensorQuantizer._reduce_max(local, (first.tp_group,))
 
 
 def fake_quantize_tokens(quantizers: Sequence[TensorQuantizer], x: torch.Tensor, m_splits: Sequence[int]) -> torch.Tensor:
     """x [tokens, K], the experts' tokens one expert after another (``m_splits`` host ints), each
     expert's rows fake-quantized by its quantizer's numerics; straight-through gradient."""
-    amax = group_amax(quantizers, torch.split(x, list(m_splits)))
+    amax = group_amax(quantizers, lambda: torch.split(x, list(m_splits)))
     return nvfp4_grouped.fake_quantize_rows(x, m_splits, amax, quantizers[0].fmt == "nvfp4_4over6")
 
 
@@ -57,7 +58,7 @@ def fake_quantize_weights(quantizers: Sequence[TensorQuantizer], weights: Sequen
     four_over_six = first.fmt == "nvfp4_4over6"
 
     def quantize(tensors: Sequence[torch.Tensor]):
-        return nvfp4_grouped.fake_quantize_tensors(tensors, group_amax(quantizers, tensors), four_over_six,
+        return nvfp4_grouped.fake_quantize_tensors(tensors, group_amax(quantizers, lambda: tensors), four_over_six,
                                                    stacked=stacked)
 
     if not first.holding:

@@ -10,7 +10,9 @@ another (held across micro-batches under ``reuse_quantized_weights``), then the 
 expert's GEMMs still run in its own linear layers (:func:`layers.given_operands`: the layer's
 forward and tensor-parallel communication, without its quantizers), and the activation and router
 probabilities are applied as megatron.core's ``MLP.forward`` applies them, with the same ops in
-the same order: outputs and gradients equal the per-expert path's bit for bit.
+the same order: outputs and gradients equal the per-expert path's bit for bit. Experts built with
+``model.moe_grouped_gemm`` (:class:`~megatron_qad.grouped_experts.GroupedGemmSequentialMLP`) run
+their GEMMs grouped instead, over the stacked quantized weights, where their grouped GEMM applies.
 
 The experts run one by one, each quantizing for itself, where the grouped forward does not apply:
 while calibrating (each expert observes its own amax), one local expert, Transformer Engine's own
@@ -20,37 +22,16 @@ group (``grouped.can_group``).
 """
 
 import torch
-import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from ..grouped_experts import GroupedGemmSequentialMLP, expert_activation, forward_applies
 from . import grouped
 from .layers import QuantizedLinear, _quantized_class, given_operands
 from .quantizer import TensorQuantizer
 
 _ROLES = (("linear_fc1", "input_quantizer"), ("linear_fc1", "weight_quantizer"),
           ("linear_fc2", "input_quantizer"), ("linear_fc2", "weight_quantizer"))
-
-
-def _activation(config, activation_func, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``MLP.forward`` between its two linear layers for an expert without bias and without a
-    Transformer Engine activation module: x [tokens, fc1 width of this rank] (the fc1 output),
-    probs [tokens] (the router's, usually fp32) as ``per_token_scale``. Returns [tokens, fc2 input
-    width of this rank] in x's dtype."""
-    scale = probs.unsqueeze(-1)
-    if config.bias_activation_fusion:  # SwiGLU only (see QuantizedSequentialMLP._grouped_roles)
-        return weighted_bias_swiglu_impl(x, None, scale, config.activation_func_fp8_input_store)
-    if config.gated_linear_unit:
-        x_glu, x_linear = torch.chunk(x, 2, dim=-1)
-        if (val := config.activation_func_clamp_value) is not None:
-            x_glu = x_glu.clamp(min=None, max=val)
-            x_linear = x_linear.clamp(min=-val, max=val)
-        x = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
-    else:
-        x = activation_func(x)
-    original_dtype = x.dtype
-    return (x * scale).to(original_dtype)
 
 
 class QuantizedSequentialMLP:
@@ -61,11 +42,7 @@ class QuantizedSequentialMLP:
         """The experts' quantizers of each role (fc1 input, fc1 weight, fc2 input, fc2 weight) as a
         list per role, None for a role every expert keeps in BF16; None when the experts must run
         one by one."""
-        config = self.config
-        fused_swiglu = config.gated_linear_unit and config.activation_func is F.silu
-        if (self.num_local_experts == 1 or config.fp8 or config.fp4 or config.moe_apply_probs_on_input
-                or config.add_bias_linear or config.use_te_activation_func
-                or (config.bias_activation_fusion and not fused_swiglu)):
+        if not forward_applies(self):
             return None
         roles = []
         for linear_name, role in _ROLES:
@@ -85,29 +62,37 @@ class QuantizedSequentialMLP:
         permuted_probs [tokens]: each token's router probability. Returns ``(output [tokens,
         hidden], None)`` as ``SequentialMLP.forward`` does."""
         roles = self._grouped_roles()
-        if roles is None:
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        if roles is None:  # each expert's own quantized layers (not a grouped GEMM of BF16 weights)
+            return SequentialMLP.forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         fc1_inputs, fc1_weights, fc2_inputs, fc2_weights = roles
         experts = list(self.local_experts)
         m_splits = tokens_per_expert.tolist()
+        x = permuted_local_hidden_states
+        grouped_gemm = isinstance(self, GroupedGemmSequentialMLP) and self.grouped_gemm_applies(x)
 
         def quantized_weights(quantizers, linear_name):
             weights = [getattr(expert, linear_name).weight for expert in experts]
-            return weights if quantizers is None else grouped.fake_quantize_weights(quantizers, weights)
+            if quantizers is None:
+                return torch.stack(weights) if grouped_gemm else weights
+            return grouped.fake_quantize_weights(quantizers, weights, stacked=grouped_gemm)
 
-        x = permuted_local_hidden_states
-        if fc1_inputs is not None:
-            x = grouped.fake_quantize_tokens(fc1_inputs, x, m_splits)
+        def quantized_tokens(quantizers, tokens):
+            return tokens if quantizers is None else grouped.fake_quantize_tokens(quantizers, tokens, m_splits)
+
+        x = quantized_tokens(fc1_inputs, x)
+        if grouped_gemm:
+            output = self.grouped_forward(x, m_splits, permuted_probs, quantized_weights(fc1_weights, "linear_fc1"),
+                                          quantized_weights(fc2_weights, "linear_fc2"),
+                                          lambda h: quantized_tokens(fc2_inputs, h))
+            return output, None
         intermediates = []
         for expert, tokens, probs, weight in zip(experts, torch.split(x, m_splits),
                                                  torch.split(permuted_probs, m_splits),
                                                  quantized_weights(fc1_weights, "linear_fc1")):
             with given_operands(expert.linear_fc1, weight):
                 intermediate, _ = expert.linear_fc1(tokens)
-            intermediates.append(_activation(self.config, expert.activation_func, intermediate, probs))
-        h = torch.cat(intermediates)
-        if fc2_inputs is not None:
-            h = grouped.fake_quantize_tokens(fc2_inputs, h, m_splits)
+            intermediates.append(expert_activation(self.config, expert.activation_func, intermediate, probs))
+        h = quantized_tokens(fc2_inputs, torch.cat(intermediates))
         outputs = []
         for expert, tokens, weight in zip(experts, torch.split(h, m_splits),
                                           quantized_weights(fc2_weights, "linear_fc2")):

@@ -105,13 +105,17 @@ class TensorQuantizer(torch.nn.Module):
     def current_amax(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 0-d amax this quantizer scales ``x`` with (a collective when dynamic under TP)."""
         if self.amax_mode == "static":
-            if not self.amax_ready:
-                raise RuntimeError(
-                    f"{self.owner}: the static {self.fmt} amax is not calibrated; run "
-                    f"megatron_qad.quantize.calibrate(model, batches) first, load a checkpoint that "
-                    f"has it, or use quantization.input_amax: dynamic")
-            return self.amax.float()  # the buffer follows a model cast (``model.bfloat16()``)
+            return self.static_amax()
         return self._reduce_max(_local_amax(x), (self.tp_group,))
+
+    def static_amax(self) -> torch.Tensor:
+        """The calibrated amax as an fp32 0-d tensor (``amax_mode`` static)."""
+        if not self.amax_ready:
+            raise RuntimeError(
+                f"{self.owner}: the static {self.fmt} amax is not calibrated; run "
+                f"megatron_qad.quantize.calibrate(model, batches) first, load a checkpoint that "
+                f"has it, or use quantization.input_amax: dynamic")
+        return self.amax.float()  # the buffer follows a model cast (``model.bfloat16()``)
 
     def _observe(self, x: torch.Tensor) -> None:
         self.amax.copy_(torch.fmax(self.amax, _local_amax(x)))  # fmax: the NaN start value loses

@@ -33,6 +33,7 @@ from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_par
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from ..grouped_experts import grouped_expert_gemm
 from . import grouped
 from .policy import PolicyError
 from .quantizer import TensorQuantizer
@@ -200,41 +201,6 @@ def _token_counts(m_splits, num_gemms: int) -> list[int]:
     if len(m_splits) != num_gemms:
         raise ValueError(f"{len(m_splits)} token counts for {num_gemms} experts")
     return m_splits
-
-
-class _GroupedExpertGEMM(torch.autograd.Function):
-    """``x @ weight[i].T`` for each expert's rows of x, as one grouped GEMM forward and two backward.
-
-    x: [tokens, K] bf16; weights: [E, N, K] bf16; ends: int32 [E] on x's device, the end row of each
-    expert's tokens; empty: the experts routed no tokens (their weight gradient is 0).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weights, ends, empty):
-        ctx.save_for_backward(x, weights, ends)
-        ctx.empty = empty
-        return F.grouped_mm(x, weights.transpose(1, 2), offs=ends)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weights, ends = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = F.grouped_mm(grad, weights, offs=ends) if ctx.needs_input_grad[0] else None
-        grad_weights = None
-        if ctx.needs_input_grad[1]:
-            grad_weights = F.grouped_mm(grad.t(), x, offs=ends)
-            for expert in ctx.empty:
-                grad_weights[expert].zero_()
-        return grad_x, grad_weights, None, None
-
-
-def grouped_expert_gemm(x: torch.Tensor, weights: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
-    """[tokens, N]: each expert's rows of x [tokens, K] times its weight of weights [E, N, K] transposed
-    (bf16, one grouped GEMM; ``m_splits`` the host token counts)."""
-    ends = torch.tensor(m_splits, dtype=torch.int64).cumsum(0).to(torch.int32)
-    ends = ends.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else ends
-    empty = [expert for expert, rows in enumerate(m_splits) if rows == 0]
-    return _GroupedExpertGEMM.apply(x, weights, ends, empty)
 
 
 class QuantizedTEGroupedLinear:
