@@ -112,3 +112,18 @@ def single_process(parallel_cfg: ParallelConfig | None = None, seed: int = 1234)
         yield context
     finally:
         parallel.destroy()
+
+
+@contextlib.contextmanager
+def gpu_single_process(seed: int = 1234):
+    """megatron_qad.parallel initialised in this process as rank 0 of 1 on NCCL, its device the
+    first GPU; skips the test where no GPU is visible."""
+    from megatron_qad import parallel
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    context = parallel.initialize(ParallelConfig(), backend="nccl", seed=seed)
+    try:
+        yield context
+    finally:
+        parallel.destroy()

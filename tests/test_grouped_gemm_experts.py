@@ -18,9 +18,9 @@ import pytest
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from distributed_helpers import single_process
+from distributed_helpers import gpu_single_process, single_process
 from model_helpers import make_batches
-from megatron_qad import parallel, quantize
+from megatron_qad import quantize
 from megatron_qad.config import ParallelConfig, load_config
 from megatron_qad.grouped_experts import GroupedGemmSequentialMLP
 from megatron_qad.models import build_gpt_model, build_model
@@ -160,13 +160,8 @@ def test_hybrid_recipe_builds_grouped_gemm_experts_with_the_same_keys(cpu_proces
 
 @pytest.fixture(scope="module")
 def gpu_process():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    context = parallel.initialize(ParallelConfig(), backend="nccl", seed=1234)
-    try:
+    with gpu_single_process() as context:
         yield context
-    finally:
-        parallel.destroy()
 
 
 @pytest.mark.gpu

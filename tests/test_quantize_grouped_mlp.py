@@ -17,10 +17,10 @@ import pytest
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from distributed_helpers import run_distributed, single_process
+from distributed_helpers import gpu_single_process, run_distributed, single_process
 from model_helpers import make_batches
 from megatron_qad import quantize
-from megatron_qad.config import ParallelConfig, load_config
+from megatron_qad.config import load_config
 from megatron_qad import parallel
 from megatron_qad.models import build_gpt_model
 from megatron_qad.quantize import grouped_mlp
@@ -44,14 +44,8 @@ def cpu_process():
 
 @pytest.fixture(scope="module")
 def gpu_process():
-    """This process as rank 0 of 1 on NCCL, its device the first GPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    context = parallel.initialize(ParallelConfig(), backend="nccl", seed=1234)
-    try:
+    with gpu_single_process() as context:
         yield context
-    finally:
-        parallel.destroy()
 
 
 def config_for(activation, *extra):
