@@ -6,9 +6,10 @@ Each CPU test builds a tiny GPT-MoE model twice from the same weights (real mega
 one gloo process), once with per-expert ``SequentialMLP`` experts and once grouped. On the CPU
 torch's grouped_mm runs one matmul per expert (``test_quantize_grouped.py`` checks that it equals
 each expert's GEMM), so logits and gradients must be equal bit for bit, in BF16 and as NVFP4
-students (grouped quantizers, stacked quantized weights). On a GPU (marked gpu) the grouped kernel
+students (grouped quantizers, stacked quantized weights); at EP=2 too (2 gloo processes), while at
+TP=2 the sharded experts run one by one. On a GPU (marked gpu) the grouped kernel
 sums in another order: there it must be as close to an fp64 reference as the per-expert GEMMs are.
-Runtime on 2 CPU cores: about 30 s.
+Runtime on 2 CPU cores: about 30 s, plus about 25 s for each of the two 2-process layouts.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from distributed_helpers import gpu_single_process, single_process
+from distributed_helpers import gpu_single_process, run_distributed, single_process
 from model_helpers import make_batches
 from megatron_qad import quantize
 from megatron_qad.config import ParallelConfig, load_config
@@ -137,15 +138,50 @@ def test_an_expert_routed_no_tokens_gets_a_zero_gradient(cpu_process):
 
 
 def test_where_the_grouped_gemm_does_not_apply_the_experts_run_one_by_one(cpu_process):
-    """Expert tensor parallelism, biases and probabilities on the input are SequentialMLP's own."""
+    """Biases, probabilities on the input and delayed weight gradients are SequentialMLP's own
+    (and expert tensor parallelism, which this one process cannot build)."""
     grouped, _ = model_pair("squared_relu")
     layer = experts_of(grouped)[0]
     x = torch.ones(4, grouped.config.hidden_size, dtype=torch.bfloat16)
     assert layer.grouped_gemm_applies(x) and not layer.grouped_gemm_applies(x[:0])
-    for setting in ("add_bias_linear", "moe_apply_probs_on_input"):
+    for setting in ("add_bias_linear", "moe_apply_probs_on_input", "delay_wgrad_compute"):
         setattr(layer.config, setting, True)
         assert not layer.grouped_gemm_applies(x)
         setattr(layer.config, setting, False)
+
+
+def _layout_rank(layout):
+    """One rank of a 2-process layout: where this rank's experts can run the grouped GEMM, a BF16
+    step and an NVFP4 student step of both models. Returns whether they can."""
+    from megatron_qad import parallel
+
+    config = config_for("squared_relu", True, f"parallel.{layout}=2")
+    parallel.initialize(config.parallel, backend="gloo", seed=config.model.seed)
+    try:
+        build = [build_gpt_model(config_for("squared_relu", grouped_gemm, f"parallel.{layout}=2").model,
+                                 config.parallel) for grouped_gemm in (True, False)]
+        grouped, per_expert = build
+        per_expert.load_state_dict(grouped.state_dict())
+        x = torch.ones(4, grouped.config.hidden_size, dtype=torch.bfloat16)
+        applies = experts_of(grouped)[0].grouped_gemm_applies(x)
+        if applies:
+            assert_same_step(grouped, per_expert, batches(count=2, seed=7))
+            for model in build:
+                model.zero_grad()
+                quantize.apply(model, dataclasses.replace(quantize.transformer("nvfp4"), input_amax="dynamic"))
+            assert_same_step(grouped, per_expert, batches(count=2, seed=8))
+        return applies
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.parametrize("layout, grouped_gemm", [("expert_model_parallel_size", True),
+                                                  ("tensor_model_parallel_size", False)])
+def test_grouped_gemm_experts_under_expert_and_tensor_parallelism(layout, grouped_gemm):
+    """EP=2: each rank's two local experts run the grouped GEMM, with the per-expert model's
+    logits and gradients. TP=2 shards each expert's linear layers (expert TP = TP): there the
+    experts run one by one (SequentialMLP's own forward and the per-expert student)."""
+    assert run_distributed(_layout_rank, 2, layout, timeout_s=300) == [grouped_gemm] * 2
 
 
 def test_hybrid_recipe_builds_grouped_gemm_experts_with_the_same_keys(cpu_process):
