@@ -14,10 +14,12 @@ gradients may differ from ``SequentialMLP``'s in their last bf16 bits (on the CP
 fallback runs one matmul per expert: the same values).
 
 The grouped forward applies where it computes what ``SequentialMLP`` computes without the experts'
-own forward: more than one local expert, no expert tensor parallelism, no bias, no FP8 / FP4
-training recipe, weight gradients computed in the backward (not ``delay_wgrad_compute``), probabilities applied after the activation, megatron.core's activation (not
+own forward: more than one local expert, no bias, no FP8 / FP4 training recipe, weight gradients computed in the backward (not ``delay_wgrad_compute``), probabilities applied after the activation, megatron.core's activation (not
 Transformer Engine's; a fused one only for SwiGLU), and on a GPU bf16 with widths multiples of 8
-(grouped_mm's layout); elsewhere ``SequentialMLP``'s own forward runs. The NVFP4 student of such a
+(grouped_mm's layout); elsewhere ``SequentialMLP``'s own forward runs. Under expert tensor or expert
+parallelism megatron.core's expert linear layers communicate nothing themselves
+(``explicit_expert_comm``: the token dispatcher gathers and reduces), so each rank's grouped GEMMs
+over its weight shards compute what its experts' linear layers would. The NVFP4 student of such a
 model (``quantize.grouped_mlp``) fake-quantizes the stacked weights in one launch per role and
 runs the same grouped GEMMs.
 """
@@ -108,8 +110,8 @@ class GroupedGemmSequentialMLP(SequentialMLP):
         widths = (weight.shape[0], weight.shape[1], self.local_experts[0].linear_fc2.weight.shape[0])
         on_gpu_layout = not x.is_cuda or (x.dtype == weight.dtype == torch.bfloat16
                                            and all(width % 8 == 0 for width in widths))
-        return (forward_applies(self) and self.tp_group.size() == 1 and not self.config.delay_wgrad_compute
-                and x.dim() == 2 and x.shape[0] > 0 and on_gpu_layout)
+        return (forward_applies(self) and not self.config.delay_wgrad_compute and x.dim() == 2 and x.shape[0] > 0
+                and on_gpu_layout)
 
     def stacked_weights(self, linear_name: str) -> torch.Tensor:
         """[experts, N, K]: the local experts' ``linear_name`` weights stacked (a copy; gradients flow

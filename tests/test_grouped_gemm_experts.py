@@ -6,8 +6,8 @@ Each CPU test builds a tiny GPT-MoE model twice from the same weights (real mega
 one gloo process), once with per-expert ``SequentialMLP`` experts and once grouped. On the CPU
 torch's grouped_mm runs one matmul per expert (``test_quantize_grouped.py`` checks that it equals
 each expert's GEMM), so logits and gradients must be equal bit for bit, in BF16 and as NVFP4
-students (grouped quantizers, stacked quantized weights); at EP=2 too (2 gloo processes), while at
-TP=2 the sharded experts run one by one. On a GPU (marked gpu) the grouped kernel
+students (grouped quantizers, stacked quantized weights); at EP=2 and TP=2 too (2 gloo processes).
+On a GPU (marked gpu) the grouped kernel
 sums in another order: there it must be as close to an fp64 reference as the per-expert GEMMs are.
 Runtime on 2 CPU cores: about 30 s, plus about 25 s for each of the two 2-process layouts.
 """
@@ -138,8 +138,7 @@ def test_an_expert_routed_no_tokens_gets_a_zero_gradient(cpu_process):
 
 
 def test_where_the_grouped_gemm_does_not_apply_the_experts_run_one_by_one(cpu_process):
-    """Biases, probabilities on the input and delayed weight gradients are SequentialMLP's own
-    (and expert tensor parallelism, which this one process cannot build)."""
+    """Biases, probabilities on the input and delayed weight gradients are SequentialMLP's own."""
     grouped, _ = model_pair("squared_relu")
     layer = experts_of(grouped)[0]
     x = torch.ones(4, grouped.config.hidden_size, dtype=torch.bfloat16)
@@ -175,13 +174,13 @@ def _layout_rank(layout):
         parallel.destroy()
 
 
-@pytest.mark.parametrize("layout, grouped_gemm", [("expert_model_parallel_size", True),
-                                                  ("tensor_model_parallel_size", False)])
-def test_grouped_gemm_experts_under_expert_and_tensor_parallelism(layout, grouped_gemm):
-    """EP=2: each rank's two local experts run the grouped GEMM, with the per-expert model's
-    logits and gradients. TP=2 shards each expert's linear layers (expert TP = TP): there the
-    experts run one by one (SequentialMLP's own forward and the per-expert student)."""
-    assert run_distributed(_layout_rank, 2, layout, timeout_s=300) == [grouped_gemm] * 2
+@pytest.mark.parametrize("layout", ["expert_model_parallel_size", "tensor_model_parallel_size"])
+def test_grouped_gemm_experts_under_expert_and_tensor_parallelism(layout):
+    """EP=2: each rank's two local experts run the grouped GEMM; TP=2: each rank's shards of all
+    four experts' linear layers (expert TP = TP, sequence parallelism on). Either way the logits
+    and gradients equal the per-expert model's, in BF16 and as NVFP4 students (the sharded
+    weights' and fc2 inputs' amaxes MAX-reduced over the TP group)."""
+    assert run_distributed(_layout_rank, 2, layout, timeout_s=300) == [True, True]
 
 
 def test_hybrid_recipe_builds_grouped_gemm_experts_with_the_same_keys(cpu_process):
