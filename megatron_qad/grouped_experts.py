@@ -14,9 +14,11 @@ gradients may differ from ``SequentialMLP``'s in their last bf16 bits (on the CP
 fallback runs one matmul per expert: the same values).
 
 The grouped forward applies where it computes what ``SequentialMLP`` computes without the experts'
-own forward: more than one local expert, no bias, no FP8 / FP4 training recipe, weight gradients computed in the backward (not ``delay_wgrad_compute``), probabilities applied after the activation, megatron.core's activation (not
-Transformer Engine's; a fused one only for SwiGLU), and on a GPU bf16 with widths multiples of 8
-(grouped_mm's layout); elsewhere ``SequentialMLP``'s own forward runs. Under expert tensor or expert
+own forward: more than one local expert, no bias, no FP8 / FP4 training recipe, weight gradients
+computed in the backward (not ``delay_wgrad_compute``), probabilities applied after the
+activation, megatron.core's activation (not Transformer Engine's; a fused one only for SwiGLU),
+and on a GPU bf16 with widths multiples of 8 (grouped_mm's layout); elsewhere ``SequentialMLP``'s
+own forward runs. Under expert tensor or expert
 parallelism megatron.core's expert linear layers communicate nothing themselves
 (``explicit_expert_comm``: the token dispatcher gathers and reduces), so each rank's grouped GEMMs
 over its weight shards compute what its experts' linear layers would. The NVFP4 student of such a
