@@ -26,6 +26,7 @@ model (``quantize.grouped_mlp``) fake-quantizes the stacked weights in one launc
 runs the same grouped GEMMs.
 """
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -70,6 +71,16 @@ def grouped_expert_gemm(x: torch.Tensor, weights: torch.Tensor, m_splits: list[i
     return _GroupedExpertGEMM.apply(x, weights, ends, empty)
 
 
+def grouped_mm_takes(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`grouped_expert_gemm` takes tokens x [tokens, K] with experts' weights of these
+    shapes ([N, K] each): on a GPU bf16 throughout and every width a multiple of 8 (grouped_mm's
+    kernel layout); on the CPU any (torch's fallback runs one matmul per expert)."""
+    if not x.is_cuda:
+        return True
+    return x.dtype == torch.bfloat16 and all(w.dtype == torch.bfloat16 and w.shape[0] % 8 == 0 and w.shape[1] % 8 == 0
+                                             for w in weights)
+
+
 def expert_activation(config, activation_func, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """``MLP.forward`` between its two linear layers for experts without bias and without a
     Transformer Engine activation module: x [tokens, fc1 width of this rank] (the fc1 output),
@@ -108,12 +119,9 @@ class GroupedGemmSequentialMLP(SequentialMLP):
 
     def grouped_gemm_applies(self, x: torch.Tensor) -> bool:
         """Whether the grouped GEMMs compute this call's forward (module docstring); x: the tokens."""
-        weight = self.local_experts[0].linear_fc1.weight
-        widths = (weight.shape[0], weight.shape[1], self.local_experts[0].linear_fc2.weight.shape[0])
-        on_gpu_layout = not x.is_cuda or (x.dtype == weight.dtype == torch.bfloat16
-                                           and all(width % 8 == 0 for width in widths))
+        expert = self.local_experts[0]  # the experts' weights share their shapes and dtype
         return (forward_applies(self) and not self.config.delay_wgrad_compute and x.dim() == 2 and x.shape[0] > 0
-                and on_gpu_layout)
+                and grouped_mm_takes(x, (expert.linear_fc1.weight, expert.linear_fc2.weight)))
 
     def stacked_weights(self, linear_name: str) -> torch.Tensor:
         """[experts, N, K]: the local experts' ``linear_name`` weights stacked (a copy; gradients flow

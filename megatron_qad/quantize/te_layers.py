@@ -33,7 +33,7 @@ from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_par
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from ..grouped_experts import grouped_expert_gemm
+from ..grouped_experts import grouped_expert_gemm, grouped_mm_takes
 from . import grouped
 from .policy import PolicyError
 from .quantizer import TensorQuantizer
@@ -243,10 +243,8 @@ class QuantizedTEGroupedLinear:
     def _grouped_gemm_applies(self, x: torch.Tensor) -> bool:
         """Whether ``expert_gemm: grouped`` asks for the grouped GEMM and it computes what
         :func:`parallel_linear` would (see the class docstring)."""
-        weight = self.weight0
         return (self.expert_gemm == "grouped" and not self.use_bias and x.dim() == 2 and x.shape[0] > 0
-                and (self.tp_size == 1 or self.parallel_mode is None)
-                and x.dtype == weight.dtype == torch.bfloat16 and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0)
+                and (self.tp_size == 1 or self.parallel_mode is None) and grouped_mm_takes(x, (self.weight0,)))
 
     def _per_expert_forward(self, x, m_splits, weights, input_quantizers, weight_quantizers):
         """One :func:`parallel_linear` per expert; the quantizers given (None: already quantized)
